@@ -1,0 +1,31 @@
+--[[
+  deposit-4: credit a deposit exactly once per idempotency key.
+
+  KEYS[1]  balances hash of the user
+  KEYS[2]  deposit idempotency record (fields f, b; kept: PostgreSQL holds the key too)
+  KEYS[3]  outbox stream of the user's bucket
+  KEYS[4]  the user's push channel
+
+  ARGV[1]  currency code
+  ARGV[2]  amount, minor units, canonical positive integer string
+  ARGV[3]  request fingerprint (user|currency|amount)
+  ARGV[4]  outbox event blob (opaque to this script)
+
+  Returns (server/scripts.py: DepositCode):
+  {0, balance}   CREDITED: balance after the deposit
+  {1, balance}   REPLAY: this key was credited before; the balance it answered then
+  {2}            CONFLICT: this key was used with other fields
+]]
+
+local rec = redis.call('HMGET', KEYS[2], 'f', 'b')
+if rec[1] then
+  if rec[1] == ARGV[3] then
+    return {1, rec[2]}
+  end
+  return {2}
+end
+local after = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'f', ARGV[3], 'b', after)
+redis.call('XADD', KEYS[3], '*', 'k', 'deposit', 'e', ARGV[4], 'b', after)
+redis.call('PUBLISH', KEYS[4], 'deposit|-|' .. ARGV[1] .. '|' .. after)
+return {0, after}

@@ -1,0 +1,1 @@
+"""StakePro game server: starlette app, player and spectator sockets, HTTP API."""

@@ -1,0 +1,40 @@
+"""The starlette application: routes, and the lifespan that owns every client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.routing import Mount, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from server import api
+from server.logs import configure_logging
+from server.play import play_endpoint
+from server.services import Services
+from server.settings import Settings
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await Services.start(settings)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.close()
+
+    routes = [
+        *api.routes(settings),
+        WebSocketRoute("/ws/play", play_endpoint),
+        Mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="static"),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,63 @@
+"""Every Redis key and pub/sub channel name, built in one place.
+
+Cluster layout: a user belongs to one of ``buckets`` buckets, and every key that one Lua call
+touches carries that bucket's hash tag ``{bN}``: the user's balances, seed pair, idempotency
+records, and the bucket's outbox stream. So a bet is one single-slot script call on a Redis
+Cluster too, and workers drain the ``buckets`` outbox streams.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+def bucket_of(user_id: int, buckets: int) -> int:
+    """The user's bucket: stable across processes (crc32, not Python's salted hash)."""
+    return zlib.crc32(str(user_id).encode()) % buckets
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+    buckets: int
+
+    def tag(self, user_id: int) -> str:
+        return f"{{b{bucket_of(user_id, self.buckets)}}}"
+
+    def balances(self, user_id: int) -> str:
+        """Hash: currency -> balance in minor units."""
+        return f"{self.prefix}:bal:{self.tag(user_id)}:{user_id}"
+
+    def seed(self, user_id: int) -> str:
+        """Hash of the active seed pair: pid, ss, sh, cs, n (see lua/bet.lua)."""
+        return f"{self.prefix}:seed:{self.tag(user_id)}:{user_id}"
+
+    def bet_idem(self, user_id: int, client_id: int | str) -> str:
+        """Idempotency record of one client bet id (``1`` and ``"1"`` differ)."""
+        kind = "i" if isinstance(client_id, int) else "s"
+        return f"{self.prefix}:idem:{self.tag(user_id)}:{user_id}:{kind}:{client_id}"
+
+    def deposit_idem(self, user_id: int, idempotency_key: str) -> str:
+        return f"{self.prefix}:dep:{self.tag(user_id)}:{user_id}:{idempotency_key}"
+
+    def outbox_for(self, user_id: int) -> str:
+        return self.outbox(bucket_of(user_id, self.buckets))
+
+    def outbox(self, bucket: int) -> str:
+        """Stream of settled events (bet, deposit, reveal) of one bucket."""
+        return f"{self.prefix}:outbox:{{b{bucket}}}"
+
+    def all_outboxes(self) -> list[str]:
+        return [self.outbox(b) for b in range(self.buckets)]
+
+    def user_channel(self, user_id: int) -> str:
+        """Pub/sub channel of balance pushes for one user (every server instance)."""
+        return f"{self.prefix}:push:{self.tag(user_id)}:{user_id}"
+
+    def feed_channel(self) -> str:
+        return f"{self.prefix}:feed"
+
+    def epoch(self) -> str:
+        """Redis incarnation marker: set once; if missing, Redis lost data (see docs)."""
+        return f"{self.prefix}:epoch"

@@ -1,0 +1,279 @@
+"""The player socket, ``/ws/play``: sign-in, bets, seed rotation, pings and pushes.
+
+A session answers each request in the encoding of the frame that carried it and pushes in
+the encoding of the client's latest frame. Bets run concurrently (up to
+``max_inflight_per_socket``; past that the socket is simply not read until one finishes), so
+one client can keep several bets in flight; every outgoing frame goes through one bounded
+queue and one writer task, so a client that stops reading is disconnected instead of
+growing the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from typing import Any
+
+import structlog
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from games import seeds
+from games.bets import validate_bet
+from games.dice import format_hundredths, format_multiplier
+from games.errors import BadMessage, StakeProError, Unauthorized, Unavailable
+from games.money import format_amount
+from server import codec, users
+from server.codec import ClientId, Encoding
+from server.services import Services
+from server.wallet import BetResult, Pair, UserState
+
+log = structlog.get_logger(__name__)
+
+#: Frames waiting for the writer; a client this far behind is disconnected (1008).
+OUT_QUEUE = 1024
+_socket_numbers = itertools.count(1)
+
+
+def _pair_view(pair: Pair) -> dict[str, Any]:
+    return {
+        "server_seed_hash": pair.server_seed_hash,
+        "client_seed": pair.client_seed,
+        "nonce": pair.nonce,
+    }
+
+
+class PlaySession:
+    def __init__(self, ws: WebSocket, services: Services) -> None:
+        self.ws = ws
+        self.services = services
+        self.socket_id = f"{services.instance}:{next(_socket_numbers)}"
+        self.encoding: Encoding = "json"
+        self.user: users.User | None = None
+        self.state: UserState | None = None
+        self._out: asyncio.Queue[str | bytes | None] = asyncio.Queue(OUT_QUEUE)
+        self._inflight = asyncio.Semaphore(services.settings.max_inflight_per_socket)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- outgoing ---------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any], encoding: Encoding) -> None:
+        if self._closing:
+            return
+        try:
+            self._out.put_nowait(codec.encode(message, encoding))
+        except asyncio.QueueFull:
+            log.warning("slow_client_dropped", socket=self.socket_id)
+            self._closing = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self._out.put_nowait(None)
+
+    def send_error(self, exc: StakeProError, request_id: ClientId, encoding: Encoding) -> None:
+        self.services.metrics.errors.labels(exc.code).inc()
+        self.send(codec.error(exc.code, exc.message, request_id), encoding)
+
+    def push_balance(self, reason: str, currency: str, balance: int) -> None:
+        spec = self.services.settings.currencies.get(currency)
+        if spec is None:
+            return
+        self.send(
+            {"type": "balance", "currency": currency,
+             "balance": format_amount(balance, spec), "reason": reason},
+            self.encoding,
+        )
+
+    async def _writer(self) -> None:
+        while (frame := await self._out.get()) is not None:
+            if isinstance(frame, str):
+                await self.ws.send_text(frame)
+            else:
+                await self.ws.send_bytes(frame)
+        await self.ws.close(1008, "too slow")
+
+    # -- incoming ---------------------------------------------------------------------
+
+    async def _receive(self) -> tuple[dict[str, Any] | None, Encoding, StakeProError | None]:
+        """One frame: (message, its encoding, decoding error)."""
+        frame = await self.ws.receive()
+        if frame["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(frame.get("code", 1000))
+        data = frame.get("text")
+        encoding: Encoding = "json"
+        if data is None:
+            data, encoding = frame.get("bytes") or b"", "msgpack"
+        self.encoding = encoding
+        try:
+            return codec.decode(data), encoding, None
+        except BadMessage as exc:
+            return None, encoding, exc
+
+    async def run(self) -> None:
+        metrics = self.services.metrics
+        metrics.sockets.labels("play").inc()
+        writer = asyncio.create_task(self._writer())
+        try:
+            if await self._authenticate():
+                await self._loop()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            metrics.sockets.labels("play").dec()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.user is not None:
+                await self.services.pushes.remove(self.user.user_id, self)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    async def _flush_and_close(self, code: int) -> None:
+        self._closing = True
+        while not self._out.empty():
+            await asyncio.sleep(0.005)
+        with contextlib.suppress(Exception):
+            await self.ws.close(code)
+
+    async def _authenticate(self) -> bool:
+        try:
+            message, encoding, error = await asyncio.wait_for(
+                self._receive(), self.services.settings.auth_timeout_s
+            )
+        except TimeoutError:
+            await self._flush_and_close(1008)
+            return False
+        request_id: ClientId = None
+        try:
+            if error is not None:
+                raise Unauthorized("the first frame must be an auth message")
+            assert message is not None
+            with contextlib.suppress(BadMessage):
+                request_id = codec.client_id(message)
+            token = message.get("token")
+            if message.get("type") != "auth" or not isinstance(token, str):
+                raise Unauthorized("the first frame must be {\"type\": \"auth\", \"token\": ...}")
+            user = await users.by_token(self.services.pool, token)
+            if user is None or user.role != "player":
+                raise Unauthorized("unknown token")
+        except StakeProError as exc:
+            self.send_error(exc, request_id, encoding)
+            await self._flush_and_close(1008)
+            return False
+        self.user = user
+        self.state = self.services.wallet.user(user.user_id)
+        await self.services.pushes.add(user.user_id, self)
+        pair = await self.services.wallet.pair(self.state)
+        balances = await self.services.wallet.balances(user.user_id)
+        currencies = self.services.settings.currencies
+        self.send(
+            {"type": "welcome", "id": request_id, "user_id": user.user_id,
+             "balances": {c: format_amount(v, currencies[c]) for c, v in balances.items()},
+             "seed": _pair_view(pair)},
+            encoding,
+        )
+        return True
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            message, encoding, error = await self._receive()
+            received = time.perf_counter()
+            if error is not None:
+                self.send_error(error, None, encoding)
+                continue
+            assert message is not None
+            try:
+                request_id = codec.client_id(message)
+            except BadMessage as exc:
+                self.send_error(exc, None, encoding)
+                continue
+            try:
+                kind = codec.message_type(message)
+                if kind == "bet":
+                    if request_id is None:
+                        raise BadMessage("a bet must carry an id")
+                    await self._inflight.acquire()
+                    self._spawn(self._bet(message, request_id, encoding, received))
+                elif kind == "ping":
+                    self.send({"type": "pong", "id": request_id}, encoding)
+                elif kind == "rotate_seed":
+                    self._spawn(self._rotate(message, request_id, encoding))
+                elif kind == "auth":
+                    raise BadMessage("already signed in")
+                else:
+                    raise BadMessage(f"unknown message type {kind!r}")
+            except StakeProError as exc:
+                self.send_error(exc, request_id, encoding)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _bet(
+        self, message: dict[str, Any], request_id: int | str, encoding: Encoding, received: float
+    ) -> None:
+        services = self.services
+        assert self.state is not None
+        try:
+            spec = validate_bet(
+                message.get("currency"), message.get("amount"), message.get("target"),
+                message.get("direction"), services.settings.currencies,
+                services.settings.house_edge_bp,
+            )
+            result = await services.wallet.bet(self.state, request_id, spec, self.socket_id)
+        except StakeProError as exc:
+            self.send_error(exc, request_id, encoding)
+            return
+        except Exception as exc:
+            log.exception("bet_failed", socket=self.socket_id)
+            self.send_error(Unavailable(f"bet not settled: {type(exc).__name__}"),
+                            request_id, encoding)
+            return
+        finally:
+            self._inflight.release()
+        self.send(self._bet_reply(result, request_id, spec.currency), encoding)
+        services.metrics.bet_latency.observe(time.perf_counter() - received)
+        if not result.replay:
+            services.metrics.bets.labels(spec.currency.code, "win" if result.win else "loss").inc()
+
+    @staticmethod
+    def _bet_reply(result: BetResult, request_id: int | str, currency: Any) -> dict[str, Any]:
+        return {
+            "type": "bet_result", "id": request_id, "bet_id": result.bet_id,
+            "roll": format_hundredths(result.roll), "win": result.win,
+            "multiplier": format_multiplier(result.multiplier),
+            "payout": format_amount(result.payout, currency),
+            "balance": format_amount(result.balance, currency), "nonce": result.nonce,
+            "server_seed_hash": result.server_seed_hash, "client_seed": result.client_seed,
+        }
+
+    async def _rotate(self, message: dict[str, Any], request_id: ClientId, encoding: Encoding) -> None:
+        assert self.state is not None
+        try:
+            client_seed = seeds.parse_client_seed(message.get("client_seed"))
+            rotation = await self.services.wallet.rotate(self.state, client_seed)
+        except StakeProError as exc:
+            self.send_error(exc, request_id, encoding)
+            return
+        except Exception as exc:
+            log.exception("rotate_failed", socket=self.socket_id)
+            self.send_error(Unavailable(f"seed not rotated: {type(exc).__name__}"),
+                            request_id, encoding)
+            return
+        old = rotation.revealed
+        self.send(
+            {"type": "seed_rotated", "id": request_id,
+             "revealed": {"server_seed": old.server_seed, **_pair_view(old)},
+             "current": _pair_view(rotation.current)},
+            encoding,
+        )
+
+
+async def play_endpoint(ws: WebSocket) -> None:
+    services: Services = ws.app.state.services
+    await ws.accept()
+    await PlaySession(ws, services).run()

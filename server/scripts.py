@@ -1,0 +1,55 @@
+"""The Lua scripts of lua/, loaded once, and the return codes they share with Python.
+
+Scripts are read from disk at import, identified by their SHA-1 and run with EVALSHA; a
+NOSCRIPT reply (a restarted or failed-over Redis) loads them again and retries once. That
+retry is safe: NOSCRIPT means the script did not run.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, filename: str) -> Script:
+        source = (LUA_DIR / filename).read_text()
+        return cls(filename, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+BET = Script.load("bet-5.lua")
+DEPOSIT = Script.load("deposit-4.lua")
+ROTATE = Script.load("rotate-2.lua")
+ALL = (BET, DEPOSIT, ROTATE)
+
+
+class BetCode(enum.IntEnum):
+    """First element of bet-5.lua's reply."""
+
+    SETTLED = 0
+    REPLAY = 1
+    CONFLICT = 2
+    INSUFFICIENT_FUNDS = 3
+    STALE = 4
+    NO_SEED = 5
+
+
+class DepositCode(enum.IntEnum):
+    CREDITED = 0
+    REPLAY = 1
+    CONFLICT = 2
+
+
+class RotateCode(enum.IntEnum):
+    ROTATED = 0
+    STALE = 4

@@ -1,0 +1,54 @@
+"""The clients and components of one server process, created and closed by the lifespan."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from server.keys import Keys
+from server.metrics import Metrics
+from server.pubsub import Hub
+from server.pushes import Pushes
+from server.redisbatch import Batcher
+from server.settings import Settings
+from server.wallet import Wallet
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    keys: Keys
+    batcher: Batcher
+    wallet: Wallet
+    hub: Hub
+    pushes: Pushes
+    metrics: Metrics
+    #: Unique per process: socket ids are ``<instance>:<n>``.
+    instance: str
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Services:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+        keys = Keys(settings.key_prefix, settings.buckets)
+        batcher = Batcher(client)
+        await batcher.load_scripts()
+        wallet = Wallet(
+            batcher, pool, keys, settings.currencies, settings.idempotency_window_s
+        )
+        hub = Hub(client, f"{settings.key_prefix}:heartbeat")
+        await hub.start()
+        return cls(
+            settings, client, pool, keys, batcher, wallet, hub, Pushes(hub, keys), Metrics(),
+            uuid.uuid4().hex[:12],
+        )
+
+    async def close(self) -> None:
+        await self.hub.close()
+        await self.pool.close()
+        await self.redis.aclose()

@@ -1,0 +1,53 @@
+"""Settings: the only reader of the environment.
+
+Everything else receives a :class:`Settings` instance (the app factory, the workers, the
+command-line tools), so tests build their own without touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from games.money import DEFAULT_CURRENCIES, Currency
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str = DEV_ADMIN_TOKEN
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://root@127.0.0.1:5432/stakepro"
+
+    #: Number of Redis hash-tag buckets; a user's keys and its bucket's outbox share one slot.
+    #: Changing it on a live system moves every key: it is fixed at deployment.
+    buckets: int = Field(default=64, ge=1, le=16384)
+    house_edge_bp: int = Field(default=100, ge=0, le=5000)
+    idempotency_window_s: int = Field(default=300, ge=60)
+    max_frame_bytes: int = Field(default=64 * 1024, ge=16 * 1024)
+    auth_timeout_s: float = 10.0
+    demo_mode: bool = True
+    demo_credit: dict[str, str] = {"USDT": "1000.00", "BTC": "0.01000000"}
+    #: Prefix of every Redis key and pub/sub channel, so tests can share a server safely.
+    key_prefix: str = "sp"
+    #: Persist outbox events to PostgreSQL from inside the server process (until workers run).
+    inprocess_persister: bool = True
+    #: Expose /debug/echo for the load tester's ratio measurement.
+    debug_echo: bool = False
+    log_level: str = "info"
+    log_json: bool = False
+    feed_interval_s: float = Field(default=0.1, ge=0.1)
+    feed_queue_batches: int = Field(default=20, ge=1)
+    max_inflight_per_socket: int = Field(default=64, ge=1)
+
+    @property
+    def currencies(self) -> dict[str, Currency]:
+        return dict(DEFAULT_CURRENCIES)
+
+    @property
+    def admin_token_is_default(self) -> bool:
+        return self.admin_token == DEV_ADMIN_TOKEN
