@@ -22,7 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from games import seeds
 from games.bets import validate_bet
 from games.dice import format_hundredths, format_multiplier
-from games.errors import BadMessage, StakeProError, Unauthorized, Unavailable
+from games.errors import BadMessage, RateLimited, StakeProError, Unauthorized, Unavailable
 from games.money import format_amount
 from server import codec, users
 from server.codec import ClientId, Encoding
@@ -56,6 +56,8 @@ class PlaySession:
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_per_socket)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._tokens = float(services.settings.rate_burst)
+        self._refilled = time.monotonic()
 
     # -- outgoing ---------------------------------------------------------------------
 
@@ -189,6 +191,7 @@ class PlaySession:
                 self.send_error(exc, None, encoding)
                 continue
             try:
+                self._take_token()
                 kind = codec.message_type(message)
                 if kind == "bet":
                     if request_id is None:
@@ -205,6 +208,19 @@ class PlaySession:
                     raise BadMessage(f"unknown message type {kind!r}")
             except StakeProError as exc:
                 self.send_error(exc, request_id, encoding)
+
+    def _take_token(self) -> None:
+        """Token bucket: ``rate_per_socket`` messages a second, bursts of ``rate_burst``."""
+        settings = self.services.settings
+        now = time.monotonic()
+        self._tokens = min(
+            float(settings.rate_burst),
+            self._tokens + (now - self._refilled) * settings.rate_per_socket,
+        )
+        self._refilled = now
+        if self._tokens < 1:
+            raise RateLimited("too many messages on this socket; slow down")
+        self._tokens -= 1
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

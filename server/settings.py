@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     feed_interval_s: float = Field(default=0.1, ge=0.1)
     feed_queue_batches: int = Field(default=20, ge=1)
     max_inflight_per_socket: int = Field(default=64, ge=1)
+    #: Per-socket message rate (token bucket): sustained messages/s and burst size.
+    rate_per_socket: float = Field(default=2000.0, gt=0)
+    rate_burst: int = Field(default=4000, ge=1)
 
     @property
     def currencies(self) -> dict[str, Currency]:

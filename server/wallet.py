@@ -51,14 +51,13 @@ class Pair:
     nonce: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class UserState:
     """Shared by every socket of one user in this process."""
 
     user_id: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pair: Pair | None = None
-    __weakref__: Any = None
 
 
 @dataclass(frozen=True, slots=True)

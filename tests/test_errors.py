@@ -1,0 +1,152 @@
+"""Every error code of PROTOCOL.md, provoked over a real socket, with the balance unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from server.settings import Settings
+from tests.conftest import ADMIN_TOKEN, RedisServer, serve
+from tests.helpers import Api
+
+BAD_BETS: list[tuple[dict[str, Any], str]] = [  # (message, code); the reply echoes the id
+    ({"type": "bet", "currency": "USDT", "amount": "1.00", "target": "50", "direction": "under"},
+     "BAD_MESSAGE"),  # no id
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": 1, "target": "50",
+      "direction": "under"}, "BAD_MESSAGE"),  # number where a decimal string belongs
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "50",
+      "direction": "sideways"}, "BAD_MESSAGE"),
+    ({"type": "bet", "id": {"x": 1}, "currency": "USDT", "amount": "1.00", "target": "50",
+      "direction": "under"}, "BAD_MESSAGE"),
+    ({"type": "bet", "id": "x" * 65, "currency": "USDT", "amount": "1.00", "target": "50",
+      "direction": "under"}, "BAD_MESSAGE"),
+    ({"type": "dance", "id": 1}, "BAD_MESSAGE"),
+    ({"type": "bet", "id": 1, "currency": "EUR", "amount": "1.001", "target": "50",
+      "direction": "under"}, "UNKNOWN_CURRENCY"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.001", "target": "150",
+      "direction": "under"}, "INVALID_AMOUNT"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "-1.00", "target": "50",
+      "direction": "under"}, "INVALID_AMOUNT"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1e3", "target": "50",
+      "direction": "under"}, "INVALID_AMOUNT"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "98.01",
+      "direction": "under"}, "INVALID_TARGET"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "0.00",
+      "direction": "under"}, "INVALID_TARGET"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "1.999",
+      "direction": "over"}, "INVALID_TARGET"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "10000.01", "target": "50",
+      "direction": "under"}, "BET_LIMIT"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "100.00", "target": "0.01",
+      "direction": "under"}, "BET_LIMIT"),  # profit over 100,000.00
+    ({"type": "bet", "id": 1, "currency": "BTC", "amount": "0.00000001", "target": "50",
+      "direction": "under"}, "INSUFFICIENT_FUNDS"),
+    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "10.01", "target": "50",
+      "direction": "under"}, "INSUFFICIENT_FUNDS"),
+    ({"type": "rotate_seed", "id": 1, "client_seed": "has space"}, "INVALID_SEED"),
+    ({"type": "rotate_seed", "id": 1, "client_seed": "x" * 65}, "INVALID_SEED"),
+    ({"type": "rotate_seed", "id": 1, "client_seed": ""}, "INVALID_SEED"),
+    ({"type": "rotate_seed", "id": 1, "client_seed": 5}, "BAD_MESSAGE"),
+]
+
+
+async def _state(api: Api, uid: int) -> dict[str, Any]:
+    return (await api.user(uid))["balances"]
+
+
+@pytest.mark.parametrize(("message", "code"), BAD_BETS)
+async def test_error_codes_change_nothing(api: Api, message: dict[str, Any], code: str) -> None:
+    uid, token = await api.player(deposit="10.00")
+    before = await _state(api, uid)
+    async with api.play(token) as p:
+        reply = await p.request(message)
+        assert reply["type"] == "error", reply
+        assert reply["code"] == code, reply
+        assert isinstance(reply["message"], str) and reply["message"]
+        valid_id = message.get("id")
+        if not isinstance(valid_id, int | str) or (isinstance(valid_id, str) and len(valid_id) > 64):
+            valid_id = None  # an error about the id itself echoes null
+        assert reply["id"] == valid_id
+        assert await _state(api, uid) == before
+        # the socket stays open and the refused request used no nonce
+        pong = await p.request({"type": "ping", "id": "after"})
+        assert pong["type"] == "pong"
+        ok = await p.bet("1.00", "50.00", id="ok")
+        assert ok["nonce"] == 1
+
+
+@pytest.mark.parametrize("frame", ["{not json", "[1, 2]", "42", "null", "NaN",
+                                   b"\xc1", msgpack.packb([1, 2]), b""])
+async def test_undecodable_frames_are_bad_message_and_keep_the_socket(
+    api: Api, frame: str | bytes
+) -> None:
+    uid, token = await api.player(deposit="5.00")
+    async with api.play(token) as p:
+        await p.send_raw(frame)
+        reply = await p.recv()
+        assert reply["code"] == "BAD_MESSAGE" and reply["id"] is None
+        assert (await p.request({"type": "ping", "id": 1}))["type"] == "pong"
+    assert (await _state(api, uid))["USDT"] == "5.00"
+
+
+async def test_frame_over_the_limit_closes_with_1009(api: Api) -> None:
+    _, token = await api.player()
+    async with api.play(token) as p:
+        assert p.ws is not None
+        await p.ws.send(json.dumps({"type": "ping", "id": 1, "pad": "x" * (70 * 1024)}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await p.ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+@pytest_asyncio.fixture
+async def fragile(settings: Settings) -> AsyncIterator[tuple[str, RedisServer, Settings]]:
+    """A second server with its own Redis (to kill) and a tiny rate limit."""
+    redis = RedisServer()
+    redis.start()
+    own = settings.model_copy(
+        update={"redis_url": redis.url, "rate_per_socket": 5.0, "rate_burst": 5}
+    )
+    server, task, address = await serve(own)
+    yield address, redis, own
+    server.should_exit = True
+    await task
+    redis.cleanup()
+
+
+async def test_rate_limited(fragile: tuple[str, RedisServer, Settings]) -> None:
+    address, _, _ = fragile
+    async with Api(address, ADMIN_TOKEN) as api:
+        uid, token = await api.player(deposit="1.00")
+        async with api.play(token) as p:
+            codes = []
+            for i in range(12):
+                codes.append((await p.request({"type": "ping", "id": i}))["type"])
+            assert "pong" in codes
+            assert codes.count("error") >= 5
+        assert (await api.user(uid))["balances"]["USDT"] == "1.00"
+
+
+async def test_unavailable_when_redis_is_down(fragile: tuple[str, RedisServer, Settings]) -> None:
+    address, redis, _ = fragile
+    async with Api(address, ADMIN_TOKEN) as api:
+        _, token = await api.player(deposit="1.00")
+        async with api.play(token) as p:
+            redis.stop(kill=True)
+            try:
+                await p.send({"type": "bet", "id": "u", "currency": "USDT", "amount": "1.00",
+                              "target": "50", "direction": "under"})
+                reply = await asyncio.wait_for(p.recv(), 30)
+                assert reply["code"] == "UNAVAILABLE" and reply["id"] == "u"
+            finally:
+                redis.start()
+
