@@ -1,0 +1,64 @@
+# StakePro developer commands. Every target sets up what it needs (scripts/devenv.sh):
+# the virtualenv, and Redis/PostgreSQL at REDIS_URL/DATABASE_URL (reused when they answer,
+# otherwise our own are started with their data in .data/).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# The set-up steps may call apt-get: never run them side by side.
+.NOTPARALLEL:
+
+VENV := .venv
+PY := $(VENV)/bin/python
+DEVENV := scripts/devenv.sh
+
+# One default for devenv.sh and the server, so both talk to the same services.
+REDIS_URL ?= redis://127.0.0.1:6379/0
+DATABASE_URL ?= postgresql://root@127.0.0.1:5432/stakepro
+export REDIS_URL DATABASE_URL
+# HOST, PORT, ADMIN_TOKEN and PYTEST_ARGS pass through from the environment or command line;
+# unset ones are left unset so the server's own defaults apply.
+$(foreach v,HOST PORT ADMIN_TOKEN,$(if $(filter undefined,$(origin $(v))),,$(eval export $(v))))
+PYTEST_ARGS ?=
+
+.PHONY: help venv services setup run test lint audit rebuild-balances stop clean
+
+help:
+	@echo "make run | test | lint | audit | rebuild-balances | setup | stop | clean"
+
+venv:
+	@$(DEVENV) venv
+
+services:
+	@$(DEVENV) services
+
+setup:
+	@$(DEVENV) venv
+	@$(DEVENV) services
+
+run: setup
+	exec $(PY) -m server.run
+
+# The tests create their own database on the PostgreSQL server and start their own Redis
+# on a free port (so the redis-server binary must exist even when a Redis is reused).
+test: setup
+	@$(DEVENV) redis-bin
+	@$(DEVENV) browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+audit: setup
+	$(PY) -m workers.audit
+
+rebuild-balances: setup
+	$(PY) -m workers.rebuild
+
+stop:
+	@$(DEVENV) stop-own
+
+clean: stop
+	rm -rf .data
