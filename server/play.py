@@ -52,7 +52,9 @@ class PlaySession:
         self.encoding: Encoding = "json"
         self.user: users.User | None = None
         self.state: UserState | None = None
-        self._out: asyncio.Queue[str | bytes | None] = asyncio.Queue(OUT_QUEUE)
+        #: Frames to send; an int is a close code and ends the writer.
+        self._out: asyncio.Queue[str | bytes | int] = asyncio.Queue(OUT_QUEUE)
+        self._writer_task: asyncio.Task[None] | None = None
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_per_socket)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -69,8 +71,7 @@ class PlaySession:
         except asyncio.QueueFull:
             log.warning("slow_client_dropped", socket=self.socket_id)
             self._closing = True
-            with contextlib.suppress(asyncio.QueueFull):
-                self._out.put_nowait(None)
+            self._close_soon(1008)
 
     def send_error(self, exc: StakeProError, request_id: ClientId, encoding: Encoding) -> None:
         self.services.metrics.errors.labels(exc.code).inc()
@@ -86,13 +87,25 @@ class PlaySession:
             self.encoding,
         )
 
+    def _close_soon(self, code: int) -> None:
+        """Ask the writer to close after the frames already queued (or at once if full)."""
+        try:
+            self._out.put_nowait(code)
+        except asyncio.QueueFull:
+            if self._writer_task is not None:
+                self._writer_task.cancel()
+            self._spawn(self.ws.close(code))
+
     async def _writer(self) -> None:
-        while (frame := await self._out.get()) is not None:
+        while True:
+            frame = await self._out.get()
+            if isinstance(frame, int):
+                await self.ws.close(frame)
+                return
             if isinstance(frame, str):
                 await self.ws.send_text(frame)
             else:
                 await self.ws.send_bytes(frame)
-        await self.ws.close(1008, "too slow")
 
     # -- incoming ---------------------------------------------------------------------
 
@@ -114,7 +127,7 @@ class PlaySession:
     async def run(self) -> None:
         metrics = self.services.metrics
         metrics.sockets.labels("play").inc()
-        writer = asyncio.create_task(self._writer())
+        writer = self._writer_task = asyncio.create_task(self._writer())
         try:
             if await self._authenticate():
                 await self._loop()
@@ -133,10 +146,10 @@ class PlaySession:
 
     async def _flush_and_close(self, code: int) -> None:
         self._closing = True
-        while not self._out.empty():
-            await asyncio.sleep(0.005)
-        with contextlib.suppress(Exception):
-            await self.ws.close(code)
+        self._close_soon(code)
+        if self._writer_task is not None:
+            with contextlib.suppress(Exception):
+                await self._writer_task
 
     async def _authenticate(self) -> bool:
         try:
@@ -267,7 +280,9 @@ class PlaySession:
             "server_seed_hash": result.server_seed_hash, "client_seed": result.client_seed,
         }
 
-    async def _rotate(self, message: dict[str, Any], request_id: ClientId, encoding: Encoding) -> None:
+    async def _rotate(
+        self, message: dict[str, Any], request_id: ClientId, encoding: Encoding
+    ) -> None:
         assert self.state is not None
         try:
             client_seed = seeds.parse_client_seed(message.get("client_seed"))

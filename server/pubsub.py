@@ -37,7 +37,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channel: str, handler: Handler) -> None:
         self._handlers[channel] = handler
@@ -61,7 +61,8 @@ class Hub:
             if message is None or message["type"] != "message":
                 continue
             channel = message["channel"]
-            handler = self._handlers.get(channel.decode() if isinstance(channel, bytes) else channel)
+            name = channel.decode() if isinstance(channel, bytes) else channel
+            handler = self._handlers.get(name)
             if handler is not None:
                 try:
                     handler(message["data"])

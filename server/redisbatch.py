@@ -54,7 +54,8 @@ class Batcher:
             if any(isinstance(r, NoScriptError) for r in replies):
                 await self.load_scripts()
                 again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                for i, reply in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
+                retried = await self._pipeline([batch[i] for i in again])
+                for i, reply in zip(again, retried, strict=True):
                     replies[i] = reply
         except RedisError as exc:
             for *_, future in batch:

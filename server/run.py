@@ -44,7 +44,8 @@ def main() -> int:
 
     async def serve() -> None:
         task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
+        # uvicorn offers no "started" event to wait on.
+        while not server.started and not task.done():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if server.started:
             print(f"StakePro is up: http://{settings.host}:{settings.port}/  (demo mode: "
