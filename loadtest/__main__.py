@@ -1,0 +1,117 @@
+"""``python -m loadtest <command>``: load tools for a StakePro server.
+
+Commands: ``bets`` (closed-loop bets over many sockets). Each command registers its
+arguments in ``COMMANDS``; ``double-spend``, ``storm``, ``spectators`` and ``sockets`` will
+join it. Every run is bounded in time; point it at loopback or a test host only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from loadtest import bets
+
+DEFAULT_URL = "ws://127.0.0.1:8000"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every command shares: where the server is and how to administer it."""
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help=f"WebSocket base of the server (default {DEFAULT_URL})")
+    parser.add_argument("--http", default=None,
+                        help="HTTP base for the admin API and /metrics (default: from --url)")
+    parser.add_argument("--admin-token", default=os.environ.get("ADMIN_TOKEN", "dev-admin-token"),
+                        help="admin bearer token (default: $ADMIN_TOKEN, else dev-admin-token)")
+    parser.add_argument("--server-pid", type=int, default=None,
+                        help="server pid for CPU/RSS (default: found by port when local)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of the table")
+
+
+def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bets", help="closed-loop bets over many player sockets",
+                       description=bets.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
+    p.add_argument("--connections", type=_positive_int, default=100, help="sockets (100)")
+    p.add_argument("--inflight", type=_positive_int, default=4,
+                   help="bets in flight on each socket (4)")
+    p.add_argument("--duration", type=_positive_float, default=10.0,
+                   help="measured seconds, after the ramp-up (10)")
+    p.add_argument("--ramp-up", type=_non_negative_float, default=1.0,
+                   help="seconds over which the sockets open (1)")
+    p.add_argument("--currency", default="USDT")
+    p.add_argument("--amount", default="0.01", help="stake of every bet (0.01)")
+    p.add_argument("--target", default="50.00")
+    p.add_argument("--direction", choices=("under", "over"), default="under")
+    p.add_argument("--players", type=_positive_int, default=None,
+                   help="distinct players (default: one per socket)")
+    p.add_argument("--deposit", default="1000000",
+                   help="credited to each player before the run (1000000)")
+    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
+    p.add_argument("--max-error-rate", type=float, default=0.01,
+                   help="exit 1 above this fraction of errors (0.01)")
+    p.add_argument("--drain-timeout", type=_positive_float, default=5.0,
+                   help="seconds to wait for the last replies (5)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(run=run_bets)
+
+
+def run_bets(args: argparse.Namespace) -> int:
+    options = bets.BetsOptions(
+        url=args.url, http=args.http, admin_token=args.admin_token,
+        connections=args.connections, inflight=args.inflight, duration=args.duration,
+        ramp_up=args.ramp_up, currency=args.currency, amount=args.amount, target=args.target,
+        direction=args.direction, players=args.players, encoding=args.encoding,
+        max_error_rate=args.max_error_rate, deposit=args.deposit, server_pid=args.server_pid,
+        drain_timeout=args.drain_timeout, progress=None if args.quiet else sys.stderr,
+    )
+    return bets.main(options, args.json)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    add_bets,
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

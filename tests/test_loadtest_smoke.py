@@ -1,0 +1,92 @@
+"""``python -m loadtest bets`` against the test server: a short run that must be correct
+(bets settle, no errors, the report adds up). No speed thresholds."""
+
+from __future__ import annotations
+
+import json
+
+from loadtest import serverstats
+from loadtest.__main__ import parser
+from loadtest.bets import BetsOptions, run_bets
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import Api
+
+
+async def test_bets_smoke(api: Api) -> None:
+    options = BetsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
+        duration=2.0, ramp_up=0.2, encoding="msgpack",
+    )
+    report = await run_bets(options)
+    assert report.bets > 0
+    assert report.errors == {}, report.errors
+    assert report.error_rate == 0
+    assert report.ok
+    assert not report.hard_timeout
+    assert report.hist.get_total_count() == report.bets
+    assert report.bets_all >= report.bets
+    assert report.server_in_client  # the fixture serves from this process
+
+    body = json.loads(json.dumps(report.to_dict()))
+    for key in ("command", "options", "ok", "measured_s", "bets", "bets_per_s",
+                "histogram_count", "latency_ms", "errors", "error_rate", "client", "server"):
+        assert key in body, key
+    assert body["command"] == "bets"
+    assert body["histogram_count"] == body["bets"] == report.bets
+    assert set(body["latency_ms"]) >= {"p50", "p90", "p99", "p99_9", "max"}
+    lat = body["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+    assert body["client"]["cpu_ms_per_1000_bets"] > 0
+    bet_time = body["server"]["bet_time_ms"]
+    assert bet_time["count"] >= report.bets_all  # other tests may bet on the shared server
+    assert bet_time["median"] > 0
+    assert "Authorization" not in json.dumps(body) and ADMIN_TOKEN not in json.dumps(body)
+    assert "throughput" in report.table()
+
+
+async def test_bets_json_encoding_and_shared_players(api: Api) -> None:
+    """JSON frames, and two sockets per player (their balance pushes are skipped)."""
+    report = await run_bets(BetsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
+        duration=1.0, ramp_up=0.0, encoding="json", players=2,
+    ))
+    assert report.bets > 0 and report.errors == {}, report.errors
+
+
+async def test_bad_admin_token_is_a_setup_error(api: Api) -> None:
+    from loadtest.players import SetupError
+
+    try:
+        await run_bets(BetsOptions(url=f"ws://{api.address}", admin_token="wrong",
+                                   connections=1, duration=0.5))
+    except SetupError as exc:
+        assert "401" in str(exc) or "403" in str(exc)
+    else:
+        raise AssertionError("expected SetupError")
+
+
+def test_cli_arguments() -> None:
+    args = parser().parse_args(["bets", "--url", "ws://127.0.0.1:8011", "--connections", "7",
+                                "--inflight", "3", "--duration", "5", "--json"])
+    assert (args.command, args.connections, args.inflight, args.duration) == ("bets", 7, 3, 5.0)
+    assert args.encoding == "msgpack" and args.json and args.max_error_rate == 0.01
+
+
+def test_bucket_quantile() -> None:
+    before = serverstats.parse_metrics(
+        'stakepro_bet_seconds_bucket{le="0.001"} 5.0\n'
+        'stakepro_bet_seconds_bucket{le="0.002"} 5.0\n'
+        'stakepro_bet_seconds_bucket{le="+Inf"} 5.0\n'
+        "stakepro_bet_seconds_count 5.0\nstakepro_bet_seconds_sum 0.004\n"
+    )
+    after = serverstats.parse_metrics(
+        "# TYPE stakepro_bet_seconds histogram\n"
+        'stakepro_bet_seconds_bucket{le="0.001"} 5.0\n'
+        'stakepro_bet_seconds_bucket{le="0.002"} 105.0\n'
+        'stakepro_bet_seconds_bucket{le="+Inf"} 105.0\n'
+        "stakepro_bet_seconds_count 105.0\nstakepro_bet_seconds_sum 0.154\n"
+    )
+    t = serverstats.bet_time(before, after)
+    assert t.count == 100
+    assert t.p50_ms is not None and abs(t.p50_ms - 1.5) < 1e-9
+    assert t.mean_ms is not None and abs(t.mean_ms - 1.5) < 1e-9
