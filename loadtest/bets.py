@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import sys
 import time
@@ -282,8 +283,10 @@ class BetsReport:
             t = self.server_bet_time
             server["bet_time_ms"] = {
                 "source": "stakepro_bet_seconds bucket deltas, linear inside a bucket (estimate)",
-                "count": t.count, "median": _round(t.p50_ms), "p99": _round(t.p99_ms),
-                "mean": _round(t.mean_ms),
+                "count": t.count, "median": _finite(t.p50_ms), "p99": _finite(t.p99_ms),
+                "mean": _round(t.mean_ms), "top_bucket": t.top_ms,
+                "above_top_bucket": [k for k, v in (("median", t.p50_ms), ("p99", t.p99_ms))
+                                     if v is not None and math.isinf(v)],
             }
             server["errors"] = t.errors
         if self.server_cpu_s is not None:
@@ -340,11 +343,13 @@ class BetsReport:
                                f" limit {o.max_error_rate:.3%}): {errs}"))
         t = self.server_bet_time
         if t is not None and t.p50_ms is not None:
-            rows.append(("server bet time", f"median ~{t.p50_ms:.3f} ms, p99 ~{_fmt(t.p99_ms)} ms,"
-                         f" mean {_fmt(t.mean_ms)} ms over {t.count:,} bets"
-                         " (estimate from /metrics buckets)"))
+            rows.append(("server bet time", f"median ~{_ms(t.p50_ms, t.top_ms)},"
+                         f" p99 ~{_ms(t.p99_ms, t.top_ms)}, mean {_fmt(t.mean_ms)} ms"
+                         f" over {t.count:,} bets (estimate from /metrics buckets)"))
         elif t is None:
             rows.append(("server bet time", "unknown (/metrics not readable)"))
+        else:
+            rows.append(("server bet time", "no bet settled"))
         if self.server_in_client:
             rows.append(("server process", "in this process (its CPU is in the client's)"))
         elif self.server_cpu_s is not None:
@@ -363,6 +368,17 @@ class BetsReport:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity: a quantile above the top bucket is null (see above_top_bucket)."""
+    return None if value is None or math.isinf(value) else round(value, 3)
+
+
+def _ms(value: float | None, top: float | None) -> str:
+    if value is not None and math.isinf(value):
+        return f"> {_fmt(top)} ms (above the top bucket)"
+    return f"{_fmt(value)} ms"
 
 
 def _fmt(value: float | None) -> str:

@@ -63,14 +63,17 @@ class ServerBetTime:
 
     count: int
     mean_ms: float | None
+    #: ``inf`` when the quantile lies above ``top_ms``, the last finite bucket bound.
     p50_ms: float | None
     p99_ms: float | None
+    top_ms: float | None
     errors: dict[str, int]
 
 
 def bucket_quantile(deltas: list[tuple[float, float]], q: float) -> float | None:
     """The ``q`` quantile (seconds) of a cumulative histogram [(upper bound, count)], sorted
-    by bound; linear inside the bucket. In the ``+Inf`` bucket: the last finite bound."""
+    by bound; linear inside the bucket. In the ``+Inf`` bucket: ``inf`` (only known to be
+    above the last finite bound)."""
     if not deltas:
         return None
     total = deltas[-1][1]
@@ -81,7 +84,7 @@ def bucket_quantile(deltas: list[tuple[float, float]], q: float) -> float | None
     for upper, cumulative in deltas:
         if cumulative >= rank:
             if math.isinf(upper):
-                return lower
+                return math.inf
             inside = cumulative - below
             fraction = (rank - below) / inside if inside > 0 else 1.0
             return lower + (upper - lower) * fraction
@@ -94,6 +97,7 @@ def bet_time(before: Scrape, after: Scrape) -> ServerBetTime:
         (bound, after.buckets[bound] - before.buckets.get(bound, 0.0)) for bound in after.buckets
     )
     count = int(deltas[-1][1]) if deltas else 0
+    top = max((bound for bound, _ in deltas if not math.isinf(bound)), default=None)
     p50 = bucket_quantile(deltas, 0.5)
     p99 = bucket_quantile(deltas, 0.99)
     errors = {
@@ -106,6 +110,7 @@ def bet_time(before: Scrape, after: Scrape) -> ServerBetTime:
         mean_ms=(after.bet_sum - before.bet_sum) / count * 1000 if count else None,
         p50_ms=None if p50 is None else p50 * 1000,
         p99_ms=None if p99 is None else p99 * 1000,
+        top_ms=None if top is None else top * 1000,
         errors=errors,
     )
 

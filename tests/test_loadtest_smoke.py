@@ -90,3 +90,17 @@ def test_bucket_quantile() -> None:
     assert t.count == 100
     assert t.p50_ms is not None and abs(t.p50_ms - 1.5) < 1e-9
     assert t.mean_ms is not None and abs(t.mean_ms - 1.5) < 1e-9
+    assert t.top_ms == 2.0
+    assert serverstats.bucket_quantile([(0.001, 1.0), (float("inf"), 10.0)], 0.99) == float("inf")
+    assert serverstats.bucket_quantile([(0.001, 0.0), (float("inf"), 0.0)], 0.5) is None
+
+
+async def test_error_replies_fail_the_run(api: Api) -> None:
+    """Every bet refused (three decimals of USDT): counted by code, and the run fails."""
+    report = await run_bets(BetsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=1, inflight=1,
+        duration=0.5, ramp_up=0.0, amount="0.001",
+    ))
+    assert report.bets == 0 and report.errors.get("INVALID_AMOUNT", 0) > 0
+    assert report.error_rate == 1.0 and not report.ok
+    assert json.loads(json.dumps(report.to_dict()))["ok"] is False
