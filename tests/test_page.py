@@ -130,6 +130,12 @@ async def roll(page: Page, keyboard: bool = False) -> dict[str, Any]:
         await page.click("#roll")
     await page.wait_for_function(f"document.querySelectorAll('#mybets tbody tr').length > {before}")
     bet: dict[str, Any] = await page.evaluate("window.stakepro.state.history[0]")
+    # The animated result settles on the roll, coloured as a win or a loss.
+    await page.wait_for_function(
+        "r => document.getElementById('result-roll').textContent === r.roll"
+        " && document.getElementById('result').classList.contains(r.win ? 'win' : 'loss')",
+        arg=bet,
+    )
     return bet
 
 
@@ -185,6 +191,8 @@ async def test_sign_in_bet_win_and_loss(api: Api, open_page: Any) -> None:
     await page.wait_for_function(
         f"document.getElementById('balance').textContent === '{expected:.2f}'")
 
+    await page.screenshot(path="/tmp/stakepro-desktop.png", full_page=True)
+
     # The currency switch shows the other wallet.
     await page.select_option("#currency", "BTC")
     assert await page.text_content("#balance") == "0.01000000"
@@ -231,6 +239,8 @@ async def test_rotate_and_verify_in_page(api: Api, open_page: Any) -> None:
     shown = await page.eval_on_selector_all("[data-testid=v-windows] tbody tr",
                                             "rs => rs.map(r => r.dataset.window)")
     assert shown == windows
+
+    await page.locator("#panel-verify").screenshot(path="/tmp/stakepro-verify.png")
 
     # The next pair uses the edited client seed, from nonce 1.
     bet = await roll(page)
@@ -355,6 +365,7 @@ async def test_verify_page_from_disk_reproduces_vector(open_page: Any) -> None:
     assert await page.text_content("#roll") == vector["roll"] == "2.03"
     assert await page.text_content("#message") == f"{vector['client_seed']}:60559"
     assert "✓" in (await page.text_content("#commitment-check") or "")
+    await page.screenshot(path="/tmp/stakepro-verify-file.png", full_page=True)
 
     # Prefilled from the address (as the page's link opens it), every known vector.
     for v in data["rolls"]:
@@ -415,7 +426,9 @@ async def test_phone_width_no_overflow(api: Api, open_page: Any) -> None:
     await page.click("#mybets tbody tr")   # proof view (seed still secret)
     await page.click("#mode-auto")
     assert await page.evaluate(overflow) <= 375
-    await page.screenshot(path="/tmp/stakepro-375.png", full_page=True)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path="/tmp/stakepro-375.png")
+    await page.screenshot(path="/tmp/stakepro-375-full.png", full_page=True)
     w.assert_clean()
 
 
