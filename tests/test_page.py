@@ -193,6 +193,30 @@ async def test_sign_in_bet_win_and_loss(api: Api, open_page: Any) -> None:
 
     await page.screenshot(path="/tmp/stakepro-desktop.png", full_page=True)
 
+    # Keyboard shortcuts (listed on the page) when no field has the focus.
+    assert "Space" in (await page.text_content("#shortcuts") or "")
+    await page.evaluate("document.activeElement && document.activeElement.blur()")
+    await page.keyboard.press("m")
+    assert await page.input_value("#amount") == f"{expected:.2f}"
+    await page.keyboard.press("h")
+    assert await page.input_value("#amount") == f"{(expected * 100 // 2) / 100:.2f}"
+    await page.fill("#amount", "0.25")
+    await page.evaluate("document.activeElement.blur()")
+    await page.keyboard.press("d")
+    assert await page.input_value("#amount") == "0.50"
+    await page.keyboard.press("o")
+    assert await page.text_content("#target-label") == "Roll over"
+    assert await page.input_value("#target") == "98.00"  # under 2.00 <-> over 98.00: same odds
+    await page.keyboard.press("u")
+    assert await page.text_content("#target-label") == "Roll under"
+
+    # The token is kept: a reload signs straight back in, with the bets still listed.
+    listed = await rows(page)
+    await page.reload()
+    await page.wait_for_function("document.getElementById('conn').textContent === 'live'")
+    assert await balance(page) == expected
+    assert await rows(page) == listed
+
     # The currency switch shows the other wallet.
     await page.select_option("#currency", "BTC")
     assert await page.text_content("#balance") == "0.01000000"
