@@ -1,0 +1,1 @@
+"""Background work on the outbox: persistence to PostgreSQL (and later commissions)."""
