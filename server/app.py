@@ -11,6 +11,7 @@ from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from server import api
+from server.feed import feed_endpoint
 from server.logs import configure_logging
 from server.play import play_endpoint
 from server.services import Services
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *api.routes(settings),
         WebSocketRoute("/ws/play", play_endpoint),
+        WebSocketRoute("/ws/feed", feed_endpoint),
         Mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

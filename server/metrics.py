@@ -28,6 +28,20 @@ class Metrics:
         self.sockets = Gauge(
             "stakepro_open_sockets", "Open WebSockets", ["kind"], registry=self.registry
         )
+        self.feed_dropped_bets = Counter(
+            "stakepro_feed_dropped_bets_total",
+            "Feed entries dropped (outbox_full, publish_failed, inbox_full)", ["reason"],
+            registry=self.registry,
+        )
+        self.feed_dropped_spectators = Counter(
+            "stakepro_feed_dropped_spectators_total",
+            "Feed sockets closed by the server (too_slow, chatty)", ["reason"],
+            registry=self.registry,
+        )
+        self.feed_batches = Counter(
+            "stakepro_feed_batches_total", "Feed batches published to Redis / broadcast locally",
+            ["stage"], registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,7 @@ from games.errors import BadMessage, RateLimited, StakeProError, Unauthorized, U
 from games.money import format_amount
 from server import codec, users
 from server.codec import ClientId, Encoding
+from server.feed import bet_entry
 from server.services import Services
 from server.wallet import BetResult, Pair, UserState
 
@@ -268,6 +269,7 @@ class PlaySession:
         services.metrics.bet_latency.observe(time.perf_counter() - received)
         if not result.replay:
             services.metrics.bets.labels(spec.currency.code, "win" if result.win else "loss").inc()
+            services.feed.add(bet_entry(self.user.name if self.user else "", spec, result))
 
     @staticmethod
     def _bet_reply(result: BetResult, request_id: int | str, currency: Any) -> dict[str, Any]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from server.feed import Feed
 from server.keys import Keys
 from server.metrics import Metrics
 from server.pubsub import Hub
@@ -30,6 +31,8 @@ class Services:
     metrics: Metrics
     #: Unique per process: socket ids are ``<instance>:<n>``.
     instance: str
+    #: The public bet feed (/ws/feed); created by start().
+    feed: Feed = field(init=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -43,12 +46,18 @@ class Services:
         )
         hub = Hub(client, f"{settings.key_prefix}:heartbeat")
         await hub.start()
-        return cls(
+        services = cls(
             settings, client, pool, keys, batcher, wallet, hub, Pushes(hub, keys), Metrics(),
             uuid.uuid4().hex[:12],
         )
+        services.feed = Feed(
+            client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
+        )
+        services.feed.start()
+        return services
 
     async def close(self) -> None:
+        await self.feed.close()  # before the hub: it publishes the last bets settled here
         await self.hub.close()
         await self.pool.close()
         await self.redis.aclose()
