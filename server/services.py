@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from server.feed import Feed
 from server.keys import Keys
 from server.metrics import Metrics
+from server.persister import Persister
 from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher
@@ -31,6 +32,7 @@ class Services:
     metrics: Metrics
     #: Unique per process: socket ids are ``<instance>:<n>``.
     instance: str
+    persister: Persister | None = None
     #: The public bet feed (/ws/feed); created by start().
     feed: Feed = field(init=False)
 
@@ -50,6 +52,9 @@ class Services:
             settings, client, pool, keys, batcher, wallet, hub, Pushes(hub, keys), Metrics(),
             uuid.uuid4().hex[:12],
         )
+        if settings.inprocess_persister:
+            services.persister = Persister(client, pool, keys, services.instance)
+            services.persister.start()
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
         )
@@ -57,6 +62,8 @@ class Services:
         return services
 
     async def close(self) -> None:
+        if self.persister is not None:
+            await self.persister.close()  # first: it needs Redis and the pool to flush
         await self.feed.close()  # before the hub: it publishes the last bets settled here
         await self.hub.close()
         await self.pool.close()
