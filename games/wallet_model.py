@@ -1,0 +1,306 @@
+"""A pure reference of what the money scripts do to one user's state (STYLE.md, point 2).
+
+:class:`WalletModel` is plain Python, no I/O: it holds what ``lua/bet-5.lua``,
+``lua/deposit-4.lua`` and ``lua/rotate-2.lua`` keep in Redis for one user, and its methods
+:meth:`~WalletModel.bet`, :meth:`~WalletModel.deposit` and :meth:`~WalletModel.rotate`
+follow those scripts' header contracts, answering the same flat reply with the same RESP
+types (``int`` for an integer reply, ``str``/``bytes`` for a bulk string). The property test
+``tests/test_wallet_model.py`` runs the real scripts on a real Redis next to this model and
+demands identical replies and identical Redis state after every step; so whatever this
+model guarantees, the scripts guarantee too.
+
+State of one user
+=================
+
+* ``balances``: currency -> minor units; a currency appears once a script has touched it
+  (HINCRBY creates the field), and stays at ``0`` when spent.
+* ``pair``: the active seed pair (pid, server seed, its hash, client seed, nonce) or none.
+* ``bets``: bet id -> :class:`BetRecord` (fingerprint, balance after, result blob). Redis
+  expires these after the idempotency window; the model drops one only on an explicit
+  :meth:`~WalletModel.expire`, after which the id settles as a new bet.
+* ``deposits``: idempotency key -> :class:`DepositRecord` (kept forever).
+* ``outbox``: the events appended to the bucket's outbox stream, each with the exact field
+  list the script gives to XADD; ``pushes``: the messages PUBLISHed on the user's channel.
+
+Invariants (:meth:`~WalletModel.violations` checks them)
+========================================================
+
+1. **No negative balance.** A bet settles only when ``balance >= stake`` (an exact integer
+   comparison, at any magnitude) and its ``delta = payout - stake >= -stake``.
+2. **Balance = deposits + settled deltas**, per currency: only a credited deposit and a
+   settled bet move money, once each.
+3. **Nonces contiguous per pair.** The settled bets of a pair used nonces ``1, 2, ..., n``
+   and the pair's stored nonce is ``n``; a rotation starts the new pair at ``0`` and the
+   reveal event carries the old pair's ``n``.
+4. **A refused bet uses no nonce** (conflict, insufficient funds, stale, no seed): follows
+   from 3, as only settling appends to the ledger.
+5. **A replay moves no money**: a bet id or deposit key seen with the same fingerprint
+   answers the stored balance-after (and result) and changes nothing; with another
+   fingerprint it is a conflict and changes nothing.
+6. **One outbox event per settled bet, credited deposit and reveal**, in order, and one
+   push per settled bet and credited deposit (a reveal is not pushed).
+
+Preconditions the scripts trust their caller with (the model raises :class:`ValueError`):
+a stake or deposit amount is positive, ``delta >= -stake``, a new pair id is not empty (and,
+for invariant 3, never reused; PostgreSQL's serial guarantees that). The
+scripts leave balances to Redis's signed 64-bit HINCRBY; the model's integers are exact, so
+the test keeps balances inside that range.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from games.types import Minor
+
+__all__ = [
+    "BetRecord",
+    "DepositRecord",
+    "Event",
+    "Reply",
+    "SeedPair",
+    "Settlement",
+    "WalletModel",
+]
+
+Reply = tuple[int | str | bytes, ...]
+"""A script's flat reply: ``int`` where Redis answers an integer, ``str``/``bytes`` where it
+answers a bulk string (``bytes`` for the opaque blobs)."""
+
+Field = tuple[str, str | bytes]
+
+# Reply codes, as in server/scripts.py (BetCode, DepositCode, RotateCode); repeated here
+# so that games/ stays free of the server package.
+SETTLED = CREDITED = ROTATED = 0
+REPLAY = 1
+CONFLICT = 2
+INSUFFICIENT_FUNDS = 3
+STALE = 4
+NO_SEED = 5
+
+
+@dataclass(slots=True)
+class SeedPair:
+    pid: str
+    server_seed: str
+    server_seed_hash: str
+    client_seed: str
+    nonce: int = 0
+
+    def as_hash(self) -> dict[str, str]:
+        """The fields of the seed pair hash (KEYS[2] of bet-5) as Redis stores them."""
+        return {
+            "pid": self.pid,
+            "ss": self.server_seed,
+            "sh": self.server_seed_hash,
+            "cs": self.client_seed,
+            "n": str(self.nonce),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BetRecord:
+    fingerprint: str
+    balance: Minor
+    result: bytes
+
+    def as_hash(self) -> dict[str, str | bytes]:
+        return {"f": self.fingerprint, "b": str(self.balance), "r": self.result}
+
+
+@dataclass(frozen=True, slots=True)
+class DepositRecord:
+    fingerprint: str
+    balance: Minor
+
+    def as_hash(self) -> dict[str, str | bytes]:
+        return {"f": self.fingerprint, "b": str(self.balance)}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One outbox entry: the field/value list exactly as given to XADD."""
+
+    fields: tuple[Field, ...]
+
+    @property
+    def kind(self) -> str:
+        """``bet``, ``deposit`` or ``reveal`` (the ``k`` field)."""
+        return str(self.fields[0][1])
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """A settled bet in the ledger (what invariants 2 and 3 are computed from)."""
+
+    pid: str
+    nonce: int
+    currency: str
+    delta: int
+
+
+@dataclass(slots=True)
+class WalletModel:
+    balances: dict[str, Minor] = field(default_factory=dict)
+    pair: SeedPair | None = None
+    bets: dict[str, BetRecord] = field(default_factory=dict)
+    deposits: dict[str, DepositRecord] = field(default_factory=dict)
+    outbox: list[Event] = field(default_factory=list)
+    pushes: list[str] = field(default_factory=list)
+    # The ledger: every money or nonce movement, never rewritten.
+    settled: list[Settlement] = field(default_factory=list)
+    credited: list[tuple[str, Minor]] = field(default_factory=list)
+    revealed: list[SeedPair] = field(default_factory=list)
+
+    # -- bet-5.lua --------------------------------------------------------------------
+
+    def bet(
+        self,
+        bet_id: str,
+        currency: str,
+        stake: Minor,
+        delta: int,
+        pid: str,
+        expected_nonce: int,
+        fingerprint: str,
+        result_blob: bytes,
+        event_blob: bytes,
+        origin: str,
+    ) -> Reply:
+        """Settle one bet, in bet-5.lua's order of checks.
+
+        1. A record under ``bet_id``: REPLAY ``(1, balance_after, result)`` with the same
+           fingerprint, else CONFLICT ``(2,)``. Checked first, so a replay answers even
+           after the pair rotated.
+        2. No active pair: NO_SEED ``(5,)``. Pair id or stored nonce differ from ``pid`` /
+           ``expected_nonce``: STALE ``(4, pid, nonce)``.
+        3. ``balance < stake`` (a missing currency is ``0``): INSUFFICIENT_FUNDS
+           ``(3, balance)``.
+        4. Else SETTLED ``(0, balance_after, nonce)`` with ``nonce = expected_nonce + 1``:
+           the nonce and the balance move, the record is stored, one ``bet`` event is
+           appended and one push published.
+        """
+        if stake <= 0 or delta < -stake:
+            raise ValueError("a stake is positive and delta = payout - stake >= -stake")
+        rec = self.bets.get(bet_id)
+        if rec is not None:
+            if rec.fingerprint == fingerprint:
+                return (REPLAY, str(rec.balance), rec.result)
+            return (CONFLICT,)
+        if self.pair is None:
+            return (NO_SEED,)
+        if self.pair.pid != pid or self.pair.nonce != expected_nonce:
+            return (STALE, self.pair.pid, str(self.pair.nonce))
+        balance = self.balances.get(currency, Minor(0))
+        if not self._covers(balance, stake):
+            return (INSUFFICIENT_FUNDS, str(balance))
+        self.pair.nonce += 1
+        after = Minor(balance + delta)
+        self.balances[currency] = after
+        self.bets[bet_id] = BetRecord(fingerprint, after, result_blob)
+        self.outbox.append(Event((("k", "bet"), ("e", event_blob), ("b", str(after)))))
+        self.pushes.append(f"bet|{origin}|{currency}|{after}")
+        self.settled.append(Settlement(pid, self.pair.nonce, currency, delta))
+        return (SETTLED, after, self.pair.nonce)
+
+    def _covers(self, balance: Minor, stake: Minor) -> bool:
+        """Whether ``balance`` pays ``stake``: exact integers, whatever their size."""
+        return balance >= stake
+
+    def expire(self, bet_id: str) -> None:
+        """The idempotency window of ``bet_id`` passed (Redis expired its record)."""
+        self.bets.pop(bet_id, None)
+
+    # -- deposit-4.lua ----------------------------------------------------------------
+
+    def deposit(
+        self, key: str, currency: str, amount: Minor, fingerprint: str, event_blob: bytes
+    ) -> Reply:
+        """Credit once per key: CREDITED ``(0, balance_after)``; the same key again is
+        REPLAY ``(1, balance_after_then)`` with the same fingerprint, else CONFLICT
+        ``(2,)``."""
+        if amount <= 0:
+            raise ValueError("a deposit amount is positive")
+        rec = self.deposits.get(key)
+        if rec is not None:
+            if rec.fingerprint == fingerprint:
+                return (REPLAY, str(rec.balance))
+            return (CONFLICT,)
+        after = Minor(self.balances.get(currency, 0) + amount)
+        self.balances[currency] = after
+        self.deposits[key] = DepositRecord(fingerprint, after)
+        self.outbox.append(Event((("k", "deposit"), ("e", event_blob), ("b", str(after)))))
+        self.pushes.append(f"deposit|-|{currency}|{after}")
+        self.credited.append((currency, amount))
+        return (CREDITED, after)
+
+    # -- rotate-2.lua -----------------------------------------------------------------
+
+    def rotate(
+        self,
+        expected_pid: str,
+        new_pid: str,
+        server_seed: str,
+        server_seed_hash: str,
+        client_seed: str,
+        ts: int,
+    ) -> Reply:
+        """Replace the active pair when ``expected_pid`` is it (``""``: when there is none).
+
+        ROTATED ``(0, pid, ss, sh, cs, n)`` revealing the old pair, with one ``reveal``
+        event; ROTATED ``(0, "", "", "", "", "")`` and no event when a first pair was
+        installed; STALE ``(4, active_pid_or_empty)`` and no change otherwise.
+        """
+        if not new_pid:
+            raise ValueError("a new pair id is not empty")
+        old = self.pair
+        if (old.pid if old is not None else "") != expected_pid:
+            return (STALE, old.pid if old is not None else "")
+        self.pair = SeedPair(new_pid, server_seed, server_seed_hash, client_seed, 0)
+        if old is None:
+            return (ROTATED, "", "", "", "", "")
+        self.outbox.append(
+            Event((("k", "reveal"), ("pid", old.pid), ("n", str(old.nonce)), ("ts", str(ts))))
+        )
+        self.revealed.append(old)
+        return (ROTATED, old.pid, old.server_seed, old.server_seed_hash, old.client_seed,
+                str(old.nonce))
+
+    # -- invariants -------------------------------------------------------------------
+
+    def violations(self) -> list[str]:
+        """The invariants of the module docstring that do not hold (none, normally)."""
+        out: list[str] = []
+        for cur, bal in self.balances.items():
+            if bal < 0:
+                out.append(f"negative balance {cur}={bal}")
+        expected: Counter[str] = Counter()
+        for cur, amount in self.credited:
+            expected[cur] += amount
+        for s in self.settled:
+            expected[s.currency] += s.delta
+        for cur in set(expected) | set(self.balances):
+            if self.balances.get(cur, 0) != expected[cur]:
+                out.append(f"{cur}: balance {self.balances.get(cur, 0)} != ledger {expected[cur]}")
+        nonces: dict[str, list[int]] = {}
+        for s in self.settled:
+            nonces.setdefault(s.pid, []).append(s.nonce)
+        for pid, ns in nonces.items():
+            if ns != list(range(1, len(ns) + 1)):
+                out.append(f"pair {pid}: nonces {ns} not contiguous from 1")
+        final = {p.pid: p.nonce for p in self.revealed}
+        if self.pair is not None:
+            final[self.pair.pid] = self.pair.nonce
+        for pid, n in final.items():
+            if n != len(nonces.get(pid, [])):
+                out.append(f"pair {pid}: nonce {n} but {len(nonces.get(pid, []))} settled bets")
+        kinds = Counter(e.kind for e in self.outbox)
+        want = {"bet": len(self.settled), "deposit": len(self.credited),
+                "reveal": len(self.revealed)}
+        if kinds != Counter({k: v for k, v in want.items() if v}):
+            out.append(f"outbox kinds {dict(kinds)} != {want}")
+        if len(self.pushes) != len(self.settled) + len(self.credited):
+            out.append(f"{len(self.pushes)} pushes for {len(self.settled)} bets and "
+                       f"{len(self.credited)} deposits")
+        return out
