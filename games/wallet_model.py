@@ -78,6 +78,7 @@ CONFLICT = 2
 INSUFFICIENT_FUNDS = 3
 STALE = 4
 NO_SEED = 5
+EPOCH = 6
 
 
 @dataclass(slots=True)
@@ -87,16 +88,24 @@ class SeedPair:
     server_seed_hash: str
     client_seed: str
     nonce: int = 0
+    #: Run id of the Redis server the pair was installed on (bet-5 answers EPOCH otherwise).
+    rid: str = ""
+    #: The pair this one replaced, as revealed: (pid, ss, sh, cs, n); kept for retries.
+    prev: tuple[str, str, str, str, str] | None = None
 
     def as_hash(self) -> dict[str, str]:
         """The fields of the seed pair hash (KEYS[2] of bet-5) as Redis stores them."""
-        return {
+        fields = {
             "pid": self.pid,
             "ss": self.server_seed,
             "sh": self.server_seed_hash,
             "cs": self.client_seed,
             "n": str(self.nonce),
+            "rid": self.rid,
         }
+        if self.prev is not None:
+            fields.update(zip(("ppid", "pss", "psh", "pcs", "pn"), self.prev, strict=True))
+        return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,17 +176,19 @@ class WalletModel:
         result_blob: bytes,
         event_blob: bytes,
         origin: str,
+        run_id: str = "",
     ) -> Reply:
         """Settle one bet, in bet-5.lua's order of checks.
 
         1. A record under ``bet_id``: REPLAY ``(1, balance_after, result)`` with the same
            fingerprint, else CONFLICT ``(2,)``. Checked first, so a replay answers even
            after the pair rotated.
-        2. No active pair: NO_SEED ``(5,)``. Pair id or stored nonce differ from ``pid`` /
+        2. No active pair: NO_SEED ``(5,)``. A pair installed under another Redis run id
+           than ``run_id``: EPOCH ``(6, pid)``. Pair id or stored nonce differ from ``pid`` /
            ``expected_nonce``: STALE ``(4, pid, nonce)``.
         3. ``balance < stake`` (a missing currency is ``0``): INSUFFICIENT_FUNDS
            ``(3, balance)``.
-        4. Else SETTLED ``(0, balance_after, nonce)`` with ``nonce = expected_nonce + 1``:
+        4. Else SETTLED ``(0, "balance_after", nonce)`` with ``nonce = expected_nonce + 1``:
            the nonce and the balance move, the record is stored, one ``bet`` event is
            appended and one push published.
         """
@@ -190,6 +201,8 @@ class WalletModel:
             return (CONFLICT,)
         if self.pair is None:
             return (NO_SEED,)
+        if self.pair.rid != run_id:
+            return (EPOCH, self.pair.pid)
         if self.pair.pid != pid or self.pair.nonce != expected_nonce:
             return (STALE, self.pair.pid, str(self.pair.nonce))
         balance = self.balances.get(currency, Minor(0))
@@ -202,7 +215,7 @@ class WalletModel:
         self.outbox.append(Event((("k", "bet"), ("e", event_blob), ("b", str(after)))))
         self.pushes.append(f"bet|{origin}|{currency}|{after}")
         self.settled.append(Settlement(pid, self.pair.nonce, currency, delta))
-        return (SETTLED, after, self.pair.nonce)
+        return (SETTLED, str(after), self.pair.nonce)
 
     def _covers(self, balance: Minor, stake: Minor) -> bool:
         """Whether ``balance`` pays ``stake``: exact integers, whatever their size."""
@@ -217,7 +230,7 @@ class WalletModel:
     def deposit(
         self, key: str, currency: str, amount: Minor, fingerprint: str, event_blob: bytes
     ) -> Reply:
-        """Credit once per key: CREDITED ``(0, balance_after)``; the same key again is
+        """Credit once per key: CREDITED ``(0, "balance_after")``; the same key again is
         REPLAY ``(1, balance_after_then)`` with the same fingerprint, else CONFLICT
         ``(2,)``."""
         if amount <= 0:
@@ -233,7 +246,7 @@ class WalletModel:
         self.outbox.append(Event((("k", "deposit"), ("e", event_blob), ("b", str(after)))))
         self.pushes.append(f"deposit|-|{currency}|{after}")
         self.credited.append((currency, amount))
-        return (CREDITED, after)
+        return (CREDITED, str(after))
 
     # -- rotate-2.lua -----------------------------------------------------------------
 
@@ -245,19 +258,27 @@ class WalletModel:
         server_seed_hash: str,
         client_seed: str,
         ts: int,
+        run_id: str = "",
     ) -> Reply:
         """Replace the active pair when ``expected_pid`` is it (``""``: when there is none).
 
         ROTATED ``(0, pid, ss, sh, cs, n)`` revealing the old pair, with one ``reveal``
         event; ROTATED ``(0, "", "", "", "", "")`` and no event when a first pair was
-        installed; STALE ``(4, active_pid_or_empty)`` and no change otherwise.
+        installed; STALE ``(4, active_pid_or_empty)`` and no change otherwise. A retry of
+        the rotation that installed the active pair (``new_pid`` is active) answers its
+        reveal again and changes nothing.
         """
         if not new_pid:
             raise ValueError("a new pair id is not empty")
         old = self.pair
+        if old is not None and old.pid == new_pid:
+            return (ROTATED, *(old.prev or ("", "", "", "", "")))
         if (old.pid if old is not None else "") != expected_pid:
             return (STALE, old.pid if old is not None else "")
-        self.pair = SeedPair(new_pid, server_seed, server_seed_hash, client_seed, 0)
+        prev = None if old is None else (
+            old.pid, old.server_seed, old.server_seed_hash, old.client_seed, str(old.nonce)
+        )
+        self.pair = SeedPair(new_pid, server_seed, server_seed_hash, client_seed, 0, run_id, prev)
         if old is None:
             return (ROTATED, "", "", "", "", "")
         self.outbox.append(

@@ -23,6 +23,7 @@
   ARGV[8]  result blob, stored for replays (opaque to this script)
   ARGV[9]  outbox event blob (opaque to this script)
   ARGV[10] id of the socket that placed the bet (pushed so that socket can skip it)
+  ARGV[11] run id of the Redis server, as the caller read it on connecting (see EPOCH)
 
   Returns a flat array, first element the code (server/scripts.py: BetCode):
   {0, balance, nonce}          SETTLED: balance after the bet, the nonce used
@@ -31,6 +32,13 @@
   {3, balance}                 INSUFFICIENT_FUNDS: nothing changed, no nonce used
   {4, pair_id, nonce}          STALE: the stored pair or nonce differs; recompute and retry
   {5}                          NO_SEED: the user has no active seed pair
+  {6, pair_id}                 EPOCH: the pair was installed before this Redis (re)started;
+                               writes may have been lost, so a nonce already shown could
+                               come again: the caller rotates the pair and retries
+
+  The balance after a change is read back with HGET: HINCRBY's integer reply would become a
+  Lua double (inexact past 2^53, "%.14g" when concatenated). The balance moves before the
+  nonce, so an HINCRBY that fails (overflow) leaves nothing changed.
 ]]
 
 local rec = redis.call('HMGET', KEYS[3], 'f', 'b', 'r')
@@ -41,9 +49,12 @@ if rec[1] then
   return {2}
 end
 
-local seed = redis.call('HMGET', KEYS[2], 'pid', 'n')
+local seed = redis.call('HMGET', KEYS[2], 'pid', 'n', 'rid')
 if not seed[1] then
   return {5}
+end
+if seed[3] ~= ARGV[11] then
+  return {6, seed[1]}
 end
 if seed[1] ~= ARGV[4] or seed[2] ~= ARGV[5] then
   return {4, seed[1], seed[2]}
@@ -56,8 +67,9 @@ if #balance < #stake or (#balance == #stake and balance < stake) then
   return {3, balance}
 end
 
+redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[3])
+local after = redis.call('HGET', KEYS[1], ARGV[1])
 local nonce = redis.call('HINCRBY', KEYS[2], 'n', 1)
-local after = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[3], 'f', ARGV[6], 'b', after, 'r', ARGV[8])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('XADD', KEYS[4], '*', 'k', 'bet', 'e', ARGV[9], 'b', after)

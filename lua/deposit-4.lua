@@ -15,6 +15,8 @@
   {0, balance}   CREDITED: balance after the deposit
   {1, balance}   REPLAY: this key was credited before; the balance it answered then
   {2}            CONFLICT: this key was used with other fields
+
+  The balance is read back with HGET after HINCRBY, so it stays an exact integer string.
 ]]
 
 local rec = redis.call('HMGET', KEYS[2], 'f', 'b')
@@ -24,7 +26,8 @@ if rec[1] then
   end
   return {2}
 end
-local after = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+local after = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'f', ARGV[3], 'b', after)
 redis.call('XADD', KEYS[3], '*', 'k', 'deposit', 'e', ARGV[4], 'b', after)
 redis.call('PUBLISH', KEYS[4], 'deposit|-|' .. ARGV[1] .. '|' .. after)

@@ -28,7 +28,7 @@ from server import codec, users
 from server.codec import ClientId, Encoding
 from server.feed import bet_entry
 from server.services import Services
-from server.wallet import BetResult, Pair, UserState
+from server.wallet import BetResult, Pair, Rotation, UserState
 
 log = structlog.get_logger(__name__)
 
@@ -277,6 +277,9 @@ class PlaySession:
             return
         finally:
             self._inflight.release()
+        if result.rotated is not None:
+            # Redis restarted since the pair was installed: it was rotated before this bet.
+            self._send_rotation(result.rotated, None, encoding, reason="redis_restart")
         self.send(self._bet_reply(result, request_id, spec.currency), encoding)
         services.metrics.bet_latency.observe(time.perf_counter() - received)
         if not result.replay:
@@ -309,13 +312,21 @@ class PlaySession:
             self.send_error(Unavailable(f"seed not rotated: {type(exc).__name__}"),
                             request_id, encoding)
             return
+        self._send_rotation(rotation, request_id, encoding)
+
+    def _send_rotation(
+        self, rotation: Rotation, request_id: ClientId, encoding: Encoding,
+        reason: str | None = None,
+    ) -> None:
         old = rotation.revealed
-        self.send(
-            {"type": "seed_rotated", "id": request_id,
-             "revealed": {"server_seed": old.server_seed, **_pair_view(old)},
-             "current": _pair_view(rotation.current)},
-            encoding,
-        )
+        message: dict[str, Any] = {
+            "type": "seed_rotated", "id": request_id,
+            "revealed": {"server_seed": old.server_seed, **_pair_view(old)},
+            "current": _pair_view(rotation.current),
+        }
+        if reason is not None:
+            message["reason"] = reason
+        self.send(message, encoding)
 
 
 async def play_endpoint(ws: WebSocket) -> None:

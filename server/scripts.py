@@ -42,6 +42,7 @@ class BetCode(enum.IntEnum):
     INSUFFICIENT_FUNDS = 3
     STALE = 4
     NO_SEED = 5
+    EPOCH = 6
 
 
 class DepositCode(enum.IntEnum):

@@ -15,6 +15,7 @@ from server.persister import Persister
 from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher
+from server.redisconn import connect
 from server.settings import Settings
 from server.wallet import Wallet
 
@@ -38,13 +39,14 @@ class Services:
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client, run_id = connect(settings.redis_url)
+        await client.ping()  # connects, so the run id is known before the first script
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         keys = Keys(settings.key_prefix, settings.buckets)
         batcher = Batcher(client)
         await batcher.load_scripts()
         wallet = Wallet(
-            batcher, pool, keys, settings.currencies, settings.idempotency_window_s
+            batcher, pool, keys, settings.currencies, settings.idempotency_window_s, run_id
         )
         hub = Hub(client, f"{settings.key_prefix}:heartbeat")
         await hub.start()

@@ -33,6 +33,7 @@ from games.types import Hundredths, Minor, MultiplierBp
 from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
+from server.redisconn import RunId
 from server.scripts import BetCode, DepositCode, RotateCode
 
 #: A bet recomputed this many times in a row (other instances betting for the same user,
@@ -72,6 +73,8 @@ class BetResult:
     server_seed_hash: str
     client_seed: str
     replay: bool = False
+    #: Set when the pair had to be rotated first (Redis restarted since it was installed).
+    rotated: Rotation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +91,14 @@ class Wallet:
         keys: Keys,
         currencies: dict[str, Currency],
         idempotency_window_s: int,
+        run_id: RunId,
     ) -> None:
         self._batcher = batcher
         self._pool = pool
         self._keys = keys
         self._currencies = currencies
         self._window_ms = str(idempotency_window_s * 1000)
+        self._run_id = run_id
         self._users: weakref.WeakValueDictionary[int, UserState] = weakref.WeakValueDictionary()
 
     def user(self, user_id: int) -> UserState:
@@ -125,24 +130,30 @@ class Wallet:
     async def rotate(self, state: UserState, client_seed: str) -> Rotation:
         """Reveal the active pair and start a new one with ``client_seed`` at nonce 0."""
         async with state.lock:
-            for _ in range(MAX_ATTEMPTS):
-                old = await self.pair(state)
-                new = await self._new_pair(state.user_id, client_seed)
-                reply = await self._rotate_script(state.user_id, old.pid, new)
-                if reply[0] == RotateCode.STALE:
-                    state.pair = None
-                    continue
-                _, pid, ss, sh, cs, n = (_text(x) for x in reply)
-                revealed = Pair(pid, ss, sh, cs, int(n))
-                state.pair = new
-                async with self._pool.acquire() as conn:
-                    await conn.execute(
-                        "UPDATE seed_pairs SET revealed_at = now(), final_nonce = $2"
-                        " WHERE pair_id = $1 AND revealed_at IS NULL",
-                        int(pid),
-                        revealed.nonce,
-                    )
-                return Rotation(revealed, new)
+            return await self._rotate_locked(state, client_seed)
+
+    async def _rotate_locked(self, state: UserState, client_seed: str | None) -> Rotation:
+        """Rotate (the caller holds the user's lock); ``None`` keeps the client seed."""
+        for _ in range(MAX_ATTEMPTS):
+            old = await self.pair(state)
+            new = await self._new_pair(
+                state.user_id, old.client_seed if client_seed is None else client_seed
+            )
+            reply = await self._rotate_script(state.user_id, old.pid, new)
+            if reply[0] == RotateCode.STALE:
+                state.pair = None
+                continue
+            _, pid, ss, sh, cs, n = (_text(x) for x in reply)
+            revealed = Pair(pid, ss, sh, cs, int(n))
+            state.pair = new
+            async with self._pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE seed_pairs SET revealed_at = now(), final_nonce = $2"
+                    " WHERE pair_id = $1 AND revealed_at IS NULL",
+                    int(pid),
+                    revealed.nonce,
+                )
+            return Rotation(revealed, new)
         raise Unavailable("the seed pair kept changing; try again")
 
     async def _new_pair(self, user_id: int, client_seed: str) -> Pair:
@@ -168,6 +179,7 @@ class Wallet:
             new.server_seed_hash,
             new.client_seed,
             int(time.time() * 1000),
+            self._run_id.value,
         )
         return list(await self._batcher.run(scripts.ROTATE, keys, args))
 
@@ -189,6 +201,7 @@ class Wallet:
             self._keys.user_channel(uid),
         )
         fp = fingerprint(spec)
+        rotated: Rotation | None = None
         async with state.lock:
             for _ in range(MAX_ATTEMPTS):
                 pair = await self.pair(state)
@@ -213,6 +226,7 @@ class Wallet:
                 args = (
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
                     pair.pid, str(pair.nonce), fp, self._window_ms, stored, event, origin,
+                    self._run_id.value,
                 )
                 reply = await self._batcher.run(scripts.BET, keys, args)
                 code = reply[0]
@@ -221,6 +235,7 @@ class Wallet:
                     return BetResult(
                         bet_id, roll, outcome.win, spec.multiplier, outcome.payout,
                         Minor(int(reply[1])), nonce, pair.server_seed_hash, pair.client_seed,
+                        rotated=rotated,
                     )
                 if code == BetCode.REPLAY:
                     b_id, r, w, m, p, n, sh, cs = msgpack.unpackb(reply[2])
@@ -233,6 +248,10 @@ class Wallet:
                     raise InsufficientFunds(
                         f"balance {_text(reply[1])} minor units is below the stake"
                     )
+                if code == BetCode.EPOCH:
+                    state.pair = None
+                    rotated = await self._rotate_locked(state, None)
+                    continue
                 state.pair = None  # STALE or NO_SEED: read the pair again and recompute
         raise Unavailable("the seed pair kept changing under this bet; resend it")
 

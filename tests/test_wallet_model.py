@@ -65,7 +65,7 @@ class Limits:
     payout: int
 
 
-#: 30 steps of at most 10**12 keep every balance below 10**14: see the xfail tests below.
+#: 30 steps of at most 10**12: everyday magnitudes (BIG below goes past 2**53).
 NORMAL = Limits(deposit=10**12, payout=10**12)
 #: Balances up to ~3 * 10**18: past 2**53, still inside HINCRBY's signed 64 bits.
 BIG = Limits(deposit=10**17, payout=10**17)
@@ -130,6 +130,8 @@ class Harness:
         first = self.pubsub.get_message(timeout=5)
         assert first is not None and first["type"] == "subscribe"
         self.pushed = 0
+        #: The Redis run id the "server" believes in; a restart rule changes it.
+        self.rid = "run-1"
 
     def close(self) -> None:
         self.pubsub.close()
@@ -174,7 +176,8 @@ class Harness:
         result = f"r|{bet_id}|{stake}|{delta}".encode() + b"\x00\xff\x80"
         event = b"\x82\xa3bet" + f"{bet_id}|{currency}|{delta}".encode() + b"\xc0\x00"
         want = self.model.bet(
-            bet_id, currency, Minor(stake), delta, pid, nonce, fp, result, event, origin
+            bet_id, currency, Minor(stake), delta, pid, nonce, fp, result, event, origin,
+            self.rid,
         )
         k = self.keys
         return self._run(
@@ -182,7 +185,7 @@ class Harness:
             (k.balances(USER), k.seed(USER), k.bet_idem(USER, bet_id), k.outbox_for(USER),
              k.user_channel(USER)),
             (currency, str(stake), str(delta), pid, str(nonce), fp, str(WINDOW_MS), result,
-             event, origin),
+             event, origin, self.rid),
             want,
         )
 
@@ -202,11 +205,11 @@ class Harness:
     def rotate(self, expected: str, pid: str, client_seed: str = "cs", ts: int = 0) -> Reply:
         ss = hashlib.sha256(f"{self.keys.prefix}/{pid}".encode()).hexdigest()
         sh = hashlib.sha256(ss.encode()).hexdigest()
-        want = self.model.rotate(expected, pid, ss, sh, client_seed, ts)
+        want = self.model.rotate(expected, pid, ss, sh, client_seed, ts, self.rid)
         return self._run(
             scripts.ROTATE,
             (self.keys.seed(USER), self.keys.outbox_for(USER)),
-            (expected, pid, ss, sh, client_seed, ts),
+            (expected, pid, ss, sh, client_seed, ts, self.rid),
             want,
         )
 
@@ -271,6 +274,8 @@ def machine(
             self.h = Harness(c, new_model())
             self.pids = itertools.count(1)
             self.deposit_fields: dict[str, tuple[str, int]] = {}
+            self.last_rotation: tuple[str, str, str, int] | None = None
+            self.restarts = itertools.count(2)
 
         def teardown(self) -> None:
             self.h.close()
@@ -296,7 +301,16 @@ def machine(
                 )
             cs = data.draw(st.sampled_from(["cs", "Zm9v-_.", "ünï côde", ""]), label="client seed")
             ts = data.draw(st.integers(0, 2**42), label="ts")
-            self.h.rotate(expected, f"p{next(self.pids)}", cs, ts)
+            if self.last_rotation is not None and data.draw(st.integers(0, 4)) == 0:
+                self.h.rotate(*self.last_rotation)  # a retried rotation (lost reply)
+                return
+            self.last_rotation = (expected, f"p{next(self.pids)}", cs, ts)
+            self.h.rotate(*self.last_rotation)
+
+        @rule()
+        def restart(self) -> None:
+            """Redis restarted: the server reads a new run id; old pairs answer EPOCH."""
+            self.h.rid = f"run-{next(self.restarts)}"
 
         @rule(data=st.data())
         def bet(self, data: st.DataObject) -> None:
@@ -404,18 +418,13 @@ def test_the_machine_catches_a_model_that_overdraws_by_one(client: redis.Redis) 
         )
 
 
-# -- Known divergences of the scripts (strict xfail: remove the marker once fixed) ------
+# -- Regressions: divergences this machine found in the scripts, now fixed ---------------
 #
-# bet-5.lua and deposit-4.lua keep HINCRBY's result in a Lua variable, and Lua 5.1 numbers
-# are doubles. ``'...' .. after`` formats it with "%.14g" (the PUBLISH payload), and a number
-# handed to redis.call (HSET 'b', XADD 'b') or returned is rounded to a double: exact
-# up to 2**53 only, and Redis 7.0 writes it with "%.17g" (1e+17). Reading the balance back
-# as a string (HGET after the HINCRBY) and using that string everywhere would fix both.
-
-LUA_DOUBLE = "bet-5/deposit-4 pass the balance after HINCRBY through a Lua double"
+# bet-5.lua and deposit-4.lua once kept HINCRBY's result in a Lua variable (a double:
+# "%.14g" when concatenated into the push, inexact past 2**53); they now read it back with
+# HGET. bet-5.lua once spent the nonce before a balance HINCRBY that could still fail.
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LUA_DOUBLE + ": push %.14g")
 def test_a_pushed_balance_is_exact_from_10_pow_14(client: redis.Redis) -> None:
     h = Harness(client, WalletModel())
     try:
@@ -424,7 +433,6 @@ def test_a_pushed_balance_is_exact_from_10_pow_14(client: redis.Redis) -> None:
         h.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LUA_DOUBLE + ": 2**53")
 def test_a_balance_past_2_pow_53_is_exact(client: redis.Redis) -> None:
     h = Harness(client, WalletModel())
     try:
@@ -434,7 +442,6 @@ def test_a_balance_past_2_pow_53_is_exact(client: redis.Redis) -> None:
         h.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LUA_DOUBLE)
 def test_lua_scripts_agree_with_the_model_past_2_pow_53(client: redis.Redis) -> None:
     run_state_machine_as_test(
         machine(client, WalletModel, BIG),
@@ -442,10 +449,6 @@ def test_lua_scripts_agree_with_the_model_past_2_pow_53(client: redis.Redis) -> 
     )
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="bet-5 increments the nonce before the balance: a failing HINCRBY leaves it used",
-)
 def test_a_bet_that_overflows_the_balance_uses_no_nonce(client: redis.Redis) -> None:
     """A payout that takes the balance past 2**63 - 1 errors; it must change nothing.
 
@@ -462,7 +465,7 @@ def test_a_bet_that_overflows_the_balance_uses_no_nonce(client: redis.Redis) -> 
                 client, scripts.BET,
                 (k.balances(USER), k.seed(USER), k.bet_idem(USER, "b0"), k.outbox_for(USER),
                  k.user_channel(USER)),
-                ("USDT", "1", "5", "p1", "0", "fp", str(WINDOW_MS), b"r", b"e", "-"),
+                ("USDT", "1", "5", "p1", "0", "fp", str(WINDOW_MS), b"r", b"e", "-", h.rid),
                 then_publish=(h.channel, SYNC),
             )
         assert client.hget(k.seed(USER), "n") == b"0"

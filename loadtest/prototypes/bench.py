@@ -49,6 +49,7 @@ from games.types import Direction, Hundredths, Minor, MultiplierBp
 from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
+from server.redisconn import RunId
 from server.scripts import Script
 from server.wallet import Pair, UserState, Wallet
 
@@ -211,6 +212,7 @@ def make_specs(rng: random.Random, n: int = 512) -> list[BetSpec]:
 
 async def setup_users(client: aioredis.Redis, users: int) -> dict[int, Pair]:
     await client.flushdb()
+    run_id = str((await client.info("server"))["run_id"])
     pairs: dict[int, Pair] = {}
     for start in range(1, users + 1, 1000):
         pipe = client.pipeline(transaction=False)
@@ -220,7 +222,7 @@ async def setup_users(client: aioredis.Redis, users: int) -> dict[int, Pair]:
             pairs[uid] = pair
             pipe.hset(KEYS.seed(uid), mapping={
                 "pid": pair.pid, "ss": ss, "sh": pair.server_seed_hash,
-                "cs": pair.client_seed, "n": "0",
+                "cs": pair.client_seed, "n": "0", "rid": run_id,
             })
             pipe.hset(KEYS.balances(uid), "USDT", str(START_BALANCE))
         await pipe.execute()
@@ -301,7 +303,11 @@ async def run_once(
 ) -> Run:
     pairs = await setup_users(client, args.users)
     batcher = Batcher(client)
-    wallet = Wallet(batcher, cast(asyncpg.Pool, None), KEYS, dict(DEFAULT_CURRENCIES), WINDOW_S)
+    run_id = RunId()
+    run_id.value = str((await client.info("server"))["run_id"])
+    wallet = Wallet(
+        batcher, cast(asyncpg.Pool, None), KEYS, dict(DEFAULT_CURRENCIES), WINDOW_S, run_id
+    )
     states = {uid: wallet.user(uid) for uid in pairs}  # strong refs keep the weak dict filled
     for uid, state in states.items():
         state.pair = Pair(**{f: getattr(pairs[uid], f) for f in Pair.__slots__})
