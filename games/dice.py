@@ -62,7 +62,6 @@ multiplier to 4 decimals, the payout to a minor unit) round in the house's favou
 expected return ``W / 10001 * multiplier`` never exceeds ``1 - house_edge``.
 """
 
-import hashlib
 import hmac
 import re
 
@@ -116,7 +115,7 @@ def hmac_hex(server_seed: str, client_seed: str, nonce: int) -> str:
     if nonce < 0:
         raise ValueError("nonce must be non-negative")
     message = f"{client_seed}:{nonce}".encode()
-    return hmac.new(server_seed.encode(), message, hashlib.sha256).hexdigest()
+    return hmac.digest(server_seed.encode(), message, "sha256").hex()
 
 
 def roll_from_hmac(h: str) -> tuple[Hundredths, list[str]]:

@@ -24,6 +24,12 @@
   ARGV[9]  outbox event blob (opaque to this script)
   ARGV[10] id of the socket that placed the bet (pushed so that socket can skip it)
   ARGV[11] run id of the Redis server, as the caller read it on connecting (see EPOCH)
+  ARGV[12] how many other sockets of this user the calling instance holds ("0" usually)
+
+  The push is published only when someone else can receive it: another socket of the user
+  on the calling instance (ARGV[12]), or another instance subscribed to the user's channel
+  (the calling instance is subscribed itself while the betting socket is open, so more than
+  one subscriber means another instance).
 
   Returns a flat array, first element the code (server/scripts.py: BetCode):
   {0, balance, nonce}          SETTLED: balance after the bet, the nonce used
@@ -73,5 +79,7 @@ local nonce = redis.call('HINCRBY', KEYS[2], 'n', 1)
 redis.call('HSET', KEYS[3], 'f', ARGV[6], 'b', after, 'r', ARGV[8])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
 redis.call('XADD', KEYS[4], '*', 'k', 'bet', 'e', ARGV[9], 'b', after)
-redis.call('PUBLISH', KEYS[5], 'bet|' .. ARGV[10] .. '|' .. ARGV[1] .. '|' .. after)
+if ARGV[12] ~= '0' or redis.call('PUBSUB', 'NUMSUB', KEYS[5])[2] > 1 then
+  redis.call('PUBLISH', KEYS[5], 'bet|' .. ARGV[10] .. '|' .. ARGV[1] .. '|' .. after)
+end
 return {0, after, nonce}

@@ -266,7 +266,10 @@ class PlaySession:
                 message.get("direction"), services.settings.currencies,
                 services.settings.house_edge_bp,
             )
-            result = await services.wallet.bet(self.state, request_id, spec, self.socket_id)
+            result = await services.wallet.bet(
+                self.state, request_id, spec, self.socket_id,
+                services.pushes.local_count(self.state.user_id) - 1,
+            )
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
             return

@@ -43,6 +43,10 @@ class Pushes:
             del self._sinks[user_id]
             await self._hub.unsubscribe(self._keys.user_channel(user_id))
 
+    def local_count(self, user_id: int) -> int:
+        """How many sockets of this user are connected to this instance."""
+        return len(self._sinks.get(user_id, ()))
+
     def _deliver(self, user_id: int, data: bytes) -> None:
         reason, origin, currency, balance = data.decode().split("|")
         for sink in tuple(self._sinks.get(user_id, ())):

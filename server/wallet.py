@@ -186,9 +186,13 @@ class Wallet:
     # -- bets -------------------------------------------------------------------------
 
     async def bet(
-        self, state: UserState, client_id: int | str, spec: BetSpec, origin: str
+        self, state: UserState, client_id: int | str, spec: BetSpec, origin: str,
+        local_others: int = 0,
     ) -> BetResult:
         """Settle one bet, or replay the one already settled under ``client_id``.
+
+        ``local_others`` is how many other sockets of the user this process holds (they get
+        the balance push; other instances are found by the script itself).
 
         Raises IdempotencyConflict, InsufficientFunds or Unavailable; none changed anything.
         """
@@ -226,7 +230,7 @@ class Wallet:
                 args = (
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
                     pair.pid, str(pair.nonce), fp, self._window_ms, stored, event, origin,
-                    self._run_id.value,
+                    self._run_id.value, str(local_others),
                 )
                 reply = await self._batcher.run(scripts.BET, keys, args)
                 code = reply[0]

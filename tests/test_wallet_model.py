@@ -171,13 +171,14 @@ class Harness:
         nonce: int,
         fp: str | None = None,
         origin: str = "sock-1",
+        local_others: int = 0,
     ) -> Reply:
         fp = f"{currency}|{stake}|5000|under" if fp is None else fp
         result = f"r|{bet_id}|{stake}|{delta}".encode() + b"\x00\xff\x80"
         event = b"\x82\xa3bet" + f"{bet_id}|{currency}|{delta}".encode() + b"\xc0\x00"
         want = self.model.bet(
             bet_id, currency, Minor(stake), delta, pid, nonce, fp, result, event, origin,
-            self.rid,
+            self.rid, local_others, subscribers=1,  # the harness's own subscription
         )
         k = self.keys
         return self._run(
@@ -185,7 +186,7 @@ class Harness:
             (k.balances(USER), k.seed(USER), k.bet_idem(USER, bet_id), k.outbox_for(USER),
              k.user_channel(USER)),
             (currency, str(stake), str(delta), pid, str(nonce), fp, str(WINDOW_MS), result,
-             event, origin, self.rid),
+             event, origin, self.rid, str(local_others)),
             want,
         )
 
@@ -370,7 +371,8 @@ def machine(
                 target = data.draw(st.integers(1, 9800), label="target")
                 fp = f"{currency}|{stake}|{target}|under"
             origin = data.draw(st.sampled_from(["sock-1", "sock-2", "-"]), label="origin")
-            self.h.bet(bet_id, currency, stake, payout - stake, pid, nonce, fp, origin)
+            others = data.draw(st.sampled_from([0, 0, 1, 3]), label="other local sockets")
+            self.h.bet(bet_id, currency, stake, payout - stake, pid, nonce, fp, origin, others)
 
         @rule(data=st.data())
         def deposit(self, data: st.DataObject) -> None:
@@ -465,7 +467,8 @@ def test_a_bet_that_overflows_the_balance_uses_no_nonce(client: redis.Redis) -> 
                 client, scripts.BET,
                 (k.balances(USER), k.seed(USER), k.bet_idem(USER, "b0"), k.outbox_for(USER),
                  k.user_channel(USER)),
-                ("USDT", "1", "5", "p1", "0", "fp", str(WINDOW_MS), b"r", b"e", "-", h.rid),
+                ("USDT", "1", "5", "p1", "0", "fp", str(WINDOW_MS), b"r", b"e", "-", h.rid,
+                 "0"),
                 then_publish=(h.channel, SYNC),
             )
         assert client.hget(k.seed(USER), "n") == b"0"
