@@ -1,18 +1,53 @@
-"""``make run``: migrate, start the server (and, once they exist, the workers), print the URL.
+"""``make run``: migrate, then start and watch the game server, the workers, the scheduler.
 
-Runs until interrupted; Ctrl-C stops everything this command started.
+``python -m server.run`` (the supervisor):
+
+1. migrates the database (creating it if needed);
+2. starts, each as a child process in its own process group (so Ctrl-C reaches only this
+   supervisor, which then stops them in order):
+   - the game server, ``python -m server.run serve`` (uvicorn, :func:`uvicorn_config`) with
+     ``INPROCESS_PERSISTER=false``: the workers persist the outbox and pay commissions;
+   - the Dramatiq workers, ``python -m dramatiq workers.actors`` (``--processes`` and
+     ``--threads`` from ``WORKER_PROCESSES`` / ``WORKER_THREADS``, default 1 and 4);
+   - the scheduler, ``python -m workers.scheduler``;
+3. prints the page URL once ``/healthz`` answers 200;
+4. on Ctrl-C or SIGTERM stops the scheduler, then the server (open sockets are closed, bets
+   in hand settle), then the workers (they finish their batch and flush commissions), and
+   exits 0; if a child dies on its own it says which, stops the others and exits 1.
+
+Children are also asked (PR_SET_PDEATHSIG) to receive SIGTERM should the supervisor itself
+be killed, so none is left running behind it.
+
+``python -m server.run serve`` runs the game server alone, in this process, with the
+settings of the environment (as the supervisor's child, or by hand next to workers started
+elsewhere). :func:`uvicorn_config` is the one uvicorn configuration (tests and the load test
+use it too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from types import FrameType
 
 import uvicorn
 
 from server.app import create_app
 from server.db import migrate
 from server.settings import Settings
+
+#: Seconds each child gets to stop after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 20.0
+#: Seconds the game server gets to answer /healthz after it started.
+START_TIMEOUT_S = 60.0
 
 
 def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
@@ -33,29 +68,123 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
     return uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
 
 
-def main() -> int:
+def serve(settings: Settings) -> int:
+    """Run the game server in this process until SIGINT / SIGTERM (uvicorn's handlers)."""
+    import uvloop
+
+    server = uvicorn.Server(uvicorn_config(settings))
+    uvloop.run(server.serve())
+    return 0 if server.started else 1
+
+
+# -- the supervisor --------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: own process group, SIGTERM when the supervisor dies."""
+    os.setpgrp()
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(list(argv), env=env, preexec_fn=_die_with_parent)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} did not stop within {timeout:.0f}s: killing it", flush=True)
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _healthy(settings: Settings) -> bool:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{settings.port}/healthz", timeout=1) as r:
+            return int(r.status) == 200
+    except Exception:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
     settings = Settings()
+    if args[:1] == ["serve"]:
+        return serve(settings)
+    if args:
+        print("usage: python -m server.run [serve]", file=sys.stderr)
+        return 2
+
     applied = asyncio.run(migrate(settings.database_url))
     if applied:
         print(f"migrated: {', '.join(applied)}")
     if settings.admin_token_is_default:
         print("ADMIN_TOKEN not set: using the development token 'dev-admin-token'")
-    server = uvicorn.Server(uvicorn_config(settings))
 
-    async def serve() -> None:
-        task = asyncio.create_task(server.serve())
-        # uvicorn offers no "started" event to wait on.
-        while not server.started and not task.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        if server.started:
-            print(f"StakePro is up: http://{settings.host}:{settings.port}/  (demo mode: "
-                  f"{'on' if settings.demo_mode else 'off'}; Ctrl-C stops it)", flush=True)
-        await task
+    stop_requested: list[int] = []
 
-    import uvloop
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop_requested.append(signum)
 
-    uvloop.run(serve())
-    return 0
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    env = dict(os.environ)
+    py = sys.executable
+    children = [
+        Child("workers", [py, "-m", "dramatiq", "workers.actors",
+                          "--processes", os.environ.get("WORKER_PROCESSES", "1"),
+                          "--threads", os.environ.get("WORKER_THREADS", "4"),
+                          "--worker-shutdown-timeout", str(int(STOP_TIMEOUT_S * 1000) - 2000)],
+              env),
+        Child("server", [py, "-m", "server.run", "serve"],
+              {**env, "INPROCESS_PERSISTER": "false"}),
+        Child("scheduler", [py, "-m", "workers.scheduler"], env),
+    ]
+    by_name = {c.name: c for c in children}
+    code = 0
+    announced = False
+    started = time.monotonic()
+    while not stop_requested:
+        dead = [c for c in children if not c.alive()]
+        if dead:
+            for c in dead:
+                print(f"{c.name} exited unexpectedly (code {c.proc.returncode}): stopping",
+                      flush=True)
+            code = 1
+            break
+        if not announced:
+            if _healthy(settings):
+                announced = True
+                print(f"StakePro is up: http://{settings.host}:{settings.port}/  (demo mode: "
+                      f"{'on' if settings.demo_mode else 'off'}; workers and scheduler "
+                      f"running; Ctrl-C stops it)", flush=True)
+            elif time.monotonic() - started > START_TIMEOUT_S:
+                print(f"the server did not answer /healthz within {START_TIMEOUT_S:.0f}s: "
+                      "stopping", flush=True)
+                code = 1
+                break
+        time.sleep(0.2)
+
+    # Ticks first, then no new bets, then the workers persist what was settled and stop.
+    for name in ("scheduler", "server", "workers"):
+        by_name[name].terminate()
+        by_name[name].wait(STOP_TIMEOUT_S)
+    print("stopped", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -36,6 +36,18 @@ class Settings(BaseSettings):
     key_prefix: str = "sp"
     #: Persist outbox events to PostgreSQL from inside the server process (until workers run).
     inprocess_persister: bool = True
+    #: Seconds between two commission flushes (one PostgreSQL statement per window).
+    commission_flush_s: float = Field(default=2.0, gt=0)
+    #: Dramatiq's broker (workers/broker.py). Empty: the Redis server of REDIS_URL, database 1
+    #: (Dramatiq builds key names inside its scripts, so it never runs on the Redis Cluster).
+    broker_url: str = ""
+    #: Shards of the outbox persistence (workers/actors.py): shard s of n drains the buckets
+    #: b with b % n == s, one worker at a time per shard (a lease).
+    persist_shards: int = Field(default=1, ge=1, le=16384)
+    #: Seconds one persist_outbox job drains its shard before it returns.
+    persist_run_s: float = Field(default=5.0, gt=0)
+    #: Seconds between two persist_outbox jobs the scheduler enqueues per shard.
+    persist_every_s: float = Field(default=0.5, gt=0)
     #: Expose /debug/echo for the load tester's ratio measurement.
     debug_echo: bool = False
     log_level: str = "info"

@@ -1,0 +1,280 @@
+"""The Dramatiq actors: persist the outbox, flush the commissions.
+
+Run them with ``dramatiq workers.actors`` (``make run`` does); the scheduler
+(:mod:`workers.scheduler`) enqueues them periodically. Both are safe to run any number of
+times at once, by any number of processes: duplicated messages, a second scheduler, a
+Dramatiq retry or a message redelivered after a worker died never write a row twice or pay a
+commission twice (every write is idempotent, see workers/outbox.py and
+workers/commissions.py); the leases only keep the work from being done twice for nothing.
+
+``persist_outbox(shard)``
+    Shard ``s`` of ``settings.persist_shards`` (``n``) owns the bucket streams ``b`` with
+    ``b % n == s``. The job takes the shard's lease (SET NX PX with a token of its own,
+    renewed every second, released by compare-and-delete, lua/lease-1.lua), and while it
+    holds it, for ``settings.persist_run_s``: first the shard consumer's own pending entries
+    (a previous holder died or failed between COMMIT and XACK: they are written again,
+    idempotently, and acknowledged), then entries idle on any other consumer for 30 s
+    (XAUTOCLAIM: a consumer name of another shard count, or the in-process persister of a
+    server that died), then new entries, batch after batch (workers.outbox.drain_once).
+    Without the lease it returns at once: another job drains the shard.
+
+    The consumer name is the shard's (``persist-<s>/<n>``), not the process's: the lease
+    makes its holder the shard's only reader, so the next holder finds a dead holder's
+    entries in its own pending list at once instead of waiting for them to go idle.
+
+``flush_commissions()``
+    :func:`workers.commissions.flush_window`: pays what was accrued, at most one PostgreSQL
+    statement per ``settings.commission_flush_s`` window across every process (that module's
+    lease), exactly once whatever crashes (its unit bookkeeping, not the lease).
+
+Each worker process keeps one redis.asyncio client and one asyncpg pool, created on first
+use in the event loop of Dramatiq's AsyncIO middleware. When the worker shuts down the jobs
+in hand stop after their batch, the commissions accrued so far are flushed once more, and
+the clients are closed (workers.broker.Lifecycle hooks).
+"""
+
+from __future__ import annotations
+
+# The broker first: every actor below binds to the global broker it sets.
+from workers.broker import QUEUE, SETTINGS, lifecycle  # isort: skip
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import dramatiq
+import redis.asyncio as aioredis
+import structlog
+from dramatiq.asyncio import get_event_loop_thread
+
+from server.keys import Keys
+from server.scripts import LUA_DIR
+from server.settings import Settings
+from workers import outbox
+
+if TYPE_CHECKING:
+    from workers.commissions import FlushReport
+
+log = structlog.get_logger(__name__)
+
+#: A persist lease lives this long unless renewed; a dead holder blocks its shard this long.
+LEASE_MS = 3000
+RENEW_EVERY_S = 1.0
+#: Entries per stream per batch (one batch is at most BATCH x buckets-of-the-shard entries).
+BATCH = 500
+#: Seconds the final flush at worker shutdown may take.
+FINAL_FLUSH_S = 5.0
+_LEASE_SOURCE = (LUA_DIR / "lease-1.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKeys(Keys):
+    """The keys, with ``all_outboxes`` narrowed to the buckets of one shard."""
+
+    shard: int = 0
+    shards: int = 1
+
+    def all_outboxes(self) -> list[str]:
+        return [self.outbox(b) for b in range(self.shard, self.buckets, self.shards)]
+
+
+def lease_key(keys: Keys, shard: int, shards: int) -> str:
+    return f"{keys.prefix}:plock:{shard}/{shards}"
+
+
+def consumer_name(shard: int, shards: int) -> str:
+    return f"persist-{shard}/{shards}"
+
+
+class Lease:
+    """A Redis lease: SET NX PX with a token of its own, renewed, compare-and-delete."""
+
+    def __init__(self, redis: aioredis.Redis, key: str, ttl_ms: int = LEASE_MS) -> None:
+        self._redis = redis
+        self.key = key
+        self._ttl_ms = ttl_ms
+        self._token = uuid.uuid4().hex
+        self._script = redis.register_script(_LEASE_SOURCE)
+        self.held = False
+
+    async def acquire(self) -> bool:
+        self.held = bool(await self._redis.set(self.key, self._token, nx=True, px=self._ttl_ms))
+        return self.held
+
+    async def renew(self) -> bool:
+        if self.held:
+            self.held = bool(await self._script(keys=[self.key],
+                                                args=["renew", self._token, self._ttl_ms]))
+        return self.held
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            await self._script(keys=[self.key], args=["release", self._token, 0])
+
+    async def keep(self, every_s: float = RENEW_EVERY_S) -> None:
+        """Renew until lost or cancelled (run as a task beside the work it guards)."""
+        while self.held:
+            await asyncio.sleep(every_s)
+            try:
+                if not await self.renew():
+                    log.warning("lease_lost", key=self.key)
+            except Exception as exc:  # cannot tell: stop working under it
+                log.error("lease_renew_failed", key=self.key, error=repr(exc))
+                self.held = False
+
+
+@dataclass
+class Resources:
+    """One per worker process: the clients every job of the process shares."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    keys: Keys
+    #: Shards whose consumer groups this process has made sure of.
+    groups: set[int] = field(default_factory=set)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+_resources: Resources | None = None
+_opening: asyncio.Lock | None = None
+#: Set when the worker begins to shut down: jobs stop after the batch in hand.
+_stopping = False
+
+
+async def resources(settings: Settings = SETTINGS) -> Resources:
+    """This process's clients, created on first use in the running event loop."""
+    global _resources, _opening
+    if _resources is not None:
+        return _resources
+    if _opening is None:
+        _opening = asyncio.Lock()
+    async with _opening:
+        if _resources is None:
+            redis = aioredis.Redis.from_url(settings.redis_url)
+            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+            _resources = Resources(settings, redis, pool,
+                                   Keys(settings.key_prefix, settings.buckets))
+    return _resources
+
+
+async def close_resources(final_flush: bool = True) -> None:
+    """Flush the commissions accrued by this process's last batches once more, then close."""
+    global _resources
+    res, _resources = _resources, None
+    if res is None:
+        return
+    if final_flush:
+        try:
+            from workers import commissions
+
+            await asyncio.wait_for(commissions.flush(res.redis, res.pool, res.keys),
+                                   FINAL_FLUSH_S)
+        except Exception as exc:  # left in Redis: the next flush anywhere pays it
+            log.error("final_flush_failed", error=repr(exc))
+    await res.pool.close()
+    await res.redis.aclose()
+
+
+def _on_stopping() -> None:
+    global _stopping
+    _stopping = True
+
+
+def _on_stopped() -> None:
+    thread = get_event_loop_thread()
+    if thread is not None and _resources is not None:
+        try:
+            thread.run_coroutine(close_resources())
+        except Exception as exc:
+            log.error("close_failed", error=repr(exc))
+
+
+lifecycle.on_stopping.append(_on_stopping)
+lifecycle.on_stopped.append(_on_stopped)
+
+
+# -- the work, as plain coroutines (the actors below, and tests, call them) -----------------
+
+
+async def persist(res: Resources, shard: int, run_s: float, batch: int = BATCH) -> int:
+    """Drain shard ``shard`` for ``run_s`` seconds if its lease is free; entries handled."""
+    shards = res.settings.persist_shards
+    if not 0 <= shard < shards:
+        log.error("persist_bad_shard", shard=shard, shards=shards)
+        return 0
+    keys = ShardKeys(res.keys.prefix, res.keys.buckets, shard, shards)
+    lease = Lease(res.redis, lease_key(keys, shard, shards))
+    if not await lease.acquire():
+        return 0
+    keeper = asyncio.create_task(lease.keep(), name=f"lease-{shard}")
+    consumer = consumer_name(shard, shards)
+    handled = 0
+    try:
+        if shard not in res.groups:
+            await outbox.ensure_groups(res.redis, keys)
+            res.groups.add(shard)
+        # What a previous holder read and did not acknowledge (it died, or failed after
+        # COMMIT): written again, idempotently, then acknowledged.
+        while n := await outbox.drain_once(res.redis, res.pool, keys, consumer, batch,
+                                           pending=True):
+            handled += n
+        handled += await outbox.reclaim(res.redis, res.pool, keys, consumer, batch)
+        deadline = time.monotonic() + run_s
+        while lease.held and not _stopping:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            handled += await outbox.drain_once(res.redis, res.pool, keys, consumer, batch,
+                                               block_ms=min(200, max(1, left_ms)))
+        return handled
+    except BaseException:
+        res.groups.discard(shard)  # e.g. NOGROUP after a Redis restart: check them again
+        raise
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        with contextlib.suppress(Exception):
+            await lease.release()
+        if handled:
+            log.info("persisted", shard=shard, entries=handled)
+
+
+async def flush(res: Resources) -> FlushReport | None:
+    """One commission flush if this window's lease is free (workers.commissions)."""
+    from workers import commissions
+
+    return await commissions.flush_window(res.redis, res.pool, res.keys,
+                                          res.settings.commission_flush_s, res.token)
+
+
+# -- the actors ------------------------------------------------------------------------------
+
+_OPTIONS: dict[str, Any] = {
+    "queue_name": QUEUE,
+    # Dramatiq's retry path: a failed job comes back soon; anything it left half done is
+    # completed idempotently by the retry (or by the next scheduled job, whichever is first).
+    "max_retries": 5,
+    "min_backoff": 100,
+    "max_backoff": 2000,
+    # Scheduler ticks older than this are dropped (the next tick does the same work).
+    "max_age": 30_000,
+}
+
+
+@dramatiq.actor(**_OPTIONS, time_limit=int((SETTINGS.persist_run_s + 60) * 1000))
+async def persist_outbox(shard: int = 0) -> None:
+    await persist(await resources(), shard, SETTINGS.persist_run_s)
+
+
+@dramatiq.actor(**_OPTIONS, time_limit=60_000)
+async def flush_commissions() -> None:
+    report = await flush(await resources())
+    if report is not None and report.batches:
+        log.info("flushed", batches=report.batches, paid=report.paid)
