@@ -12,7 +12,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from loadtest import bets
+from loadtest import bets, common, doublespend
+from loadtest.client import CLIENTS, picows_available
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
 
@@ -77,6 +78,15 @@ def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="exit 1 above this fraction of errors (0.01)")
     p.add_argument("--drain-timeout", type=_positive_float, default=5.0,
                    help="seconds to wait for the last replies (5)")
+    p.add_argument("--client", choices=CLIENTS, default="websockets",
+                   help="socket implementation: websockets, or picows if installed"
+                        " (websockets)")
+    p.add_argument("--rate", type=_positive_float, default=None,
+                   help="paced: at most this many bets/s over all sockets (default: closed"
+                        " loop)")
+    p.add_argument("--report", metavar="FILE.html", default=None,
+                   help="also write throughput and p99 per second as a self-contained HTML"
+                        " page")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(run=run_bets)
 
@@ -89,12 +99,49 @@ def run_bets(args: argparse.Namespace) -> int:
         direction=args.direction, players=args.players, encoding=args.encoding,
         max_error_rate=args.max_error_rate, deposit=args.deposit, server_pid=args.server_pid,
         drain_timeout=args.drain_timeout, progress=None if args.quiet else sys.stderr,
+        client=args.client, rate=args.rate,
     )
-    return bets.main(options, args.json)
+    if args.client == "picows" and not picows_available():
+        print("--client picows: picows is not installed (pip install picows)", file=sys.stderr)
+        return 2
+    return bets.main(options, args.json, args.report)
+
+
+def add_double_spend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("double-spend", help="simultaneous full-balance bets: exactly one wins",
+                       description=doublespend.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
+    p.add_argument("--players", type=_positive_int, default=20,
+                   help="players betting at once in every round (20)")
+    p.add_argument("--rounds", type=_positive_int, default=10, help="rounds (10)")
+    p.add_argument("--sockets", type=_positive_int, default=4, help="sockets per player (4)")
+    p.add_argument("--bets", type=_positive_int, default=16,
+                   help="simultaneous bets per socket (16; the server allows 64 in flight)")
+    p.add_argument("--currency", default="USDT")
+    p.add_argument("--amount", default="1.00",
+                   help="the deposit and the stake of every bet (1.00)")
+    p.add_argument("--target", default="0.01", help="under 0.01: a win is 1 in 10,001")
+    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
+    p.add_argument("--client", choices=CLIENTS, default="websockets")
+    p.add_argument("--round-timeout", type=_positive_float, default=15.0,
+                   help="seconds to wait for every reply of a round (15)")
+    p.set_defaults(run=run_double_spend)
+
+
+def run_double_spend(args: argparse.Namespace) -> int:
+    options = doublespend.DoubleSpendOptions(
+        url=args.url, http=args.http, admin_token=args.admin_token, players=args.players,
+        rounds=args.rounds, sockets=args.sockets, bets=args.bets, currency=args.currency,
+        amount=args.amount, target=args.target, encoding=args.encoding, client=args.client,
+        round_timeout=args.round_timeout,
+    )
+    return common.cli_main(lambda: doublespend.run_double_spend(options), args.json)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_bets,
+    add_double_spend,
 ]
 
 

@@ -10,6 +10,11 @@ histogram and the throughput. Then no new bets are sent, the sockets wait up to
 server-side bet time. Errors (protocol codes, and the client's own ``CONNECT``, ``CLOSED``,
 ``UNANSWERED``) count in every phase. A hard timeout bounds the whole run.
 
+With ``rate`` (bets/s over all sockets) the load is paced instead: each socket sends at
+``rate / connections`` a second, still never more than ``inflight`` unanswered (a full
+socket waits for a reply, so ``rate`` is a ceiling). ``--report FILE.html`` writes
+throughput and p99 latency per second as a self-contained HTML page (inline SVG).
+
 Wall time is about ``ramp_up + duration + drain``, plus player creation.
 """
 
@@ -22,6 +27,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -30,12 +36,14 @@ import httpx
 from hdrh.histogram import HdrHistogram
 
 from loadtest import serverstats
-from loadtest.client import Encoding, Socket, open_socket
+from loadtest.client import ClientKind, Encoding, Socket, open_socket
 from loadtest.players import Player, SetupError, create_players
 
 #: Latencies are recorded in microseconds, from 1 µs to 60 s, 3 significant digits.
 HIST_MAX_US = 60_000_000
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
+#: Per-second histograms (the report's series) keep 2 significant digits.
+SERIES_DIGITS = 2
 SHARED_ID_BITS = 32
 
 
@@ -62,8 +70,14 @@ class BetsOptions:
     server_pid: int | None = None
     drain_timeout: float = 5.0
     connect_timeout: float = 10.0
+    #: Socket implementation (loadtest/client.py).
+    client: ClientKind = "websockets"
+    #: Bets per second over all sockets (paced, a ceiling); None: closed loop.
+    rate: float | None = None
     #: Where the per-second progress line goes (None: nowhere).
     progress: TextIO | None = field(default=None, repr=False)
+    #: Called with every ``bet_result`` and its receive time (``time.time_ns()``).
+    on_result: Callable[[dict[str, Any], int], None] | None = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -89,14 +103,19 @@ class BetsOptions:
             "currency": self.currency, "amount": self.amount, "target": self.target,
             "direction": self.direction, "players": self.players or self.connections,
             "encoding": self.encoding, "max_error_rate": self.max_error_rate,
+            "client": self.client, "rate": self.rate,
         }
 
 
 class Tally:
     """Counts shared by the sockets of one run (one event loop: no locks)."""
 
-    def __init__(self, measure_start: float, measure_end: float) -> None:
+    def __init__(self, measure_start: float, measure_end: float, t0: float = 0.0) -> None:
         self.hist = HdrHistogram(1, HIST_MAX_US, 3)
+        self.t0 = t0
+        #: Per whole second since ``t0``: replies, and a latency histogram.
+        self.second_counts: list[int] = []
+        self.second_hists: list[HdrHistogram] = []
         self.measure_start = measure_start
         self.measure_end = measure_end
         self.stop_at = measure_end
@@ -108,8 +127,24 @@ class Tally:
     def reply(self, sent_ns: int, now_ns: int) -> None:
         self.bets_all += 1
         now = now_ns / 1e9
+        micros = min(max(1, (now_ns - sent_ns) // 1000), HIST_MAX_US)
         if self.measure_start <= now < self.measure_end:
-            self.hist.record_value(min(max(1, (now_ns - sent_ns) // 1000), HIST_MAX_US))
+            self.hist.record_value(micros)
+        second = int(now - self.t0)
+        if second >= 0:
+            while len(self.second_counts) <= second:
+                self.second_counts.append(0)
+                self.second_hists.append(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
+            self.second_counts[second] += 1
+            self.second_hists[second].record_value(micros)
+
+    def series(self) -> list[dict[str, float | int | None]]:
+        """Per second since the start: ``{"t", "bets", "p99_ms"}``."""
+        return [
+            {"t": i, "bets": n,
+             "p99_ms": (h.get_value_at_percentile(99.0) / 1000 if n else None)}
+            for i, (n, h) in enumerate(zip(self.second_counts, self.second_hists, strict=True))
+        ]
 
     def unanswered(self) -> int:
         return sum(len(p) for p in self.pending)
@@ -123,7 +158,8 @@ async def drive(
     if time.perf_counter() >= tally.stop_at:
         return
     try:
-        sock = await open_socket(options.play_url, options.encoding, options.connect_timeout)
+        sock = await open_socket(options.play_url, options.encoding, options.connect_timeout,
+                                 options.client)
     except Exception:
         tally.errors["CONNECT"] += 1
         return
@@ -176,10 +212,13 @@ async def _bet_loop(
         pending[bet_id] = clock()
         await sock.send(template)
 
-    for _ in range(options.inflight):
-        await send_one()
     loop = asyncio.get_running_loop()
     drain_deadline = loop.time() + (tally.stop_at - time.perf_counter()) + options.drain_timeout
+    if options.rate:
+        await _paced_loop(sock, pending, options, tally, send_one, drain_deadline)
+        return
+    for _ in range(options.inflight):
+        await send_one()
     try:
         async with asyncio.timeout_at(drain_deadline):
             while pending:
@@ -192,6 +231,8 @@ async def _bet_loop(
                         tally.errors["UNKNOWN_ID"] += 1
                         continue
                     tally.reply(sent_ns, now_ns)
+                    if options.on_result is not None:
+                        options.on_result(message, time.time_ns())
                 elif kind == "error":
                     tally.errors[str(message.get("code"))] += 1
                     if pending.pop(message.get("id", 0), None) is None:
@@ -203,6 +244,71 @@ async def _bet_loop(
     except TimeoutError:
         tally.errors["UNANSWERED"] += len(pending)
         pending.clear()
+
+
+async def _paced_loop(
+    sock: Socket, pending: dict[int, int], options: BetsOptions, tally: Tally,
+    send_one: Callable[[], Any], drain_deadline: float,
+) -> None:
+    """``rate / connections`` bets a second on this socket, at most ``inflight`` unanswered;
+    a receiver task takes the replies."""
+    assert options.rate
+    interval = options.connections / options.rate
+    loop = asyncio.get_running_loop()
+    slot = asyncio.Event()
+    slot.set()
+    clock = time.perf_counter_ns
+
+    async def receive() -> None:
+        while True:
+            message = await sock.recv()
+            now_ns = clock()
+            kind = message.get("type")
+            if kind == "bet_result":
+                sent_ns = pending.pop(message.get("id", 0), None)
+                if sent_ns is None:
+                    tally.errors["UNKNOWN_ID"] += 1
+                    continue
+                tally.reply(sent_ns, now_ns)
+                if options.on_result is not None:
+                    options.on_result(message, time.time_ns())
+            elif kind == "error":
+                tally.errors[str(message.get("code"))] += 1
+                pending.pop(message.get("id", 0), None)
+            else:
+                continue
+            if len(pending) < options.inflight:
+                slot.set()
+
+    receiver = asyncio.create_task(receive())
+    try:
+        next_at = loop.time()
+        stop = loop.time() + (tally.stop_at - time.perf_counter())
+        while next_at < stop and not receiver.done():
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if len(pending) >= options.inflight:
+                slot.clear()
+                waited = asyncio.ensure_future(slot.wait())
+                await asyncio.wait([waited, receiver], return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=max(0.0, stop - loop.time()))
+                waited.cancel()
+                if len(pending) >= options.inflight:
+                    continue
+            await send_one()
+            next_at = max(next_at + interval, loop.time() - interval)  # no catch-up burst
+        while pending and not receiver.done() and loop.time() < drain_deadline:
+            await asyncio.wait([receiver], timeout=min(0.05, drain_deadline - loop.time()))
+        if receiver.done() and not receiver.cancelled():
+            failure = receiver.exception()
+            if failure is not None:
+                raise failure
+        if pending:
+            tally.errors["UNANSWERED"] += len(pending)
+            pending.clear()
+    finally:
+        receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await receiver
 
 
 async def progress(options: BetsOptions, tally: Tally, t0: float, out: TextIO) -> None:
@@ -243,6 +349,9 @@ class BetsReport:
     server_in_client: bool
     hard_timeout: bool
     setup_s: float
+    series: list[dict[str, float | int | None]] = field(default_factory=list)
+    #: Seconds from the start of the series to the measured window's start and end.
+    window: tuple[float, float] = (0.0, 0.0)
 
     @property
     def bets(self) -> int:
@@ -318,6 +427,8 @@ class BetsReport:
                 "cpu_s_whole_run": round(self.client_cpu_all_s, 3),
             },
             "server": server,
+            "series": self.series,
+            "measured_window_s": [round(self.window[0], 3), round(self.window[1], 3)],
         }
 
     def table(self) -> str:
@@ -360,7 +471,8 @@ class BetsReport:
                          f" {_fmt(_per_1000(self.server_cpu_s, self.bets))} ms CPU"
                          f" per 1,000 bets{rss}"))
         rows.append(("client CPU", f"{self.client_cpu_s / max(self.measured_s, 1e-9):.2f} cores,"
-                     f" {_fmt(_per_1000(self.client_cpu_s, self.bets))} ms per 1,000 bets"))
+                     f" {_fmt(_per_1000(self.client_cpu_s, self.bets))} ms per 1,000 bets"
+                     f" ({o.client}); {self.client_cpu_all_s:.2f} s in the whole run"))
         rows.append(("result", "OK" if self.ok else "FAIL"))
         width = max(len(label) for label, _ in rows)
         return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
@@ -422,7 +534,7 @@ async def run_bets(options: BetsOptions) -> BetsReport:
     before = await serverstats.scrape(options.http_url)
 
     t0 = time.perf_counter()
-    tally = Tally(t0 + options.ramp_up, t0 + options.ramp_up + options.duration)
+    tally = Tally(t0 + options.ramp_up, t0 + options.ramp_up + options.duration, t0)
     cpu_all0 = time.process_time()
     workers = [
         asyncio.create_task(drive(
@@ -484,10 +596,12 @@ async def run_bets(options: BetsOptions) -> BetsReport:
         server_in_client=server_in_client,
         hard_timeout=hard_timeout,
         setup_s=setup_s,
+        series=tally.series(),
+        window=(options.ramp_up, options.ramp_up + options.duration),
     )
 
 
-def main(options: BetsOptions, as_json: bool) -> int:
+def main(options: BetsOptions, as_json: bool, report_path: str | None = None) -> int:
     """Run, print the table (or one JSON object) to stdout; 0 when the run passed."""
     import json
 
@@ -507,6 +621,11 @@ def main(options: BetsOptions, as_json: bool) -> int:
     except (OSError, httpx.HTTPError) as exc:
         print(f"cannot reach the server: {exc}", file=sys.stderr)
         return 2
+    if report_path is not None:
+        from loadtest.report import write_html
+
+        write_html(report, report_path)
+        print(f"report written to {report_path}", file=sys.stderr)
     if as_json:
         print(json.dumps(report.to_dict()))
     else:

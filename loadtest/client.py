@@ -1,5 +1,9 @@
-"""The load tester's socket client, kept small so another implementation (picows) can be
-swapped in: a :class:`Socket` sends and receives decoded message maps, nothing more."""
+"""The load tester's socket client, kept small so another implementation can be swapped in:
+a :class:`Socket` sends and receives decoded message maps, nothing more.
+
+Two implementations: ``websockets`` (the default, pure asyncio) and ``picows`` (a Cython
+WebSocket client, optional: ``pip install picows``; see loadtest/picows_client.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
 Encoding = Literal["json", "msgpack"]
+ClientKind = Literal["websockets", "picows"]
+CLIENTS: tuple[ClientKind, ...] = ("websockets", "picows")
 
 
 class Socket(Protocol):
@@ -22,6 +28,13 @@ class Socket(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def decode(frame: str | bytes) -> dict[str, Any]:
+    decoded = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
+    if not isinstance(decoded, dict):
+        raise ValueError(f"a frame that is not a map: {decoded!r:.80}")
+    return decoded
 
 
 class WebsocketsSocket:
@@ -43,10 +56,7 @@ class WebsocketsSocket:
             frame = await self.ws.recv()
         except Exception as exc:
             raise ConnectionError(str(exc)) from exc
-        decoded = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
-        if not isinstance(decoded, dict):
-            raise ValueError(f"a frame that is not a map: {decoded!r:.80}")
-        return decoded
+        return decode(frame)
 
     async def close(self) -> None:
         try:
@@ -55,10 +65,30 @@ class WebsocketsSocket:
             pass
 
 
-async def open_socket(url: str, encoding: Encoding, open_timeout: float = 10.0) -> Socket:
-    """Open ``url`` (a ws:// address with its path)."""
+async def open_socket(
+    url: str, encoding: Encoding, open_timeout: float = 10.0,
+    client: ClientKind = "websockets", local_host: str | None = None,
+) -> Socket:
+    """Open ``url`` (a ws:// address with its path). ``local_host`` binds the client end to
+    that address (more than ~28,000 sockets to one server address need several, e.g.
+    127.0.0.2, 127.0.0.3 ... on loopback)."""
+    if client == "picows":
+        from loadtest.picows_client import open_picows
+
+        return await open_picows(url, encoding, open_timeout, local_host)
+    extra: dict[str, Any] = {}
+    if local_host is not None:
+        extra["local_addr"] = (local_host, 0)
     ws = await connect(
         url, compression=None, max_size=2**20, open_timeout=open_timeout, close_timeout=2,
-        ping_interval=None,
+        ping_interval=None, **extra,
     )
     return WebsocketsSocket(ws, encoding)
+
+
+def picows_available() -> bool:
+    try:
+        import picows  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -53,3 +54,73 @@ async def create_players(
                 return player
 
         return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+class Admin:
+    """The admin API (and the public bet view) over one pooled ``httpx.AsyncClient`` with at
+    most ``connections`` connections; ``async with Admin(...) as admin``."""
+
+    def __init__(self, http_url: str, admin_token: str, connections: int = 32,
+                 request_timeout: float = 30.0) -> None:
+        self.http = httpx.AsyncClient(
+            base_url=http_url, headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=request_timeout,
+            limits=httpx.Limits(max_connections=connections,
+                                max_keepalive_connections=connections),
+        )
+        self.limit = asyncio.Semaphore(connections)
+        self.run = uuid.uuid4().hex[:8]
+        self._keys = 0
+
+    async def __aenter__(self) -> Admin:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def create_user(self, role: str, name: str, parent_id: int | str | None = None,
+                          commission_bps: int | None = None) -> Player:
+        body: dict[str, object] = {"role": role, "name": name}
+        if parent_id is not None:
+            body["parent_id"] = parent_id
+        if commission_bps is not None:
+            body["commission_bps"] = commission_bps
+        async with self.limit:
+            r = await self.http.post("/api/admin/users", json=body)
+        if r.status_code != 200:
+            raise SetupError(f"POST /api/admin/users: {r.status_code} {r.text[:200]}")
+        data = r.json()
+        return Player(data["user_id"], data["token"])
+
+    async def deposit(self, user_id: int | str, currency: str, amount: str) -> str:
+        self._keys += 1
+        async with self.limit:
+            r = await self.http.post(
+                "/api/admin/deposits",
+                json={"user_id": user_id, "currency": currency, "amount": amount,
+                      "idempotency_key": f"load-{self.run}-d{self._keys}"},
+            )
+        if r.status_code != 200:
+            raise SetupError(f"POST /api/admin/deposits: {r.status_code} {r.text[:200]}")
+        return str(r.json()["balance"])
+
+    async def player(self, name: str, currency: str, deposit: str | None,
+                     parent_id: int | str | None = None) -> Player:
+        player = await self.create_user("player", name, parent_id)
+        if deposit is not None:
+            await self.deposit(player.user_id, currency, deposit)
+        return player
+
+    async def user(self, user_id: int | str) -> dict[str, Any]:
+        async with self.limit:
+            r = await self.http.get(f"/api/admin/users/{user_id}")
+        if r.status_code != 200:
+            raise SetupError(f"GET /api/admin/users/{user_id}: {r.status_code} {r.text[:200]}")
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def bet_status(self, bet_id: int | str) -> int:
+        """Status of ``GET /api/bets/{bet_id}`` (200 once stored, 404 before)."""
+        async with self.limit:
+            r = await self.http.get(f"/api/bets/{bet_id}")
+        return r.status_code

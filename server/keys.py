@@ -58,6 +58,32 @@ class Keys:
     def feed_channel(self) -> str:
         return f"{self.prefix}:feed"
 
+    # -- commissions (workers/commissions.py) ----------------------------------------------
+
+    def commission_done(self, user_id: int, bet_id: str) -> str:
+        """Marker: this bet's commissions were accrued (player's bucket, expires)."""
+        return f"{self.prefix}:cdone:{self.tag(user_id)}:{bet_id}"
+
+    def commission_pending(self, bucket: int) -> str:
+        """Hash of a bucket's accrued, not yet taken commissions: "<ancestor>|<cur>" -> minor."""
+        return f"{self.prefix}:cpend:{{b{bucket}}}"
+
+    def commission_batch(self, bucket: int, batch_id: str) -> str:
+        """A bucket's pending hash once taken by the flush ``batch_id``."""
+        return f"{self.prefix}:cbatch:{{b{bucket}}}:{batch_id}"
+
+    def commission_batches(self, bucket: int) -> str:
+        """Set of a bucket's batch ids taken but not yet finished."""
+        return f"{self.prefix}:cbatches:{{b{bucket}}}"
+
+    def commission_credited(self, ancestor_id: int, unit: str) -> str:
+        """Marker: batch ``unit`` was credited to this ancestor (ancestor's bucket, expires)."""
+        return f"{self.prefix}:ccred:{self.tag(ancestor_id)}:{unit}:{ancestor_id}"
+
+    def commission_lease(self) -> str:
+        """The flush lease: held by the one flusher of the current window."""
+        return f"{self.prefix}:cflush"
+
     def epoch(self) -> str:
         """Redis incarnation marker: set once; if missing, Redis lost data (see docs)."""
         return f"{self.prefix}:epoch"

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from server.keys import Keys
-from workers import outbox
+from workers import commissions, outbox
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +39,7 @@ class Persister:
         block_ms: int = 100,
         reclaim_every_s: float = 10.0,
         drain_timeout_s: float = 5.0,
+        commission_flush_s: float | None = 2.0,
     ) -> None:
         self._redis = redis
         self._pool = pool
@@ -52,10 +53,17 @@ class Persister:
         self._task: asyncio.Task[None] | None = None
         #: Entries persisted by this process (for tests and metrics).
         self.handled = 0
+        #: The commission flush loop (workers/commissions.py), None to leave it to workers.
+        self.commissions = (
+            commissions.Flusher(redis, pool, keys, commission_flush_s, consumer)
+            if commission_flush_s else None
+        )
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="outbox-persister")
+            if self.commissions is not None:
+                self.commissions.start()
 
     async def close(self) -> None:
         """Stop after the batch in hand, flush what is left, within ``drain_timeout_s``."""
@@ -72,6 +80,8 @@ class Persister:
                 await task
         except Exception:
             log.exception("persister_failed", consumer=self.consumer)
+        if self.commissions is not None:
+            await self.commissions.close()  # after the last batch: pays what it accrued
 
     async def _run(self) -> None:
         failures = 0

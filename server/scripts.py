@@ -30,7 +30,12 @@ class Script:
 BET = Script.load("bet-5.lua")
 DEPOSIT = Script.load("deposit-4.lua")
 ROTATE = Script.load("rotate-2.lua")
-ALL = (BET, DEPOSIT, ROTATE)
+COMMISSION_ACCRUE = Script.load("commission-accrue-2.lua")
+COMMISSION_TAKE = Script.load("commission-take-3.lua")
+COMMISSION_CREDIT = Script.load("commission-credit-n.lua")
+COMMISSION_UNLOCK = Script.load("commission-unlock-1.lua")
+ALL = (BET, DEPOSIT, ROTATE, COMMISSION_ACCRUE, COMMISSION_TAKE, COMMISSION_CREDIT,
+       COMMISSION_UNLOCK)
 
 
 class BetCode(enum.IntEnum):
@@ -54,3 +59,18 @@ class DepositCode(enum.IntEnum):
 class RotateCode(enum.IntEnum):
     ROTATED = 0
     STALE = 4
+
+
+class AccrueCode(enum.IntEnum):
+    """Reply of commission-accrue-2.lua."""
+
+    DUPLICATE = 0
+    ACCRUED = 1
+
+
+class TakeCode(enum.IntEnum):
+    """First element of commission-take-3.lua's reply."""
+
+    EMPTY = 0
+    TAKEN = 1
+    BUSY = 2

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from loadtest import serverstats
 from loadtest.__main__ import parser
@@ -104,3 +108,67 @@ async def test_error_replies_fail_the_run(api: Api) -> None:
     assert report.bets == 0 and report.errors.get("INVALID_AMOUNT", 0) > 0
     assert report.error_rate == 1.0 and not report.ok
     assert json.loads(json.dumps(report.to_dict()))["ok"] is False
+
+
+# -- double-spend ----------------------------------------------------------------------------
+
+
+async def test_double_spend_smoke(api: Api) -> None:
+    from loadtest.doublespend import DoubleSpendOptions, run_double_spend
+
+    report = await run_double_spend(DoubleSpendOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, players=3, rounds=3, sockets=3,
+        bets=8,
+    ))
+    assert report.ok, report.problems
+    assert len(report.rounds) == 3
+    for r in report.rounds:
+        conclusive = [t for t in r.trials if not t.first_won]
+        assert conclusive
+        assert all(len(t.accepted) == 1 for t in conclusive), r.accepted()
+        assert all(t.balance_after is not None and float(t.balance_after) == 0
+                   for t in conclusive)
+        assert set(r.rejected()) <= {"INSUFFICIENT_FUNDS"}, r.rejected()
+        assert sum(r.rejected().values()) == 3 * (3 * 8 - 1)
+    body = json.loads(json.dumps(report.to_dict()))
+    assert body["command"] == "double-spend" and body["ok"] is True
+    assert body["client"]["cpu_s"] >= 0
+    assert "round   1" in report.table()
+
+
+# -- bets --report, --rate, --client picows ----------------------------------------------------
+
+
+async def test_bets_paced_with_html_report(api: Api, tmp_path: Path) -> None:
+    from loadtest.report import write_html
+
+    seen: list[Any] = []
+    report = await run_bets(BetsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=3, inflight=2,
+        duration=2.0, ramp_up=0.0, rate=60.0, on_result=lambda m, _ns: seen.append(m["bet_id"]),
+    ))
+    assert report.ok and report.errors == {}, report.errors
+    assert report.bets_all == len(seen) == len(set(seen)) > 0
+    assert report.bets_all <= 60 * 2.5  # paced: the rate is a ceiling
+    assert sum(int(p["bets"] or 0) for p in report.series) == report.bets_all
+    path = tmp_path / "bets.html"
+    write_html(report, str(path))
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
+    assert "<polyline" in page and "http://" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")  # no external assets
+
+
+def test_report_flag_via_cli(tmp_path: Path) -> None:
+    args = parser().parse_args(["bets", "--report", str(tmp_path / "r.html"), "--rate", "100",
+                                "--client", "websockets"])
+    assert args.report.endswith("r.html") and args.rate == 100.0
+
+
+async def test_bets_picows_client(api: Api) -> None:
+    pytest.importorskip("picows")
+    report = await run_bets(BetsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=2, inflight=2,
+        duration=1.0, ramp_up=0.0, client="picows", encoding="msgpack",
+    ))
+    assert report.bets > 0 and report.errors == {}, report.errors

@@ -43,6 +43,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from server.keys import Keys
+from workers import commissions
 
 log = structlog.get_logger(__name__)
 
@@ -418,6 +419,13 @@ async def handle(
                 if not _is_data_error(one):
                     raise
                 dead.append((entry, f"{type(one).__name__}: {one}"))
+    # Commissions of the bets now in PostgreSQL, before the ack: a crash before the ack
+    # replays the batch, and the accrual's per-bet marker makes the replay pay nothing.
+    refused = {(entry.stream, entry.id) for entry, _ in dead}
+    await commissions.accrue(redis, pool, keys, [
+        event for entry, event in good
+        if isinstance(event, BetEvent) and (entry.stream, entry.id) not in refused
+    ])
     for entry, reason in dead:
         await _dead_letter(redis, keys, entry, reason)
     # Only now, after COMMIT (and after the dead letters were written): ack and delete.

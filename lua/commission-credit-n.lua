@@ -1,0 +1,49 @@
+--[[
+  commission-credit-n: credit one ancestor's commissions of some batches to its live
+  balance, exactly once per (batch, ancestor), and push the new balances.
+
+  Runs on the ANCESTOR's bucket: its balances, its push channel and its markers share the
+  ancestor's hash tag. Called only after PostgreSQL holds the ledger rows of these batches
+  (workers/commissions.py), so no outbox event is written: the ledger already has them.
+  The number of keys varies: one marker per batch this ancestor appears in.
+
+  KEYS[1]     balances hash of the ancestor
+  KEYS[2]     push channel of the ancestor (a channel, not a key; listed for cluster routing)
+  KEYS[2+i]   for i = 1 ... m: the "credited" marker of batch i for this ancestor
+
+  ARGV[1]     marker lifetime, seconds
+  ARGV[2]     c: number of currencies in this call
+  ARGV[2+j]   for j = 1 ... c: currency code j
+  ARGV[2+c+(i-1)*c+j]  amount of currency j in batch i, minor units ("0" = none)
+
+  Money never becomes a Lua number: amounts go to HINCRBY as strings and the pushed balance
+  is read back with HGET (a Lua number would print 1e14 and above in exponent form).
+  Pushes "commission|-|<currency>|<balance>" once per currency credited.
+
+  Returns the number of batches credited by this call (0: all were credited before).
+]]
+
+local c = tonumber(ARGV[2])
+local m = #KEYS - 2
+local credited = 0
+local touched = {}
+for i = 1, m do
+  if redis.call('SET', KEYS[2 + i], '1', 'NX', 'EX', ARGV[1]) then
+    credited = credited + 1
+    local base = 2 + c + (i - 1) * c
+    for j = 1, c do
+      local amount = ARGV[base + j]
+      if amount ~= '0' then
+        redis.call('HINCRBY', KEYS[1], ARGV[2 + j], amount)
+        touched[j] = true
+      end
+    end
+  end
+end
+for j = 1, c do
+  if touched[j] then
+    local balance = redis.call('HGET', KEYS[1], ARGV[2 + j])
+    redis.call('PUBLISH', KEYS[2], 'commission|-|' .. ARGV[2 + j] .. '|' .. balance)
+  end
+end
+return credited

@@ -1,0 +1,420 @@
+"""Commissions: exactly once per (bet, ancestor), whatever is replayed, retried or crashes.
+
+The first tests drive :mod:`workers.commissions` (and :mod:`workers.outbox`) directly on
+keys of their own prefix, with a chain of users inserted into the test database; the last
+ones go through the real server: sockets, the in-process persister and its flush loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import msgpack
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from server.keys import Keys
+from server.settings import Settings
+from tests.helpers import Api, Player
+from workers import commissions, outbox
+
+T = TypeVar("T")
+SM_BPS, MASTER_BPS, AGENT_BPS = 20, 30, 50
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {value!r} after {within}s")
+        await asyncio.sleep(0.05)
+
+
+def share(amount: int, bps: int) -> int:
+    """The rule, written out independently of games.commission."""
+    return amount * bps // 10000
+
+
+@dataclass
+class Chain:
+    super_master: int
+    master: int
+    agent: int
+    players: list[int]
+
+    @property
+    def ancestors(self) -> dict[int, int]:
+        return {self.agent: AGENT_BPS, self.master: MASTER_BPS, self.super_master: SM_BPS}
+
+
+@dataclass
+class Env:
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    keys: Keys
+
+    async def user(self, role: str, parent: int | None = None, bps: int = 0) -> int:
+        return int(await self.pool.fetchval(
+            "INSERT INTO users (role, parent_id, commission_bps, name, token_hash)"
+            " VALUES ($1, $2, $3, 'u', $4) RETURNING user_id", role, parent, bps,
+            os.urandom(16)))
+
+    async def chain(self, players: int = 3) -> Chain:
+        sm = await self.user("super_master", None, SM_BPS)
+        m = await self.user("master", sm, MASTER_BPS)
+        a = await self.user("agent", m, AGENT_BPS)
+        return Chain(sm, m, a, [await self.user("player", a) for _ in range(players)])
+
+    async def accrue(self, bets: Sequence[dict[str, Any]]) -> int:
+        return await commissions.accrue(self.redis, self.pool, self.keys, bets)
+
+    async def flush(self, batch_id: str | None = None) -> commissions.FlushReport:
+        return await commissions.flush(self.redis, self.pool, self.keys, batch_id)
+
+    async def paid(self, user_id: int) -> tuple[int, int, int, int]:
+        """(ledger sum, ledger rows, commission_totals, Redis balance) of USDT."""
+        row = await self.pool.fetchrow(
+            "SELECT coalesce(sum(delta), 0)::bigint AS s, count(*) AS n FROM ledger"
+            " WHERE user_id = $1 AND kind = 'commission' AND currency = 'USDT'", user_id)
+        assert row is not None
+        total = await self.pool.fetchval(
+            "SELECT earned FROM commission_totals WHERE user_id = $1 AND currency = 'USDT'",
+            user_id) or 0
+        balance = await self.redis.hget(self.keys.balances(user_id), "USDT")
+        return int(row["s"]), int(row["n"]), int(total), int(balance or 0)
+
+    async def assert_paid(self, chain: Chain, bets: Sequence[dict[str, Any]]) -> None:
+        for ancestor, bps in chain.ancestors.items():
+            expected = sum(share(b["amount"], bps) for b in bets)
+            ledger, _, total, balance = await self.paid(ancestor)
+            assert (ledger, total, balance) == (expected, expected, expected), ancestor
+
+    async def leftovers(self) -> list[Any]:
+        """Every commission key still in Redis except the markers (pending, batches)."""
+        found = []
+        for pattern in ("cpend", "cbatch", "cbatches"):
+            found += [k async for k in self.redis.scan_iter(f"{self.keys.prefix}:{pattern}:*")]
+        return found
+
+
+@pytest_asyncio.fixture
+async def env(settings: Settings) -> AsyncIterator[Env]:
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
+    keys = Keys(f"c{uuid.uuid4().hex[:6]}", 4)
+    yield Env(redis, pool, keys)
+    await pool.close()
+    await redis.aclose()
+
+
+def bets_of(players: Sequence[int], amounts: Sequence[int]) -> list[dict[str, Any]]:
+    tag = uuid.uuid4().hex[:8]
+    return [{"bet_id": f"{tag}-{i}", "user_id": players[i % len(players)], "currency": "USDT",
+             "amount": amount} for i, amount in enumerate(amounts)]
+
+
+AMOUNTS = [1, 19, 199, 200, 333, 5000, 12345, 99999, 10**12 + 7]
+
+
+# -- workers.commissions directly ------------------------------------------------------------
+
+
+async def test_replayed_bets_accrue_once(env: Env) -> None:
+    chain = await env.chain()
+    bets = bets_of(chain.players, AMOUNTS)
+    # a stake too small to pay even the highest rate is skipped (1, 19, 199 minor units)
+    assert await env.accrue(bets) == sum(1 for a in AMOUNTS if share(a, AGENT_BPS)) == 6
+    assert await env.accrue(bets) == 0
+    assert await env.accrue([*bets, *bets]) == 0  # twice inside one batch too
+    report = await env.flush()
+    assert report.statements == 1 and report.paid == {
+        "USDT": sum(share(b["amount"], bps) for b in bets for bps in chain.ancestors.values())}
+    await env.assert_paid(chain, bets)
+    # Replayed after the flush (a job retried hours later): still nothing.
+    assert await env.accrue(bets) == 0
+    assert (await env.flush()).statements == 0
+    await env.assert_paid(chain, bets)
+    assert await env.leftovers() == []
+
+
+async def test_worker_dies_after_commit_before_ack(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox path: the batch is replayed whole; no duplicate row, no double commission."""
+    chain = await env.chain()
+    await outbox.ensure_groups(env.redis, env.keys)
+    bets = bets_of(chain.players, AMOUNTS[2:])
+    for i, b in enumerate(bets):
+        event = {**b, "pair_id": 1, "payout": 0, "roll": 9000, "target": 5000,
+                 "direction": "under", "nonce": i + 1, "multiplier": 19800,
+                 "server_seed_hash": "ab" * 32, "client_seed": "c", "ts": 1_700_000_000_000}
+        await env.redis.xadd(env.keys.outbox_for(b["user_id"]),
+                             {"k": "bet", "e": msgpack.packb(event), "b": "0"})
+
+    async def ack_fails(*args: Any) -> None:
+        raise ConnectionResetError("died after COMMIT, before XACK")
+
+    monkeypatch.setattr(outbox, "_ack", ack_fails)
+    with pytest.raises(ConnectionResetError):
+        await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0)
+    monkeypatch.undo()
+    assert await outbox.pending_count(env.redis, env.keys) == len(bets)  # nothing acked
+    # A second worker reclaims the entries of the dead one (Dramatiq's retry path is the
+    # same replay: the same events through write() and accrue() again).
+    assert await outbox.reclaim(env.redis, env.pool, env.keys, "w2", min_idle_ms=0) == len(bets)
+    assert await outbox.pending_count(env.redis, env.keys) == 0
+    await env.flush()
+    events = [outbox.BetEvent(**{**b, "pair_id": 1, "payout": 0, "roll": 9000, "target": 5000,
+                                 "direction": "under", "nonce": 1, "multiplier": 19800,
+                                 "server_seed_hash": "x", "client_seed": "c", "ts": 0,
+                                 "balance_after": 0}) for b in bets]
+    await outbox.write(env.pool, events)
+    assert await commissions.accrue(env.redis, env.pool, env.keys, events) == 0
+    await env.flush()
+    n = await env.pool.fetchval("SELECT count(*) FROM bets WHERE bet_id = ANY($1::text[])",
+                                [b["bet_id"] for b in bets])
+    assert n == len(bets)
+    await env.assert_paid(chain, bets)
+    for ancestor in chain.ancestors:
+        assert (await env.paid(ancestor))[1] == 1  # one flush paid, one ledger row
+
+
+async def test_flush_dies_after_take_then_the_next_pays_once(env: Env) -> None:
+    chain = await env.chain()
+    first = bets_of(chain.players, AMOUNTS)
+    await env.accrue(first)
+    units = await commissions.take(env.redis, env.keys, "crashed")
+    assert units and all(u.batch_id == "crashed" for u in units)
+    # ... the flusher dies here. Bets keep coming; a new flush finds both.
+    second = bets_of(chain.players, AMOUNTS[::-1])
+    await env.accrue(second)
+    report = await env.flush()
+    assert report.batches > len(units) and report.statements == 1
+    await env.assert_paid(chain, first + second)
+    assert (await env.flush()).batches == 0
+    await env.assert_paid(chain, first + second)
+    assert await env.leftovers() == []
+
+
+@pytest.mark.parametrize("dies_after", ["write", "credit"])
+async def test_flush_dies_after_a_later_step(env: Env, dies_after: str) -> None:
+    chain = await env.chain()
+    bets = bets_of(chain.players, AMOUNTS)
+    await env.accrue(bets)
+    units = await commissions.take(env.redis, env.keys, uuid.uuid4().hex)
+    written = await commissions.write(env.pool, units)
+    assert written.batches == len(units)
+    if dies_after == "credit":
+        await commissions.credit(env.redis, env.keys, units)
+    # PostgreSQL paid; Redis credited or not. The next flush completes it, once.
+    report = await env.flush()
+    assert report.batches == len(units) and report.batches_paid == 0 and report.paid == {}
+    assert report.ancestors_credited == (3 if dies_after == "write" else 0)
+    await env.assert_paid(chain, bets)
+    for ancestor in chain.ancestors:
+        assert (await env.paid(ancestor))[1] == 1
+    assert await env.leftovers() == []
+
+
+async def test_a_retried_flush_with_the_same_batch_id(env: Env) -> None:
+    chain = await env.chain()
+    first = bets_of(chain.players, AMOUNTS)
+    await env.accrue(first)
+    units = await commissions.take(env.redis, env.keys, "job-7")
+    await commissions.write(env.pool, units)
+    second = bets_of(chain.players, AMOUNTS[3:])
+    await env.accrue(second)
+    # Taking again under an id still unfinished in a bucket takes nothing there (BUSY: a
+    # RENAME over it would destroy it); the pending hash waits.
+    again = await commissions.take(env.redis, env.keys, "job-7")
+    assert sorted(u.name for u in again) == sorted(u.name for u in units)
+    assert await env.redis.exists(*(env.keys.commission_pending(u.bucket) for u in units))
+    # The job is retried with its id (a label: flush() makes every batch id unique, since a
+    # paid id must never name new money). It finishes job-7 and pays the rest, once.
+    await env.flush("job-7")
+    await env.flush("job-7")
+    await env.flush()
+    await env.assert_paid(chain, first + second)
+    assert await env.leftovers() == []
+
+
+async def test_concurrent_flushes_pay_once(env: Env) -> None:
+    chains = [await env.chain(5) for _ in range(3)]
+    bets = {c.agent: bets_of(c.players, [k * 37 + 200 for k in range(60)]) for c in chains}
+    await env.accrue([b for bs in bets.values() for b in bs])
+    reports = await asyncio.gather(*(env.flush() for _ in range(4)))
+    everything = sum(share(b["amount"], bps) for c in chains for b in bets[c.agent]
+                     for bps in c.ancestors.values())
+    assert sum(r.paid.get("USDT", 0) for r in reports) == everything
+    for c in chains:
+        await env.assert_paid(c, bets[c.agent])
+    assert await env.leftovers() == []
+
+
+async def test_accruals_racing_flushes_lose_nothing(env: Env) -> None:
+    chain = await env.chain(8)
+    bets = bets_of(chain.players, [150 + k * 13 for k in range(400)])
+    done = asyncio.Event()
+
+    async def feed() -> None:
+        for i in range(0, len(bets), 10):
+            await env.accrue(bets[i:i + 10])
+            await asyncio.sleep(0)
+        done.set()
+
+    async def flushing() -> int:
+        n = 0
+        while not done.is_set():
+            await asyncio.gather(env.flush(), env.flush())
+            n += 1
+        return n
+
+    _, rounds = await asyncio.gather(feed(), flushing())
+    assert rounds >= 2
+    await env.flush()
+    await env.assert_paid(chain, bets)
+    assert await env.leftovers() == []
+
+
+async def test_one_flush_per_window(env: Env) -> None:
+    chain = await env.chain()
+    await env.accrue(bets_of(chain.players, AMOUNTS))
+    first = await commissions.flush_window(env.redis, env.pool, env.keys, 0.5, "a")
+    assert first is not None and first.statements == 1
+    await env.accrue(bets_of(chain.players, AMOUNTS))
+    assert await commissions.flush_window(env.redis, env.pool, env.keys, 0.5, "b") is None
+    await asyncio.sleep(0.55)
+    later = await commissions.flush_window(env.redis, env.pool, env.keys, 0.5, "b")
+    assert later is not None and later.statements == 1
+
+
+async def test_chain_cache_reads_each_player_once_per_ttl(env: Env) -> None:
+    chain = await env.chain(2)
+    now = [0.0]
+    cache = commissions.ChainCache(ttl_s=30, max_size=2, clock=lambda: now[0])
+    got = await cache.get_many(env.pool, chain.players)
+    assert got[chain.players[0]] == (
+        (chain.agent, AGENT_BPS), (chain.master, MASTER_BPS), (chain.super_master, SM_BPS))
+    await env.pool.execute("UPDATE users SET commission_bps = 70 WHERE user_id = $1",
+                           chain.agent)
+    assert (await cache.get_many(env.pool, chain.players[:1]))[chain.players[0]][0][1] == 50
+    now[0] = 31.0
+    assert (await cache.get_many(env.pool, chain.players[:1]))[chain.players[0]][0][1] == 70
+    assert (await cache.get_many(env.pool, [chain.agent]))[chain.agent] == (
+        (chain.master, MASTER_BPS), (chain.super_master, SM_BPS))
+    assert len(cache._data) == 2  # bounded
+
+
+# -- through the real server -----------------------------------------------------------------
+
+
+def _minor(text: str) -> int:
+    whole, _, frac = text.partition(".")
+    return int(whole) * 100 + int((frac + "00")[:2])
+
+
+async def _gather_limited(jobs: Sequence[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    out: list[T] = []
+    for i in range(0, len(jobs), limit):
+        out += await asyncio.gather(*(job() for job in jobs[i:i + limit]))
+    return out
+
+
+async def test_a_connected_ancestor_gets_a_commission_push(api: Api) -> None:
+    sm, _ = await api.create_user("super_master", commission_bps=SM_BPS)
+    m, _ = await api.create_user("master", parent_id=sm, commission_bps=MASTER_BPS)
+    agent, agent_token = await api.create_user("agent", parent_id=m, commission_bps=AGENT_BPS)
+    _, token = await api.player(deposit="100.00", parent_id=agent)
+    async with api.play(agent_token) as watcher, api.play(token) as p:
+        assert watcher.welcome["balances"]["USDT"] == "0.00"
+        reply = await p.bet(amount="12.34", target="50.00")
+        assert reply["type"] == "bet_result", reply
+        push = await asyncio.wait_for(watcher.recv_any(), 15)
+    assert push == {"type": "balance", "currency": "USDT", "reason": "commission",
+                    "balance": "0.06"}  # floor(1234 x 50 / 10000) = 6
+    view = await api.user(agent)
+    assert view["commission_earned"]["USDT"] == "0.06" == view["balances"]["USDT"]
+    assert view["commission_earned"]["BTC"] == "0.00000000"
+
+
+async def test_the_storm(api: Api, settings: Settings) -> None:
+    """500 players under one super master bet within the same second: after the next flush
+    every ancestor has exactly its per-bet sum, paid by at most one statement per window."""
+    sm, _ = await api.create_user("super_master", commission_bps=SM_BPS)
+    masters = [(await api.create_user("master", parent_id=sm, commission_bps=MASTER_BPS))[0]
+               for _ in range(2)]
+    agents = [(await api.create_user("agent", parent_id=m, commission_bps=AGENT_BPS))[0]
+              for m in masters for _ in range(5)]
+    parent_of = {a: masters[k // 5] for k, a in enumerate(agents)}
+
+    def amount(i: int) -> str:
+        minor = 100 + (i * 7919) % 9900  # 1.00 ... 99.99 USDT: shares that need flooring
+        return f"{minor // 100}.{minor % 100:02d}"
+
+    def make_player(i: int) -> Callable[[], Awaitable[tuple[int, str]]]:
+        return lambda: api.player(deposit="1000.00", parent_id=agents[i % len(agents)])
+
+    players = await _gather_limited([make_player(i) for i in range(500)], 50)
+    sockets: list[Player] = [api.play(token) for _, token in players]
+    await _gather_limited([s.__aenter__ for s in sockets], 50)
+    try:
+        statements0, t0 = commissions.STATS.statements, time.monotonic()
+        replies = await asyncio.gather(*(s.bet(amount=amount(i), target="50.00", id=f"s{i}")
+                                         for i, s in enumerate(sockets)))
+        fired_in = time.monotonic() - t0
+    finally:
+        await asyncio.gather(*(s.__aexit__(None, None, None) for s in sockets))
+    assert all(r["type"] == "bet_result" for r in replies), replies[:3]
+    assert fired_in < 1.0, fired_in
+
+    expected: dict[int, int] = {a: 0 for a in [sm, *masters, *agents]}
+    for i, reply in enumerate(replies):
+        assert _minor(reply["payout"]) >= 0
+        stake = _minor(amount(i))
+        agent = agents[i % len(agents)]
+        expected[agent] += share(stake, AGENT_BPS)
+        expected[parent_of[agent]] += share(stake, MASTER_BPS)
+        expected[sm] += share(stake, SM_BPS)
+
+    async def all_paid() -> bool:
+        views = await asyncio.gather(*(api.user(a) for a in expected))
+        return all(_minor(v["commission_earned"]["USDT"]) == expected[v["user_id"]]
+                   for v in views)
+
+    await eventually(all_paid, within=15)
+    elapsed = time.monotonic() - t0
+    statements = commissions.STATS.statements - statements0
+    windows = int(elapsed / settings.commission_flush_s) + 1
+    assert 1 <= statements <= windows, (statements, elapsed)
+
+    for a, total in expected.items():
+        view = await api.user(a)
+        assert _minor(view["balances"]["USDT"]) == total, a  # Redis, credited once
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT user_id, count(*) AS n, count(DISTINCT split_part(entry_id, ':', 2)) AS w"
+            " FROM ledger WHERE kind = 'commission' AND user_id = ANY($1::bigint[])"
+            " GROUP BY user_id", list(expected))
+        writes = await conn.fetchval(
+            "SELECT count(DISTINCT split_part(entry_id, ':', 2)) FROM ledger"
+            " WHERE kind = 'commission' AND user_id = ANY($1::bigint[])", list(expected))
+        totals = {r["user_id"]: r["earned"] for r in await conn.fetch(
+            "SELECT user_id, earned FROM commission_totals WHERE user_id = ANY($1::bigint[])"
+            " AND currency = 'USDT'", list(expected))}
+    finally:
+        await conn.close()
+    assert 1 <= writes <= statements
+    assert all(r["n"] == r["w"] for r in rows)  # one row per ancestor per statement
+    assert totals == expected
