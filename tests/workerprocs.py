@@ -1,0 +1,249 @@
+"""A StakePro deployment of real processes for the worker and crash tests.
+
+:class:`Stack` owns a redis-server and a PostgreSQL database of its own (so ``workers.audit``
+judges only what these tests did), builds the environment every child reads its settings
+from, and starts the Dramatiq workers, the scheduler and the game server as subprocesses
+that a test may SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import dramatiq
+import redis.asyncio as aioredis
+
+from games.commission import split
+from games.types import Minor, UserId
+from server.db import drop_database, migrate
+from server.keys import Keys
+from server.settings import Settings
+from tests.conftest import ADMIN_TOKEN, RedisServer, free_port
+from tests.helpers import Api
+from workers import outbox
+from workers.broker import QUEUE, build
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], within: float = 20.0,
+                     every: float = 0.1) -> T:
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {value!r} after {within}s")
+        await asyncio.sleep(every)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(f"{self.name} did not stop on SIGTERM:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+        self.popen.wait(10)
+
+    async def exited(self, within: float = 30.0) -> int:
+        async def done() -> bool:
+            return not self.alive()
+
+        await eventually(done, within)
+        return int(self.popen.returncode)
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    redis_server: RedisServer
+    settings: Settings
+    procs: list[Proc] = field(default_factory=list)
+
+    @classmethod
+    async def create(cls, tmp: Path, **overrides: Any) -> Stack:
+        redis_server = RedisServer()
+        redis_server.start()
+        base = os.environ.get("TEST_DATABASE_URL") or os.environ.get(
+            "DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
+        dsn = base.rsplit("/", 1)[0] + f"/stakepro_w{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        await migrate(dsn)
+        settings = Settings(
+            redis_url=redis_server.url, database_url=dsn, admin_token=ADMIN_TOKEN,
+            key_prefix=f"w{uuid.uuid4().hex[:6]}", log_level="warning", buckets=8,
+            inprocess_persister=False, commission_flush_s=0.5, persist_run_s=2.0,
+            persist_every_s=0.25, port=free_port(), **overrides,
+        )
+        return cls(tmp, redis_server, settings)
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        self.redis_server.cleanup()
+        await drop_database(self.settings.database_url)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.key_prefix, self.settings.buckets)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a child: these settings, nothing inherited that could differ."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("STAKEPRO_FAULT") and k.upper() not in _SETTINGS_ENV}
+        s = self.settings
+        env.update({
+            "REDIS_URL": s.redis_url, "DATABASE_URL": s.database_url,
+            "ADMIN_TOKEN": s.admin_token, "KEY_PREFIX": s.key_prefix,
+            "BUCKETS": str(s.buckets), "INPROCESS_PERSISTER": "false",
+            "COMMISSION_FLUSH_S": str(s.commission_flush_s),
+            "PERSIST_RUN_S": str(s.persist_run_s), "PERSIST_EVERY_S": str(s.persist_every_s),
+            "PERSIST_SHARDS": str(s.persist_shards), "HOST": s.host, "PORT": str(s.port),
+            "LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, argv: list[str], **extra: str) -> Proc:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=self.env(**extra),
+                                     stdout=out, stderr=subprocess.STDOUT)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, fault: str = "", **extra: str) -> Proc:
+        """``dramatiq workers.actors``: one process, four threads (like ``make run``)."""
+        if fault:
+            marks = self.tmp / f"faults-{uuid.uuid4().hex[:6]}"
+            marks.mkdir()
+            extra = {"STAKEPRO_FAULT": fault, "STAKEPRO_FAULT_ONCE": str(marks), **extra}
+        return self.spawn("worker", ["-m", "dramatiq", "workers.actors", "--processes", "1",
+                                     "--threads", "4", "--worker-shutdown-timeout", "10000"],
+                          **extra)
+
+    def scheduler(self) -> Proc:
+        return self.spawn("scheduler", ["-m", "workers.scheduler"])
+
+    def server(self) -> Proc:
+        return self.spawn("server", ["-m", "server.run", "serve"])
+
+    def send(self, actor: str, *args: Any) -> None:
+        """Enqueue one message, as the scheduler does (a broker of our own, not the global)."""
+        broker, _ = build(self.settings)
+        try:
+            broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=actor, args=args,
+                                            kwargs={}, options={}))
+        finally:
+            broker.close()
+
+    def audit(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "workers.audit"], cwd=ROOT,
+                              env=self.env(), capture_output=True, text=True, timeout=120)
+
+    async def pending(self) -> int:
+        client = aioredis.Redis.from_url(self.settings.redis_url)
+        try:
+            return await outbox.pending_count(client, self.keys)
+        finally:
+            await client.aclose()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ({p.log.name}) ---\n{p.tail()}" for p in self.procs)
+
+
+_SETTINGS_ENV = {name.upper() for name in Settings.model_fields}
+
+
+# -- a small agent tree and its bets ---------------------------------------------------------
+
+
+@dataclass
+class Tree:
+    """super master -> master -> agent -> players, with commission bps on each ancestor."""
+
+    chain: list[tuple[UserId, int]]  # nearest first: agent, master, super master
+    players: list[tuple[int, str]]
+
+    @classmethod
+    async def create(cls, api: Api, players: int, deposit: str = "500.00") -> Tree:
+        sm, _ = await api.create_user("super_master", commission_bps=30)
+        m, _ = await api.create_user("master", parent_id=sm, commission_bps=70)
+        a, _ = await api.create_user("agent", parent_id=m, commission_bps=150)
+        made = [await api.player(deposit=deposit, parent_id=a) for _ in range(players)]
+        return cls([(UserId(a), 150), (UserId(m), 70), (UserId(sm), 30)], made)
+
+    def expected(self, amounts: list[int]) -> dict[int, int]:
+        """Commission each ancestor earns on these stakes (minor units, USDT)."""
+        owed = {int(uid): 0 for uid, _ in self.chain}
+        for amount in amounts:
+            for uid, paid in split(Minor(amount), self.chain):
+                owed[int(uid)] += int(paid)
+        return owed
+
+
+async def earned(pool: asyncpg.Pool, users: list[int]) -> dict[int, int]:
+    rows = await pool.fetch(
+        "SELECT user_id, earned FROM commission_totals WHERE currency = 'USDT'"
+        " AND user_id = ANY($1::bigint[])", users)
+    out = dict.fromkeys(users, 0)
+    out.update({int(r["user_id"]): int(r["earned"]) for r in rows})
+    return out
+
+
+async def redis_balances(stack: Stack, users: list[int]) -> dict[int, int]:
+    client = aioredis.Redis.from_url(stack.settings.redis_url)
+    try:
+        out = {}
+        for uid in users:
+            raw: Any = await client.hget(stack.keys.balances(uid), "USDT")
+            out[uid] = int(raw or 0)
+        return out
+    finally:
+        await client.aclose()
+
+
+async def bet_counts(pool: asyncpg.Pool, bet_ids: list[str]) -> dict[str, int]:
+    rows = await pool.fetch(
+        "SELECT bet_id, count(*) AS n FROM bets WHERE bet_id = ANY($1::text[]) GROUP BY bet_id",
+        bet_ids)
+    return {r["bet_id"]: int(r["n"]) for r in rows}
+
+
+async def persisted_stakes(pool: asyncpg.Pool, user_ids: list[int]) -> list[int]:
+    rows = await pool.fetch("SELECT amount FROM bets WHERE user_id = ANY($1::bigint[])",
+                            user_ids)
+    return [int(r["amount"]) for r in rows]
