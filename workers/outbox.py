@@ -43,7 +43,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from server.keys import Keys
-from workers import commissions
+from workers import commissions, faults
 
 log = structlog.get_logger(__name__)
 
@@ -302,6 +302,7 @@ async def write(pool: asyncpg.Pool, events: Iterable[Event]) -> None:
                 _REVEALS_SQL, pids, [rows.reveals[p][0] for p in pids],
                 [rows.reveals[p][1] for p in pids],
             )
+        faults.point("persist_before_commit")  # crash tests (workers/faults.py)
 
 
 def _is_data_error(exc: BaseException) -> bool:
@@ -429,6 +430,7 @@ async def handle(
     for entry, reason in dead:
         await _dead_letter(redis, keys, entry, reason)
     # Only now, after COMMIT (and after the dead letters were written): ack and delete.
+    faults.point("persist_after_commit")  # crash tests (workers/faults.py)
     await _ack(redis, entries, group)
     return len(entries)
 
