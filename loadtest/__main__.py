@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from loadtest import bets, common, doublespend
+from loadtest import bets, common, doublespend, storm
 from loadtest.client import CLIENTS, picows_available
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
@@ -139,9 +139,70 @@ def run_double_spend(args: argparse.Namespace) -> int:
     return common.cli_main(lambda: doublespend.run_double_spend(options), args.json)
 
 
+def _bps(text: str) -> tuple[int, int, int]:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) <= 10000 for p in parts):
+        raise argparse.ArgumentTypeError(
+            "three integers 0..10000: super/master/agent, e.g. 20/30/50")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("storm", help="10,000 players under one super master, 500 betting in"
+                                     " one second: commissions exact, persistence lag",
+                       description=storm.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
+    p.add_argument("--players", type=_positive_int, default=10_000,
+                   help="players in the tree (10000)")
+    p.add_argument("--masters", type=_positive_int, default=10, help="masters (10)")
+    p.add_argument("--agents", type=_positive_int, default=100,
+                   help="agents in all, spread over the masters (100)")
+    p.add_argument("--bps", type=_bps, default=(20, 30, 50),
+                   help="commission_bps of super master/master/agent (20/30/50)")
+    p.add_argument("--burst", type=_positive_int, default=500,
+                   help="players that bet, one socket each (500)")
+    p.add_argument("--window", type=_positive_float, default=1.0,
+                   help="seconds the burst's bets are spread over (1)")
+    p.add_argument("--sustained", type=_positive_float, default=None, metavar="S",
+                   help="instead of one burst, bet for S seconds at --rate")
+    p.add_argument("--rate", type=_positive_float, default=500.0,
+                   help="bets/s over all betting players with --sustained (500)")
+    p.add_argument("--currency", default="USDT")
+    p.add_argument("--min-amount", default="1.00", help="smallest stake (1.00)")
+    p.add_argument("--max-amount", default="50.00", help="largest stake (50.00)")
+    p.add_argument("--lag-sample", type=int, default=100,
+                   help="bets whose persistence lag is measured (100)")
+    p.add_argument("--poll-interval", type=_positive_float, default=0.1,
+                   help="seconds between two GET /api/bets/{id} of one sampled bet (0.1)")
+    p.add_argument("--commission-timeout", type=_positive_float, default=30.0,
+                   help="seconds to wait for exact commissions (30)")
+    p.add_argument("--http-connections", type=_positive_int, default=32,
+                   help="HTTP connections for the admin API (32)")
+    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
+    p.add_argument("--client", choices=CLIENTS, default="websockets")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random stakes")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=run_storm)
+
+
+def run_storm(args: argparse.Namespace) -> int:
+    options = storm.StormOptions(
+        url=args.url, http=args.http, admin_token=args.admin_token, players=args.players,
+        masters=args.masters, agents=args.agents, bps=args.bps, burst=args.burst,
+        window=args.window, sustained=args.sustained, rate=args.rate, currency=args.currency,
+        min_amount=args.min_amount, max_amount=args.max_amount, lag_sample=args.lag_sample,
+        poll_interval=args.poll_interval, commission_timeout=args.commission_timeout,
+        http_connections=args.http_connections, encoding=args.encoding, client=args.client,
+        seed=args.seed, progress=storm.progress_stream(args.quiet),
+    )
+    return common.cli_main(lambda: storm.run_storm(options), args.json)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_bets,
     add_double_spend,
+    add_storm,
 ]
 
 

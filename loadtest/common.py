@@ -89,7 +89,8 @@ def raise_nofile(wanted: int) -> tuple[int, int]:
 
 
 class Report(Protocol):
-    ok: bool
+    @property
+    def ok(self) -> bool: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 

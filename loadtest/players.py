@@ -94,11 +94,12 @@ class Admin:
 
     async def deposit(self, user_id: int | str, currency: str, amount: str) -> str:
         self._keys += 1
+        key = f"load-{self.run}-d{self._keys}"  # before any await: deposits run concurrently
         async with self.limit:
             r = await self.http.post(
                 "/api/admin/deposits",
                 json={"user_id": user_id, "currency": currency, "amount": amount,
-                      "idempotency_key": f"load-{self.run}-d{self._keys}"},
+                      "idempotency_key": key},
             )
         if r.status_code != 200:
             raise SetupError(f"POST /api/admin/deposits: {r.status_code} {r.text[:200]}")

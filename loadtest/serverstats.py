@@ -178,3 +178,28 @@ def sample_process(pid: int) -> ProcessSample | None:
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1]) * 1024
     return ProcessSample(cpu, rss)
+
+
+def parse_samples(text: str, containing: str) -> dict[str, float]:
+    """Every sample whose name contains ``containing``, as ``name{label="v",...}`` -> value."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if containing not in sample.name:
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return found
+
+
+async def scrape_samples(http_url: str, containing: str,
+                         request_timeout: float = 10.0) -> dict[str, float] | None:
+    """:func:`parse_samples` of ``GET /metrics``; None when it cannot be read."""
+    try:
+        async with httpx.AsyncClient(base_url=http_url, timeout=request_timeout) as http:
+            r = await http.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    return parse_samples(r.text, containing)

@@ -172,3 +172,40 @@ async def test_bets_picows_client(api: Api) -> None:
         duration=1.0, ramp_up=0.0, client="picows", encoding="msgpack",
     ))
     assert report.bets > 0 and report.errors == {}, report.errors
+
+
+# -- storm -----------------------------------------------------------------------------------
+
+
+async def test_storm_commissions_exact(api: Api) -> None:
+    """~50 players under one super master, 30 betting in one second: every ancestor's
+    commission_earned is the exact sum of floored shares (the fixture flushes every 2 s)."""
+    from loadtest.storm import StormOptions, run_storm
+
+    report = await run_storm(StormOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, players=50, masters=2, agents=5,
+        burst=30, window=1.0, lag_sample=10, commission_timeout=30.0, seed=7,
+        http_connections=8,
+    ))
+    print(report.table())
+    assert report.users_created == 1 + 2 + 5 + 50
+    assert report.errors == {} and report.accepted == report.bets_sent == 30
+    assert report.commissions_exact, [(a.role, a.earned, a.expected) for a in report.ancestors]
+    assert all(a.expected > 0 for a in report.ancestors)
+    assert len(report.lags_ms) == 10 and report.lag_timeouts == 0
+    assert report.ok
+    body = json.loads(json.dumps(report.to_dict()))
+    assert body["commission"]["exact"] is True
+    assert body["flush_metrics"] == "n/a" or isinstance(body["flush_metrics"], dict)
+    assert body["persistence_lag_ms"]["p50"] <= body["persistence_lag_ms"]["p99"]
+
+
+async def test_storm_sustained(api: Api) -> None:
+    from loadtest.storm import StormOptions, run_storm
+
+    report = await run_storm(StormOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, players=12, masters=1, agents=3,
+        burst=6, sustained=1.0, rate=30.0, lag_sample=3, seed=3, http_connections=4,
+    ))
+    assert report.bets_sent == 30 and report.accepted == 30, report.errors
+    assert report.commissions_exact and report.ok
