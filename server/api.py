@@ -92,7 +92,7 @@ async def bet_view(request: Request) -> Response:
     if not 1 <= len(bet_id) <= MAX_BET_ID or not bet_id.isprintable():
         raise NotFound("no such bet")
     row = await services.pool.fetchrow(
-        "SELECT b.bet_id, b.user_id, u.name, b.currency, b.amount, b.payout, b.roll,"
+        "SELECT b.bet_id, u.name, b.currency, b.amount, b.payout, b.roll,"
         " b.target, b.direction, b.multiplier, b.nonce, b.server_seed_hash, b.client_seed,"
         " b.created_at, CASE WHEN p.revealed_at IS NOT NULL THEN p.server_seed END AS seed"
         " FROM bets b LEFT JOIN users u ON u.user_id = b.user_id"
@@ -108,7 +108,7 @@ async def bet_view(request: Request) -> Response:
 
     view: dict[str, Any] = {
         "bet_id": row["bet_id"],
-        "user_id": row["user_id"],
+        # Public: the display name only, as in the feed (never the user id).
         "player": row["name"],
         "currency": row["currency"],
         "amount": money(row["amount"]),
