@@ -298,7 +298,8 @@ async def test_rebuild_refuses_while_events_are_unpersisted(
     await redis.xadd(keys.outbox(0), {"k": "deposit", "e": b"x"})
     with pytest.raises(rebuild.Refused, match="1 outbox event"):
         await rebuild.run(own, [])
-    await redis.hset(f"{own.key_prefix}:cbatch:{{b0}}:1", "1|USDT", 5)
+    await redis.delete(keys.outbox(0))
+    await redis.sadd(keys.commission_batches(3), "batch-1")
     with pytest.raises(rebuild.Refused, match="commission batch"):
         await rebuild.run(own, [])
     assert (await rebuild.run(own, [], force=True)).balances == {}
@@ -308,6 +309,48 @@ async def test_rebuild_refuses_while_events_are_unpersisted(
         subprocess.run, [sys.executable, "-m", "workers.rebuild"], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "refused" in proc.stderr
+
+
+async def test_commissions_in_flight_are_pending_not_missing(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    """A commission batch taken, then paid in PostgreSQL, then credited in Redis: the audit
+    holds at every step (driven by workers.commissions on a key prefix of our own)."""
+    from workers import commissions
+
+    agent, _ = await api.create_user("agent", commission_bps=100)
+    own = settings.model_copy(update={"key_prefix": f"c{uuid.uuid4().hex[:6]}"})
+    keys = keys_of(own)
+    await redis.hset(keys.commission_pending(5), f"{agent}|USDT", 7)
+    accrued = await audit.run(own, [agent], retries=0)
+    assert accrued.ok and accrued.money.pending.commissions == {"USDT": 7}
+
+    units = await commissions.take(redis, keys, "audit-test")
+    assert [u.amounts for u in units] == [{(agent, "USDT"): 7}]
+    taken = await audit.run(own, [agent], retries=0)
+    assert taken.ok and taken.money.pending.commissions == {"USDT": 7}
+
+    await commissions.write(pool, units)  # the ledger has it, the balance not yet
+    paid = await audit.run(own, [agent], retries=0)
+    assert paid.ok, audit.summary(paid)
+    assert paid.money.pending.uncredited == {(agent, "USDT"): 7}
+    assert paid.money.pg["USDT"].commissions == 7
+
+    await commissions.credit(redis, keys, units)
+    credited = await audit.run(own, [agent], retries=0)
+    assert credited.ok and not credited.money.pending.uncredited
+    await commissions.drop(redis, keys, units)
+    done = await audit.run(own, [agent], retries=0)
+    assert done.ok and done.money.redis["USDT"].balances == 7
+
+    # A credit that never reached the balance (marker set, money missing) is named.
+    await redis.hincrby(keys.balances(agent), "USDT", -7)
+    bad = await audit.run(own, [agent], retries=0)
+    assert any(f"user {agent} USDT" in f for f in failures_of(bad, "balances"))
+    await pool.execute("UPDATE commission_totals SET earned = earned + 1 WHERE user_id = $1",
+                       agent)
+    bad = await audit.run(own, [agent], retries=0)
+    assert any("commission_totals 8, ledger 7" in f for f in failures_of(bad, "commissions"))
 
 
 # -- a system of its own: the global run and Redis losing writes -----------------------------

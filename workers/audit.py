@@ -19,8 +19,11 @@ cursor ordered by ``(pair_id, nonce)``, so memory stays flat and duplicates are 
 (b) **Balances.** For every user, ``SUM(delta)`` of the ledger per currency plus the events
 still waiting in the outbox streams (``bet``: ``payout - amount``, ``deposit``: ``amount``;
 an entry already committed but not yet acknowledged counts once) must equal the Redis hash
-``keys.balances(user)``. Unflushed commissions (the pending and taken-batch hashes of the
-commission pipeline) are in nobody's balance yet: they are reported, not added.
+``keys.balances(user)``. Commissions accrued but not yet paid (the ``cpend`` hashes, taken
+batches PostgreSQL has not written) are in nobody's balance yet: reported, not added. A
+batch PostgreSQL paid whose credit to an ancestor is still to come puts the ledger ahead of
+that ancestor by its share: subtracted, and reported. ``commission_totals`` must equal the
+ledger's commission rows.
 
 (c) **Conservation**, per currency, to the minor unit::
 
@@ -56,7 +59,7 @@ from games.errors import InvalidTarget
 from games.types import Hundredths, Minor
 from server.keys import Keys
 from server.settings import Settings
-from workers import outbox
+from workers import commissions, outbox
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -76,7 +79,7 @@ if TYPE_CHECKING:
 class Failure:
     """One check that does not hold: which check, about what, and how."""
 
-    check: str  # "bets", "pairs", "balances", "conservation", "outbox"
+    check: str  # "bets", "pairs", "balances", "conservation", "commissions", "outbox"
     subject: str
     detail: str
 
@@ -127,6 +130,8 @@ class Pending:
     deposited: Money = field(default_factory=lambda: defaultdict(int))
     commissions: Money = field(default_factory=lambda: defaultdict(int))
     commission_keys: int = 0
+    #: (ancestor, currency) -> paid in PostgreSQL, not yet credited in Redis
+    uncredited: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     dead: int = 0
     failures: list[Failure] = field(default_factory=list)
 
@@ -256,18 +261,26 @@ class NonceTracker:
 def compare_balances(
     user_id: int, ledger: Mapping[str, int], redis: Mapping[str, int],
     pending: Mapping[tuple[int, str], int],
+    uncredited: Mapping[tuple[int, str], int] | None = None,
 ) -> list[Failure]:
-    """Redis must hold ledger + pending outbox deltas, per currency (absent = 0)."""
+    """Redis must hold ledger + pending outbox deltas - commissions paid in PostgreSQL but
+    not credited yet, per currency (absent = 0)."""
     out: list[Failure] = []
-    for currency in sorted(set(ledger) | set(redis) | {c for u, c in pending if u == user_id}):
-        due = ledger.get(currency, 0) + pending.get((user_id, currency), 0)
+    uncredited = uncredited or {}
+    names = set(ledger) | set(redis) | {c for u, c in [*pending, *uncredited] if u == user_id}
+    for currency in sorted(names):
+        extra = pending.get((user_id, currency), 0)
+        behind = uncredited.get((user_id, currency), 0)
+        due = ledger.get(currency, 0) + extra - behind
         have = redis.get(currency, 0)
         if have < 0:
             out.append(Failure("balances", f"user {user_id} {currency}",
                                f"negative balance {have} in Redis"))
         if have != due:
-            extra = pending.get((user_id, currency), 0)
-            why = f" (ledger {ledger.get(currency, 0)} + pending {extra})" if extra else ""
+            why = f" (ledger {ledger.get(currency, 0)} + pending {extra}" if extra else ""
+            if behind:
+                why = (why or f" (ledger {ledger.get(currency, 0)}") + f" - uncredited {behind}"
+            why += ")" if why else ""
             out.append(Failure("balances", f"user {user_id} {currency}",
                                f"Redis {have}, ledger says {due}{why}: off by {have - due:+d}"))
     return out
@@ -474,24 +487,80 @@ async def read_dead(redis: aioredis.Redis, keys: Keys, users: Sequence[int] | No
     return out
 
 
-async def read_commission_pending(
-    redis: aioredis.Redis, keys: Keys, pending: Pending, chunk: int = 1000
+async def read_commissions(
+    redis: aioredis.Redis, conn: Conn, keys: Keys, pending: Pending,
+    users: Sequence[int] | None,
 ) -> None:
-    """Sum the commission pipeline's unflushed hashes (``cpend``, ``cbatch``) per currency.
+    """The commission pipeline's work in hand (:mod:`workers.commissions`), per bucket.
 
-    Fields are read as ``...<sep><CURRENCY>`` with an integer value; anything else is only
-    counted. They are not in any balance yet, so they never enter (b) or (c).
+    - ``cpend`` hashes, and taken batches (``cbatch``) that PostgreSQL has not paid yet: in
+      nobody's balance and not in the ledger. Reported as pending only.
+    - taken batches PostgreSQL has paid (a ``commission_batches`` row) whose credit to an
+      ancestor has not happened yet (no ``ccred`` marker for that unit and ancestor): the
+      ledger is ahead of that ancestor's Redis balance by exactly that share, until the
+      flush finishes. Counted in ``pending.uncredited``.
     """
-    for pattern in (f"{keys.prefix}:cpend:*", f"{keys.prefix}:cbatch:*"):
-        async for key in redis.scan_iter(match=pattern, count=chunk):
+    wanted = None if users is None else set(users)
+
+    def parse(raw: Mapping[Any, Any]) -> dict[tuple[int, str], int]:
+        out: dict[tuple[int, str], int] = {}
+        for name, value in raw.items():
+            ancestor, _, currency = _text(name).partition("|")
+            if ancestor.isdigit() and (wanted is None or int(ancestor) in wanted):
+                out[(int(ancestor), currency)] = int(value)
+        return out
+
+    pipe = redis.pipeline(transaction=False)
+    for b in range(keys.buckets):
+        pipe.hgetall(keys.commission_pending(b))
+        pipe.smembers(keys.commission_batches(b))
+    replies = await pipe.execute()
+    units: list[commissions.Unit] = []
+    for b in range(keys.buckets):
+        accrued, batch_ids = replies[2 * b], replies[2 * b + 1]
+        if accrued:
             pending.commission_keys += 1
-            for name, value in (await redis.hgetall(key)).items():
-                field_name = _text(name)
-                currency = field_name.replace(":", "|").rsplit("|", 1)[-1]
-                try:
-                    pending.commissions[currency] += int(value)
-                except ValueError:
-                    continue
+        for (_, currency), amount in parse(accrued).items():
+            pending.commissions[currency] += amount
+        units += [commissions.Unit(_text(i), b, {}) for i in batch_ids]
+    if not units:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for unit in units:
+        pipe.hgetall(keys.commission_batch(unit.bucket, unit.batch_id))
+    units = [commissions.Unit(u.batch_id, u.bucket, parse(raw))
+             for u, raw in zip(units, await pipe.execute(), strict=True)]
+    paid = {(r["batch_id"], r["bucket"]) for r in await conn.fetch(
+        "SELECT batch_id, bucket FROM commission_batches"
+        " WHERE (batch_id, bucket) IN (SELECT * FROM unnest($1::text[], $2::integer[]))",
+        [u.batch_id for u in units], [u.bucket for u in units])}
+    pending.commission_keys += len(units)
+    shares = [(u, key) for u in units if (u.batch_id, u.bucket) in paid for key in u.amounts]
+    pipe = redis.pipeline(transaction=False)
+    for unit, (ancestor, _) in shares:
+        pipe.exists(keys.commission_credited(ancestor, unit.name))
+    credited = await pipe.execute() if shares else []
+    for unit in units:
+        if (unit.batch_id, unit.bucket) not in paid:
+            for (_, currency), amount in unit.amounts.items():
+                pending.commissions[currency] += amount
+    for (unit, key), done in zip(shares, credited, strict=True):
+        if not done:
+            pending.uncredited[key] += unit.amounts[key]
+
+
+async def check_commission_totals(conn: Conn, users: Sequence[int] | None) -> list[Failure]:
+    """``commission_totals`` is the running sum of the ledger's commission rows."""
+    where, args = _where("user_id", users)
+    rows = await conn.fetch(f"""
+        WITH l AS (SELECT user_id, currency, SUM(delta) AS earned FROM ledger{where}
+                   {"AND" if where else "WHERE"} kind = 'commission' GROUP BY 1, 2),
+             t AS (SELECT user_id, currency, earned FROM commission_totals{where})
+        SELECT user_id, currency, l.earned AS ledger, t.earned AS total
+        FROM l FULL JOIN t USING (user_id, currency)
+        WHERE l.earned IS DISTINCT FROM t.earned LIMIT 100""", *args)
+    return [Failure("commissions", f"user {r['user_id']} {r['currency']}",
+                    f"commission_totals {r['total']}, ledger {r['ledger']}") for r in rows]
 
 
 async def _hgetall_many(redis: aioredis.Redis, keys: Keys,
@@ -536,11 +605,12 @@ async def audit_money(
     events = await read_pending(redis, keys, users)
     pending.failures += await read_dead(redis, keys, users)
     pending.dead = len(pending.failures)
-    await read_commission_pending(redis, keys, pending)
 
     async with pool.acquire() as conn, conn.transaction(
         isolation="repeatable_read", readonly=True
     ):
+        await read_commissions(redis, conn, keys, pending, users)
+        report.failures += await check_commission_totals(conn, users)
         # Which of the events in the streams are committed already (not yet XDEL'd)?
         ids = [i for i in (ledger_id(e) for e in events) if i is not None]
         done = {r["entry_id"] for r in await conn.fetch(
@@ -564,7 +634,8 @@ async def audit_money(
                     checked.add(user)
                 have = redis_balances[user]
                 report.users += 1
-                report.failures += compare_balances(user, ledger, have, pending.deltas)
+                report.failures += compare_balances(user, ledger, have, pending.deltas,
+                                                    pending.uncredited)
                 for currency, amount in have.items():
                     seen_redis[currency] += amount
 
@@ -599,13 +670,15 @@ async def audit_money(
             await without_ledger(list(users))
         # A pending event's user whose hash is gone and who has no ledger row yet.
         await without_ledger(sorted({u for u, _ in pending.deltas}))
+        await without_ledger(sorted({u for u, _ in pending.uncredited}))
 
     # (c) on both sides.
     for currency in set(report.pg) | set(pending.deposited) | set(pending.stakes) | set(
         seen_redis
     ):
         pg, rd = report.pg.get(currency, Totals()), report.redis[currency]
-        rd.commissions = pg.commissions
+        rd.commissions = pg.commissions - sum(
+            v for (_, c), v in pending.uncredited.items() if c == currency)
         rd.deposits = pg.deposits + pending.deposited.get(currency, 0)
         rd.stakes = pg.stakes + pending.stakes.get(currency, 0)
         rd.payouts = pg.payouts + pending.payouts.get(currency, 0)
@@ -666,8 +739,10 @@ def summary(audit: Audit, currencies: Iterable[str] | None = None) -> str:
         f"users {m.users}   ({audit.elapsed_s:.1f} s)",
         f"outbox pending    {p.events} events ({p.bets} bets, {p.deposits} deposits, "
         f"{p.reveals} reveals; {p.persisted} committed awaiting ack)   dead letters {p.dead}",
-        f"commissions       {p.commission_keys} unflushed hashes: "
-        + (", ".join(f"{c} {v}" for c, v in sorted(p.commissions.items())) or "none"),
+        f"commissions       {p.commission_keys} unflushed hashes; not yet paid: "
+        + (", ".join(f"{c} {v}" for c, v in sorted(p.commissions.items())) or "none")
+        + "; paid, not yet credited: " + (", ".join(
+            f"user {u} {c} {v}" for (u, c), v in sorted(p.uncredited.items())) or "none"),
         "",
     ]
     head = ("currency", "side", "deposits", "balances", "commissions", "stakes", "payouts",

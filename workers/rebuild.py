@@ -11,7 +11,7 @@ It refuses (exit 1) while the outbox streams hold events: those moved money in R
 the ledger does not have yet, and a rebuild would erase them. Let the persister drain them
 first (start the workers alone, or run the server without players), or pass ``--force`` when
 the events are known to be lost anyway. It refuses too while a commission batch is taken but
-not finished (``{prefix}:cbatch:*``): finishing it after the rebuild could credit its
+not finished (``keys.commission_batches``): finishing it after the rebuild could credit its
 commissions a second time. Pending commission aggregates (``cpend``) are fine: they are in
 neither the ledger nor any balance, and are flushed later as usual.
 
@@ -61,9 +61,12 @@ async def unfinished_work(redis: aioredis.Redis, keys: Keys) -> list[str]:
     pending = await outbox.pending_count(redis, keys)
     if pending:
         reasons.append(f"{pending} outbox event(s) are not persisted yet")
-    batches = [k async for k in redis.scan_iter(match=f"{keys.prefix}:cbatch:*", count=1000)]
+    pipe = redis.pipeline(transaction=False)
+    for b in range(keys.buckets):
+        pipe.scard(keys.commission_batches(b))
+    batches = sum(await pipe.execute())
     if batches:
-        reasons.append(f"{len(batches)} commission batch(es) are taken but not finished")
+        reasons.append(f"{batches} commission batch(es) are taken but not finished")
     return reasons
 
 
