@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from loadtest import bets, common, doublespend, storm
+from loadtest import bets, common, doublespend, spectators, storm
 from loadtest.client import CLIENTS, picows_available
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
@@ -199,10 +199,43 @@ def run_storm(args: argparse.Namespace) -> int:
     return common.cli_main(lambda: storm.run_storm(options), args.json)
 
 
+def add_spectators(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("spectators", help="many /ws/feed sockets while bets run: batches/s,"
+                                          " feed lag, every bet seen",
+                       description=spectators.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
+    p.add_argument("--count", type=_positive_int, default=100, help="spectator sockets (100)")
+    p.add_argument("--encoding", choices=("json", "msgpack"), default="json",
+                   help="feed frames (json)")
+    p.add_argument("--bet-rate", type=_positive_float, default=200.0,
+                   help="bets/s of the bets load running meanwhile (200)")
+    p.add_argument("--connections", type=_positive_int, default=20,
+                   help="player sockets of the bets load (20)")
+    p.add_argument("--inflight", type=_positive_int, default=4,
+                   help="bets in flight per player socket at most (4)")
+    p.add_argument("--duration", type=_positive_float, default=10.0,
+                   help="seconds of betting (10)")
+    p.add_argument("--grace", type=_non_negative_float, default=5.0,
+                   help="seconds to wait for the last batches (5)")
+    p.set_defaults(run=run_spectators)
+
+
+def run_spectators(args: argparse.Namespace) -> int:
+    options = spectators.SpectatorsOptions(
+        url=args.url, http=args.http, admin_token=args.admin_token, count=args.count,
+        encoding=args.encoding, bet_rate=args.bet_rate, connections=args.connections,
+        inflight=args.inflight, duration=args.duration, grace=args.grace,
+        progress=None if args.json else sys.stderr,
+    )
+    return common.cli_main(lambda: spectators.run_spectators(options), args.json)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_bets,
     add_double_spend,
     add_storm,
+    add_spectators,
 ]
 
 

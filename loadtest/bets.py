@@ -76,6 +76,8 @@ class BetsOptions:
     rate: float | None = None
     #: Where the per-second progress line goes (None: nowhere).
     progress: TextIO | None = field(default=None, repr=False)
+    #: Display names of the run's players start with this (None: ``load-<random>-``).
+    name_prefix: str | None = None
     #: Called with every ``bet_result`` and its receive time (``time.time_ns()``).
     on_result: Callable[[dict[str, Any], int], None] | None = field(default=None, repr=False)
 
@@ -525,7 +527,7 @@ async def run_bets(options: BetsOptions) -> BetsReport:
     setup_started = time.perf_counter()
     players = await create_players(
         options.http_url, options.admin_token, options.players or options.connections,
-        options.currency, options.deposit,
+        options.currency, options.deposit, name_prefix=options.name_prefix,
     )
     setup_s = time.perf_counter() - setup_started
     pids = _server_pids(options)

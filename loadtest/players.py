@@ -23,11 +23,13 @@ class SetupError(RuntimeError):
 
 async def create_players(
     http_url: str, admin_token: str, count: int, currency: str, deposit: str,
-    concurrency: int = 16, request_timeout: float = 30.0,
+    concurrency: int = 16, request_timeout: float = 30.0, name_prefix: str | None = None,
 ) -> list[Player]:
-    """``count`` new players, each credited ``deposit`` of ``currency``."""
+    """``count`` new players, each credited ``deposit`` of ``currency``, named
+    ``<name_prefix><index>`` (default prefix ``load-<random>-``)."""
     limit = asyncio.Semaphore(concurrency)
     run = uuid.uuid4().hex[:8]
+    prefix = name_prefix if name_prefix is not None else f"load-{run}-"
     async with httpx.AsyncClient(
         base_url=http_url, headers={"Authorization": f"Bearer {admin_token}"},
         timeout=request_timeout,
@@ -38,7 +40,7 @@ async def create_players(
             async with limit:
                 r = await http.post(
                     "/api/admin/users",
-                    json={"role": "player", "name": f"load-{run}-{index}"},
+                    json={"role": "player", "name": f"{prefix}{index}"},
                 )
                 if r.status_code != 200:
                     raise SetupError(f"POST /api/admin/users: {r.status_code} {r.text[:200]}")

@@ -209,3 +209,26 @@ async def test_storm_sustained(api: Api) -> None:
     ))
     assert report.bets_sent == 30 and report.accepted == 30, report.errors
     assert report.commissions_exact and report.ok
+
+
+# -- spectators ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_spectators_see_every_bet(api: Api, encoding: str) -> None:
+    from loadtest.spectators import SpectatorsOptions, run_spectators
+
+    report = await run_spectators(SpectatorsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, count=5, encoding=encoding,
+        bet_rate=40.0, connections=2, inflight=2, duration=1.5, grace=5.0,
+    ))
+    print(report.table())
+    assert report.bets.ok and report.results > 0, report.bets.errors
+    assert report.frames_in_window > 0 and report.closed == {}
+    assert report.every_bet_seen, (report.union_missing, report.first_missing,
+                                   report.shared_counts, report.results)
+    assert report.lag.get_total_count() >= report.results * 5
+    assert report.ok
+    body = json.loads(json.dumps(report.to_dict()))
+    assert body["every_bet_seen"] is True and body["batches_per_s"] > 0
+    assert body["feed_lag_ms"]["p50"] <= body["feed_lag_ms"]["p99"]
