@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from loadtest import bets, common, doublespend, spectators, storm
+from loadtest import bets, common, doublespend, sockets, spectators, storm
 from loadtest.client import CLIENTS, picows_available
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
@@ -231,11 +231,41 @@ def run_spectators(args: argparse.Namespace) -> int:
     return common.cli_main(lambda: spectators.run_spectators(options), args.json)
 
 
+def add_sockets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sockets", help="hold N authenticated idle sockets: server RSS per socket",
+                       description=sockets.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
+    p.add_argument("--count", type=_positive_int, default=1000, help="sockets (1000)")
+    p.add_argument("--players", type=_positive_int, default=1,
+                   help="players the sockets sign in as (1: one token for all)")
+    p.add_argument("--hold", type=_non_negative_float, default=10.0,
+                   help="seconds to hold them idle (10)")
+    p.add_argument("--connect-concurrency", type=_positive_int, default=200,
+                   help="handshakes at a time (200)")
+    p.add_argument("--source-addresses", type=_positive_int, default=None,
+                   help="client addresses 127.0.0.1.. on loopback (default: 1 per 20,000)")
+    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
+    p.add_argument("--client", choices=CLIENTS, default="websockets")
+    p.set_defaults(run=run_sockets)
+
+
+def run_sockets(args: argparse.Namespace) -> int:
+    options = sockets.SocketsOptions(
+        url=args.url, http=args.http, admin_token=args.admin_token, count=args.count,
+        players=args.players, hold=args.hold, connect_concurrency=args.connect_concurrency,
+        source_addresses=args.source_addresses, encoding=args.encoding, client=args.client,
+        server_pid=args.server_pid, progress=None if args.json else sys.stderr,
+    )
+    return common.cli_main(lambda: sockets.run_sockets(options), args.json)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_bets,
     add_double_spend,
     add_storm,
     add_spectators,
+    add_sockets,
 ]
 
 

@@ -232,3 +232,22 @@ async def test_spectators_see_every_bet(api: Api, encoding: str) -> None:
     body = json.loads(json.dumps(report.to_dict()))
     assert body["every_bet_seen"] is True and body["batches_per_s"] > 0
     assert body["feed_lag_ms"]["p50"] <= body["feed_lag_ms"]["p99"]
+
+
+# -- sockets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("players", [1, 3])
+async def test_sockets_held(api: Api, players: int) -> None:
+    from loadtest.sockets import SocketsOptions, run_sockets
+
+    report = await run_sockets(SocketsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, count=40, players=players,
+        hold=0.5, settle=0.1,
+    ))
+    print(report.table())
+    assert report.opened == 40 and report.alive == 40, report.failures
+    assert report.ok and report.server_in_client and report.rss_before is not None
+    body = json.loads(json.dumps(report.to_dict()))
+    assert body["held"] == 40 and body["server"]["rss_bytes"]["all_open"] > 0
+    assert body["client"]["nofile"][0] >= 40
