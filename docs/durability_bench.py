@@ -1,7 +1,7 @@
 """Cost of Redis AOF fsync policies on the real bet script (lua/bet-5.lua): docs/durability.md.
 
-python docs/durability_bench.py bench  -> ops/s and latency per policy, closed loop, C clients x pipeline P
-python docs/durability_bench.py kill   -> SIGKILL redis mid-stream (everysec) N times: acked vs recovered
+python docs/durability_bench.py bench  -> bets/s and latency per policy (C clients x P in flight)
+python docs/durability_bench.py kill 8 -> SIGKILL redis mid-stream (everysec): acked vs recovered
 """
 
 from __future__ import annotations
