@@ -16,14 +16,22 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from server.resp import FastConnection
 from server.scripts import ALL, Script
 
 Arg = str | bytes | int
 
 
 class Batcher:
-    def __init__(self, client: aioredis.Redis) -> None:
+    """Batches script calls; sends them over ``fast`` (or redis-py's pipeline without it).
+
+    ``client`` (redis-py) stays the general-purpose client of the process; the script calls
+    of the bet path go through :class:`server.resp.FastConnection` when one is given.
+    """
+
+    def __init__(self, client: aioredis.Redis, fast: FastConnection | None = None) -> None:
         self.client = client
+        self.fast = fast
         self._queue: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -73,6 +81,10 @@ class Batcher:
     async def _pipeline(
         self, batch: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]]
     ) -> list[Any]:
+        if self.fast is not None:
+            return await self.fast.execute(
+                [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in batch]
+            )
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

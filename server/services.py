@@ -16,6 +16,7 @@ from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher
 from server.redisconn import connect
+from server.resp import FastConnection
 from server.settings import Settings
 from server.wallet import Wallet
 
@@ -43,7 +44,7 @@ class Services:
         await client.ping()  # connects, so the run id is known before the first script
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         keys = Keys(settings.key_prefix, settings.buckets)
-        batcher = Batcher(client)
+        batcher = Batcher(client, FastConnection(settings.redis_url, run_id))
         await batcher.load_scripts()
         wallet = Wallet(
             batcher, pool, keys, settings.currencies, settings.idempotency_window_s, run_id
@@ -69,4 +70,6 @@ class Services:
         await self.feed.close()  # before the hub: it publishes the last bets settled here
         await self.hub.close()
         await self.pool.close()
+        if self.batcher.fast is not None:
+            await self.batcher.fast.close()
         await self.redis.aclose()

@@ -50,6 +50,7 @@ from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
 from server.redisconn import RunId
+from server.resp import FastConnection
 from server.scripts import Script
 from server.wallet import Pair, UserState, Wallet
 
@@ -302,9 +303,10 @@ async def run_once(
     client: aioredis.Redis, design: str, args: argparse.Namespace, specs: list[BetSpec]
 ) -> Run:
     pairs = await setup_users(client, args.users)
-    batcher = Batcher(client)
     run_id = RunId()
     run_id.value = str((await client.info("server"))["run_id"])
+    fast = FastConnection(args.redis_url, run_id) if args.client == "hiredis" else None
+    batcher = Batcher(client, fast)
     wallet = Wallet(
         batcher, cast(asyncpg.Pool, None), KEYS, dict(DEFAULT_CURRENCIES), WINDOW_S, run_id
     )
@@ -560,6 +562,8 @@ def main() -> None:
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--designs", type=lambda s: s.upper().split(","), default=["A", "B", "C"])
+    p.add_argument("--client", choices=["redis-py", "hiredis"], default="redis-py",
+                   help="how the Batcher talks to Redis (server/resp.py is the hiredis one)")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="each run stops issuing bets after this long (the count is reported)")
     p.add_argument("--verify", action="store_true", help="only the correctness checks")

@@ -1,0 +1,141 @@
+"""A minimal pipelining Redis connection for the bet path, on hiredis.
+
+redis-py spends more Python per command than the whole rest of a bet's Redis work
+(encoders, retry wrappers, response callbacks). The bet path only ever sends a batch of
+EVALSHA calls and waits for their replies in order, so this connection does just that:
+``hiredis.pack_command`` encodes, one ``transport.write`` sends the batch, and a
+``hiredis.Reader`` parses replies as bytes arrive, resolving one future per command.
+
+On connecting it reads the server's ``run_id`` (see :mod:`server.redisconn`) before any
+command is sent. A lost connection fails every command in flight with
+``redis.exceptions.ConnectionError`` (the caller answers UNAVAILABLE; every money script
+is idempotent, so the client's resend is safe) and the next batch reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from server.redisconn import RunId
+
+Command = tuple[str | bytes | int, ...]
+
+
+def _error(reply: hiredis.ReplyError) -> ResponseError:
+    text = str(reply)
+    return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(notEnoughData=False)
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while (reply := self.reader.gets()) is not False:
+            future = waiting.popleft()
+            if future.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_result(_error(reply))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = RedisConnectionError(f"Redis connection lost: {exc or 'closed'}")
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+
+
+class FastConnection:
+    """One connection, pipelined: ``await execute(commands)`` -> replies in order.
+
+    Error replies come back as ResponseError / NoScriptError instances in the list, not
+    raised (like redis-py's ``raise_on_error=False``).
+    """
+
+    def __init__(self, url: str, run_id: RunId, connect_timeout: float = 5.0) -> None:
+        parts = urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 6379
+        self._db = int(parts.path.lstrip("/") or 0)
+        self._username = unquote(parts.username) if parts.username else None
+        self._password = unquote(parts.password) if parts.password else None
+        self._run_id = run_id
+        self._timeout = connect_timeout
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Lock = asyncio.Lock()
+
+    async def _connected(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None:
+            return protocol
+        async with self._connecting:
+            protocol = self._protocol
+            if protocol is not None and protocol.lost is None:
+                return protocol
+            loop = asyncio.get_running_loop()
+            try:
+                _, fresh = await asyncio.wait_for(
+                    loop.create_connection(_Protocol, self._host, self._port), self._timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            hello: list[Command] = []
+            if self._password is not None:
+                auth: Command = ("AUTH", self._password)
+                if self._username is not None:
+                    auth = ("AUTH", self._username, self._password)
+                hello.append(auth)
+            if self._db:
+                hello.append(("SELECT", self._db))
+            hello.append(("INFO", "server"))
+            replies = await self._send(fresh, hello)
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    if fresh.transport is not None:
+                        fresh.transport.close()
+                    raise RedisConnectionError(f"Redis refused the connection: {reply}")
+            for line in replies[-1].decode().splitlines():
+                if line.startswith("run_id:"):
+                    self._run_id.value = line[len("run_id:"):].strip()
+            self._protocol = fresh
+            return fresh
+
+    @staticmethod
+    async def _send(protocol: _Protocol, commands: list[Command]) -> list[Any]:
+        if protocol.lost is not None or protocol.transport is None:
+            raise protocol.lost or RedisConnectionError("not connected")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        protocol.waiting.extend(futures)
+        # hiredis's stub types the argument as a 1-tuple; any tuple of args is accepted.
+        packed = [hiredis.pack_command(c) for c in commands]  # type: ignore[arg-type]
+        protocol.transport.write(b"".join(packed))
+        return [await f for f in futures]
+
+    async def execute(self, commands: list[Command]) -> list[Any]:
+        return await self._send(await self._connected(), commands)
+
+    async def close(self) -> None:
+        protocol = self._protocol
+        self._protocol = None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
