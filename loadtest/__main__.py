@@ -1,8 +1,23 @@
 """``python -m loadtest <command>``: load tools for a StakePro server.
 
-Commands: ``bets`` (closed-loop bets over many sockets). Each command registers its
-arguments in ``COMMANDS``; ``double-spend``, ``storm``, ``spectators`` and ``sockets`` will
-join it. Every run is bounded in time; point it at loopback or a test host only.
+Commands (``python -m loadtest COMMAND --help`` for each one's options):
+
+  bets          closed-loop (or ``--rate``-paced) bets over many player sockets: throughput,
+                HDR latency, server bet time from /metrics; ``--report FILE.html`` plots
+                throughput and p99 per second; ``--client picows`` if picows is installed
+  double-spend  simultaneous full-balance bets of many players over several sockets, many
+                rounds: exactly one accepted per player per round, final balance 0
+  storm         10,000 players under one super master, 500 betting in the same second (or
+                ``--sustained S`` at ``--rate``): commissions exact, flush metrics,
+                persistence lag
+  spectators    ``--count N`` /ws/feed sockets while bets run: batches/s, feed lag, every
+                bet seen
+  sockets       ``--count N`` authenticated idle sockets held ``--hold S``: server RSS per
+                socket
+
+Every command prints a table (or one JSON object with ``--json``) including its own CPU
+time, exits 0 when its checks passed, 1 when they failed, 2 when setup failed. Every run is
+bounded in time and stops by itself; point it at loopback or a test host only.
 """
 
 from __future__ import annotations

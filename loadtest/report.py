@@ -64,7 +64,7 @@ def svg_chart(
         parts.append(f'<text x="{px(second):.1f}" y="{HEIGHT - BOTTOM + 16}"'
                      f' text-anchor="middle" font-size="11">{second}</text>')
     parts.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" text-anchor="middle"'
-                 ' font-size="11">seconds since the first socket opened</text>')
+                 ' font-size="11">seconds since the start of the run</text>')
     parts.append(f'<text x="14" y="{TOP + plot_h / 2:.1f}" font-size="11" text-anchor="middle"'
                  f' transform="rotate(-90 14 {TOP + plot_h / 2:.1f})">{html.escape(unit)}</text>')
     segment: list[str] = []

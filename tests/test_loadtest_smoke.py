@@ -251,3 +251,36 @@ async def test_sockets_held(api: Api, players: int) -> None:
     body = json.loads(json.dumps(report.to_dict()))
     assert body["held"] == 40 and body["server"]["rss_bytes"]["all_open"] > 0
     assert body["client"]["nofile"][0] >= 40
+
+
+def test_double_spend_verdicts() -> None:
+    """A round is inconclusive only when the FIRST accepted bet (lowest nonce) won."""
+    from loadtest.doublespend import Trial
+
+    lost = {"nonce": 3, "win": False, "balance": "0.00"}
+    won_first = Trial(1, accepted=[{"nonce": 2, "win": True, "balance": "99.00"},
+                                   {"nonce": 3, "win": False, "balance": "98.00"}])
+    assert won_first.first_won
+    two_after_loss = Trial(2, accepted=[lost, {"nonce": 4, "win": True, "balance": "9.00"}])
+    assert not two_after_loss.first_won and two_after_loss.problems("1.00")
+    good = Trial(3, accepted=[lost], balance_after="0.00", deposit_balance="1.00")
+    good.errors["INSUFFICIENT_FUNDS"] += 63
+    assert good.problems("1.00") == []
+    none = Trial(4)
+    assert none.problems("1.00") == ["user 4: 0 bets accepted"]
+    other = Trial(5, accepted=[lost], balance_after="0.00")
+    other.errors["RATE_LIMITED"] += 1
+    assert other.problems("1.00")
+
+
+def test_cli_every_command_has_json() -> None:
+    p = parser()
+    for argv in (["double-spend", "--players", "2"], ["storm", "--players", "50", "--bps",
+                                                      "1/2/3", "--sustained", "2"],
+                 ["spectators", "--count", "3", "--bet-rate", "10"],
+                 ["sockets", "--count", "3", "--hold", "1"]):
+        args = p.parse_args([*argv, "--json"])
+        assert args.json and callable(args.run)
+    assert p.parse_args(["storm", "--bps", "1/2/3"]).bps == (1, 2, 3)
+    with pytest.raises(SystemExit):
+        p.parse_args(["storm", "--bps", "1/2"])
