@@ -123,7 +123,8 @@ def run_bets(args: argparse.Namespace) -> int:
 
 
 def add_double_spend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("double-spend", help="simultaneous full-balance bets: exactly one wins",
+    p = sub.add_parser("double-spend",
+                       help="simultaneous full-balance bets: exactly one accepted",
                        description=doublespend.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_arguments(p)
