@@ -6,7 +6,8 @@ which the protocol allows; ``--players N`` spreads them), samples the server's R
 ``count`` sockets (at most ``connect_concurrency`` handshakes at a time), each signed in
 (``auth`` -> ``welcome``), samples RSS again once all are open, holds them idle for ``hold``
 seconds, then pings every socket (``ping`` -> ``pong``) to prove it is still held, samples
-RSS a third time and closes them.
+RSS a third time and closes them. Measure on a freshly started server: Python keeps the
+memory it freed, so a server that already held many sockets barely grows a second time.
 
 The server process is ``--server-pid``, or found from the URL's port (``/proc/net/tcp`` and
 ``/proc/*/fd``) when the server runs on this machine; without either the command refuses to
