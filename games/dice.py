@@ -62,6 +62,7 @@ multiplier to 4 decimals, the payout to a minor unit) round in the house's favou
 expected return ``W / 10001 * multiplier`` never exceeds ``1 - house_edge``.
 """
 
+import hashlib
 import hmac
 import re
 
@@ -149,6 +150,48 @@ def roll_from_hmac(h: str) -> tuple[Hundredths, list[str]]:
 def roll(server_seed: str, client_seed: str, nonce: int) -> Hundredths:
     """The roll of one bet, in hundredths (0 ... 10000)."""
     return roll_from_hmac(hmac_hex(server_seed, client_seed, nonce))[0]
+
+
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_BLOCK = 64  # SHA-256's block size in bytes
+
+
+class SeedKey:
+    """A server seed prepared for many HMACs of one seed pair.
+
+    HMAC (RFC 2104) hashes ``key XOR ipad`` and ``key XOR opad`` before the message; those
+    two SHA-256 states depend only on the server seed, so they are computed once per pair
+    and copied per bet. :meth:`hmac_hex` equals :func:`hmac_hex` for every input (a
+    property test holds them together); this is only the faster way to the same bytes.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, server_seed: str) -> None:
+        key = server_seed.encode()
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def hmac_hex(self, client_seed: str, nonce: int) -> str:
+        if nonce < 0:
+            raise ValueError("nonce must be non-negative")
+        inner = self._inner.copy()
+        inner.update(f"{client_seed}:{nonce}".encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+    def roll(self, client_seed: str, nonce: int) -> Hundredths:
+        """Same as :func:`roll`; the first window is accepted 99.19 % of the time."""
+        h = self.hmac_hex(client_seed, nonce)
+        v = int(h[:WINDOW_CHARS], 16)
+        if v < ACCEPT_BELOW:
+            return Hundredths(v % OUTCOMES)
+        return roll_from_hmac(h)[0]
 
 
 def parse_target(value: object) -> Hundredths:

@@ -56,7 +56,10 @@ class Services:
             uuid.uuid4().hex[:12],
         )
         if settings.inprocess_persister:
-            services.persister = Persister(client, pool, keys, services.instance)
+            services.persister = Persister(
+                client, pool, keys, services.instance,
+                commission_flush_s=settings.commission_flush_s,
+            )
             services.persister.start()
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s

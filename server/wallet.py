@@ -59,6 +59,14 @@ class UserState:
     user_id: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pair: Pair | None = None
+    #: The active pair's prepared HMAC key, and the pair id it was prepared for.
+    key: dice.SeedKey | None = None
+    key_pid: str = ""
+
+    def seed_key(self, pair: Pair) -> dice.SeedKey:
+        if self.key is None or self.key_pid != pair.pid:
+            self.key, self.key_pid = dice.SeedKey(pair.server_seed), pair.pid
+        return self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +218,7 @@ class Wallet:
             for _ in range(MAX_ATTEMPTS):
                 pair = await self.pair(state)
                 nonce = pair.nonce + 1
-                roll = dice.roll(pair.server_seed, pair.client_seed, nonce)
+                roll = state.seed_key(pair).roll(pair.client_seed, nonce)
                 outcome = settle(spec, roll)
                 bet_id = f"{pair.pid}-{nonce}"
                 stored = msgpack.packb(
