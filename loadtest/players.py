@@ -58,6 +58,10 @@ async def create_players(
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
+#: Tries of one admin request on a transport error.
+ATTEMPTS = 3
+
+
 class Admin:
     """The admin API (and the public bet view) over one pooled ``httpx.AsyncClient`` with at
     most ``connections`` connections; ``async with Admin(...) as admin``."""
@@ -80,6 +84,21 @@ class Admin:
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
 
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, tried up to ``ATTEMPTS`` times on a transport error: a kept-alive
+        connection that idled past the server's keep-alive (uvicorn: 5 s) may be closed
+        just as it is reused. Safe here: views are GETs, deposits carry an idempotency key,
+        and a user created twice is only an unused extra user."""
+        for attempt in range(ATTEMPTS):
+            try:
+                async with self.limit:
+                    return await self.http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     async def create_user(self, role: str, name: str, parent_id: int | str | None = None,
                           commission_bps: int | None = None) -> Player:
         body: dict[str, object] = {"role": role, "name": name}
@@ -87,8 +106,7 @@ class Admin:
             body["parent_id"] = parent_id
         if commission_bps is not None:
             body["commission_bps"] = commission_bps
-        async with self.limit:
-            r = await self.http.post("/api/admin/users", json=body)
+        r = await self._request("POST", "/api/admin/users", json=body)
         if r.status_code != 200:
             raise SetupError(f"POST /api/admin/users: {r.status_code} {r.text[:200]}")
         data = r.json()
@@ -97,12 +115,11 @@ class Admin:
     async def deposit(self, user_id: int | str, currency: str, amount: str) -> str:
         self._keys += 1
         key = f"load-{self.run}-d{self._keys}"  # before any await: deposits run concurrently
-        async with self.limit:
-            r = await self.http.post(
-                "/api/admin/deposits",
-                json={"user_id": user_id, "currency": currency, "amount": amount,
-                      "idempotency_key": key},
-            )
+        r = await self._request(
+            "POST", "/api/admin/deposits",
+            json={"user_id": user_id, "currency": currency, "amount": amount,
+                  "idempotency_key": key},
+        )
         if r.status_code != 200:
             raise SetupError(f"POST /api/admin/deposits: {r.status_code} {r.text[:200]}")
         return str(r.json()["balance"])
@@ -115,8 +132,7 @@ class Admin:
         return player
 
     async def user(self, user_id: int | str) -> dict[str, Any]:
-        async with self.limit:
-            r = await self.http.get(f"/api/admin/users/{user_id}")
+        r = await self._request("GET", f"/api/admin/users/{user_id}")
         if r.status_code != 200:
             raise SetupError(f"GET /api/admin/users/{user_id}: {r.status_code} {r.text[:200]}")
         body: dict[str, Any] = r.json()
@@ -124,6 +140,5 @@ class Admin:
 
     async def bet_status(self, bet_id: int | str) -> int:
         """Status of ``GET /api/bets/{bet_id}`` (200 once stored, 404 before)."""
-        async with self.limit:
-            r = await self.http.get(f"/api/bets/{bet_id}")
+        r = await self._request("GET", f"/api/bets/{bet_id}")
         return r.status_code
