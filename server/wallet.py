@@ -156,7 +156,8 @@ class Wallet:
             state.pair = new
             async with self._pool.acquire() as conn:
                 await conn.execute(
-                    "UPDATE seed_pairs SET revealed_at = now(), final_nonce = $2"
+                    "UPDATE seed_pairs SET revealed_at = now(), final_nonce = GREATEST($2,"
+                    " (SELECT COALESCE(max(nonce), 0) FROM bets WHERE pair_id = $1))"
                     " WHERE pair_id = $1 AND revealed_at IS NULL",
                     int(pid),
                     revealed.nonce,

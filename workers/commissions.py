@@ -61,7 +61,9 @@ from workers import faults
 
 log = structlog.get_logger(__name__)
 
-#: Lifetime of the per-bet and per-credit markers, seconds.
+#: Lifetime of the per-bet and per-credit markers, seconds. A per-bet marker is deleted
+#: when its outbox entry is acknowledged (workers/outbox.py); the lifetime only bounds the
+#: ones a crash between the ack and that deletion leaves behind.
 MARKER_TTL_S = 7 * 24 * 3600
 #: An ancestor chain is read from PostgreSQL at most this often per player (bps changes
 #: apply to bets settled up to this long after them).

@@ -238,7 +238,11 @@ ON CONFLICT (entry_id) DO NOTHING
 _REVEALS_SQL = """
 UPDATE seed_pairs AS s
 SET revealed_at = COALESCE(s.revealed_at, to_timestamp(x.ts / 1000.0)),
-    final_nonce = x.n
+    -- Redis's count can be behind the bets already stored if Redis lost writes (its pairs
+    -- are then rotated, see lua/bet-5.lua EPOCH): the final nonce is the highest known.
+    final_nonce = GREATEST(x.n, COALESCE(s.final_nonce, 0),
+                           (SELECT COALESCE(max(b.nonce), 0) FROM bets b
+                            WHERE b.pair_id = x.pair_id))
 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS x(pair_id, n, ts)
 WHERE s.pair_id = x.pair_id
 """
@@ -375,7 +379,17 @@ async def _dead_letter(redis: aioredis.Redis, keys: Keys, entry: Entry, reason: 
     await redis.xadd(dead_letter_key(keys), fields)  # type: ignore[arg-type]
 
 
-async def _ack(redis: aioredis.Redis, entries: Sequence[Entry], group: str) -> None:
+async def _ack(
+    redis: aioredis.Redis, entries: Sequence[Entry], group: str,
+    markers: Sequence[str] = (),
+) -> None:
+    """XACK + XDEL the entries, then drop the commission markers of their bets.
+
+    A marker only guards the moment between the accrual and this ack (a crash there
+    replays the entry); once the entry is acknowledged it cannot come back, so the marker
+    is deleted rather than left to its TTL (one key per bet would otherwise pile up). The
+    pipeline keeps this order: a crash part-way leaves at worst a marker that expires.
+    """
     by_stream: dict[bytes, list[bytes]] = {}
     for entry in entries:
         by_stream.setdefault(entry.stream, []).append(entry.id)
@@ -383,6 +397,8 @@ async def _ack(redis: aioredis.Redis, entries: Sequence[Entry], group: str) -> N
     for stream, ids in by_stream.items():
         pipe.xack(stream, group, *ids)
         pipe.xdel(stream, *ids)
+    for marker in markers:
+        pipe.delete(marker)
     await pipe.execute()
 
 
@@ -423,15 +439,19 @@ async def handle(
     # Commissions of the bets now in PostgreSQL, before the ack: a crash before the ack
     # replays the batch, and the accrual's per-bet marker makes the replay pay nothing.
     refused = {(entry.stream, entry.id) for entry, _ in dead}
-    await commissions.accrue(redis, pool, keys, [
+    accrued = [
         event for entry, event in good
         if isinstance(event, BetEvent) and (entry.stream, entry.id) not in refused
-    ])
+    ]
+    await commissions.accrue(redis, pool, keys, accrued)
     for entry, reason in dead:
         await _dead_letter(redis, keys, entry, reason)
     # Only now, after COMMIT (and after the dead letters were written): ack and delete.
     faults.point("persist_after_commit")  # crash tests (workers/faults.py)
-    await _ack(redis, entries, group)
+    await _ack(
+        redis, entries, group,
+        [keys.commission_done(event.user_id, event.bet_id) for event in accrued],
+    )
     return len(entries)
 
 
