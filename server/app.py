@@ -11,6 +11,7 @@ from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from server import api
+from server.echo import echo_endpoint
 from server.feed import feed_endpoint
 from server.logs import configure_logging
 from server.play import play_endpoint
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *api.routes(settings),
         WebSocketRoute("/ws/play", play_endpoint),
         WebSocketRoute("/ws/feed", feed_endpoint),
+        *([WebSocketRoute("/debug/echo/ws/play", echo_endpoint)] if settings.debug_echo else []),
         Mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     persist_run_s: float = Field(default=5.0, gt=0)
     #: Seconds between two persist_outbox jobs the scheduler enqueues per shard.
     persist_every_s: float = Field(default=0.5, gt=0)
-    #: Expose /debug/echo for the load tester's ratio measurement.
+    #: Serve /debug/echo/ws/play (server/echo.py) for the load tester's ratio measurement.
     debug_echo: bool = False
     log_level: str = "info"
     log_json: bool = False
