@@ -14,6 +14,8 @@ Commands (``python -m loadtest COMMAND --help`` for each one's options):
                 bet seen
   sockets       ``--count N`` authenticated idle sockets held ``--hold S``: server RSS per
                 socket
+  page          the browser page in headless Chromium: page weight, and time from load to
+                the first settled bet of a new demo player
 
 Every command prints a table (or one JSON object with ``--json``) including its own CPU
 time, exits 0 when its checks passed, 1 when they failed, 2 when setup failed. Every run is
@@ -27,7 +29,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from loadtest import bets, common, doublespend, sockets, spectators, storm
+from loadtest import bets, common, doublespend, page, sockets, spectators, storm
 from loadtest.client import CLIENTS, picows_available
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
@@ -276,12 +278,30 @@ def run_sockets(args: argparse.Namespace) -> int:
     return common.cli_main(lambda: sockets.run_sockets(options), args.json)
 
 
+def add_page(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("page", help="the browser page: weight and load-to-first-bet time",
+                       description=page.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000/",
+                   help="the page (default http://127.0.0.1:8000/; demo mode must be on)")
+    p.add_argument("--runs", type=_positive_int, default=3, help="fresh browser contexts (3)")
+    p.add_argument("--chromium", default=page.CHROMIUM, help="Chromium executable")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_page)
+
+
+def run_page(args: argparse.Namespace) -> int:
+    options = page.PageOptions(url=args.url, runs=args.runs, chromium=args.chromium)
+    return common.cli_main(lambda: page.run_page(options), args.json)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_bets,
     add_double_spend,
     add_storm,
     add_spectators,
     add_sockets,
+    add_page,
 ]
 
 
