@@ -81,8 +81,8 @@ async def test_worker_killed_during_a_batch(
     ids, stakes = await play(api, tree, bets=12)
     worker = stack.worker(fault=f"{point}:kill")
     stack.send("persist_outbox", 0)
+    # Dramatiq's main process sees its worker process die and exits non-zero.
     assert await worker.exited() != 0, stack.logs()
-    assert "exited unexpectedly" in worker.log.read_text(), stack.logs()
 
     # What the kill left: before COMMIT nothing of the batch; after it, every row, but the
     # entries still unacknowledged in the stream (the shard consumer's pending list).
