@@ -145,7 +145,8 @@ class PlaySession:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             if self.user is not None:
-                await self.services.pushes.remove(self.user.user_id, self)
+                with contextlib.suppress(Exception):  # best effort, like Hub.unsubscribe
+                    await self.services.pushes.remove(self.user.user_id, self)
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
@@ -178,15 +179,21 @@ class PlaySession:
             user = await users.by_token(self.services.pool, token)
             if user is None:
                 raise Unauthorized("unknown token")
+            self.user = user
+            self.state = self.services.wallet.user(user.user_id)
+            await self.services.pushes.add(user.user_id, self)
+            pair = await self.services.wallet.pair(self.state)
+            balances = await self.services.wallet.balances(user.user_id)
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
-            await self._flush_and_close(1008)
+            await self._flush_and_close(1013 if isinstance(exc, Unavailable) else 1008)
             return False
-        self.user = user
-        self.state = self.services.wallet.user(user.user_id)
-        await self.services.pushes.add(user.user_id, self)
-        pair = await self.services.wallet.pair(self.state)
-        balances = await self.services.wallet.balances(user.user_id)
+        except Exception as exc:  # PostgreSQL or Redis failed: nothing was changed
+            log.warning("sign_in_failed", error=repr(exc))
+            self.send_error(Unavailable("sign-in failed: a dependency is unavailable; retry"),
+                            request_id, encoding)
+            await self._flush_and_close(1013)
+            return False
         currencies = self.services.settings.currencies
         self.send(
             {"type": "welcome", "id": request_id, "user_id": user.user_id,

@@ -14,9 +14,14 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from games.errors import Unavailable
+
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[bytes], None]
+
+#: Tries of one SUBSCRIBE (0.1 s, 0.2 s, ... apart) before a sign-in answers UNAVAILABLE.
+SUBSCRIBE_ATTEMPTS = 6
 
 
 class Hub:
@@ -40,13 +45,26 @@ class Hub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channel: str, handler: Handler) -> None:
+        """Subscribe, retrying through a reconnect (a restarted Redis); raises Unavailable
+        when Redis stays unreachable."""
         self._handlers[channel] = handler
-        await self._pubsub.subscribe(channel)
+        for attempt in range(SUBSCRIBE_ATTEMPTS):
+            try:
+                await self._pubsub.subscribe(channel)
+                return
+            except Exception as exc:  # redis-py can fail oddly mid-reconnect, not only RedisError
+                log.warning("pubsub_subscribe_failed", error=repr(exc), attempt=attempt)
+                await asyncio.sleep(0.1 * 2**attempt)
+        self._handlers.pop(channel, None)
+        raise Unavailable("live updates are unavailable (Redis pub/sub); try again")
 
     async def unsubscribe(self, channel: str) -> None:
+        """Best effort: a channel left subscribed only costs messages nobody handles."""
         if self._handlers.pop(channel, None) is not None:
-            with contextlib.suppress(RedisError, OSError):
+            try:
                 await self._pubsub.unsubscribe(channel)
+            except Exception as exc:
+                log.warning("pubsub_unsubscribe_failed", error=repr(exc))
 
     async def _read(self) -> None:
         while True:
@@ -54,8 +72,10 @@ class Hub:
                 message = await self._pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=1.0
                 )
-            except (RedisError, OSError) as exc:
-                log.warning("pubsub_read_failed", error=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the reader must outlive any failure of the connection
+                log.warning("pubsub_read_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
             if message is None or message["type"] != "message":

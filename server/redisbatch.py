@@ -23,13 +23,14 @@ Arg = str | bytes | int
 
 
 class Batcher:
-    """Batches script calls; sends them over ``fast`` (or redis-py's pipeline without it).
+    """Batches script calls and sends them over ``fast``.
 
-    ``client`` (redis-py) stays the general-purpose client of the process; the script calls
-    of the bet path go through :class:`server.resp.FastConnection` when one is given.
+    ``client`` (redis-py) stays the general-purpose client of the process (it loads the
+    scripts); the script calls go through :class:`server.resp.FastConnection`, which also
+    fills in the Redis run id (:data:`server.redisconn.RUN_ID`) at send time.
     """
 
-    def __init__(self, client: aioredis.Redis, fast: FastConnection | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, fast: FastConnection) -> None:
         self.client = client
         self.fast = fast
         self._queue: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]] = []
@@ -81,11 +82,6 @@ class Batcher:
     async def _pipeline(
         self, batch: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]]
     ) -> list[Any]:
-        if self.fast is not None:
-            return await self.fast.execute(
-                [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in batch]
-            )
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
+        return await self.fast.execute(
+            [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in batch]
+        )

@@ -23,7 +23,7 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from server.redisconn import RunId
+from server.redisconn import RUN_ID, RunId
 
 Command = tuple[str | bytes | int, ...]
 
@@ -113,9 +113,7 @@ class FastConnection:
                     if fresh.transport is not None:
                         fresh.transport.close()
                     raise RedisConnectionError(f"Redis refused the connection: {reply}")
-            for line in replies[-1].decode().splitlines():
-                if line.startswith("run_id:"):
-                    self._run_id.value = line[len("run_id:"):].strip()
+            self._run_id.update(replies[-1].decode())
             self._protocol = fresh
             return fresh
 
@@ -132,7 +130,13 @@ class FastConnection:
         return [await f for f in futures]
 
     async def execute(self, commands: list[Command]) -> list[Any]:
-        return await self._send(await self._connected(), commands)
+        """Send ``commands`` in order, :data:`RUN_ID` arguments replaced by the run id of
+        the server this connection reached (read when it connected)."""
+        protocol = await self._connected()
+        run_id = self._run_id.value
+        return await self._send(
+            protocol, [tuple(run_id if a is RUN_ID else a for a in c) for c in commands]
+        )
 
     async def close(self) -> None:
         protocol = self._protocol

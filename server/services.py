@@ -15,7 +15,7 @@ from server.persister import Persister
 from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher
-from server.redisconn import connect
+from server.redisconn import RunId
 from server.resp import FastConnection
 from server.settings import Settings
 from server.wallet import Wallet
@@ -40,14 +40,14 @@ class Services:
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
-        client, run_id = connect(settings.redis_url)
-        await client.ping()  # connects, so the run id is known before the first script
+        client = aioredis.Redis.from_url(settings.redis_url)
+        run_id = RunId()  # kept current by the FastConnection, which runs every script
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         keys = Keys(settings.key_prefix, settings.buckets)
         batcher = Batcher(client, FastConnection(settings.redis_url, run_id))
         await batcher.load_scripts()
         wallet = Wallet(
-            batcher, pool, keys, settings.currencies, settings.idempotency_window_s, run_id
+            batcher, pool, keys, settings.currencies, settings.idempotency_window_s
         )
         hub = Hub(client, f"{settings.key_prefix}:heartbeat")
         await hub.start()
@@ -73,6 +73,5 @@ class Services:
         await self.feed.close()  # before the hub: it publishes the last bets settled here
         await self.hub.close()
         await self.pool.close()
-        if self.batcher.fast is not None:
-            await self.batcher.fast.close()
+        await self.batcher.fast.close()
         await self.redis.aclose()

@@ -33,7 +33,7 @@ from games.types import Hundredths, Minor, MultiplierBp
 from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
-from server.redisconn import RunId
+from server.redisconn import RUN_ID
 from server.scripts import BetCode, DepositCode, RotateCode
 
 #: A bet recomputed this many times in a row (other instances betting for the same user,
@@ -99,14 +99,12 @@ class Wallet:
         keys: Keys,
         currencies: dict[str, Currency],
         idempotency_window_s: int,
-        run_id: RunId,
     ) -> None:
         self._batcher = batcher
         self._pool = pool
         self._keys = keys
         self._currencies = currencies
         self._window_ms = str(idempotency_window_s * 1000)
-        self._run_id = run_id
         self._users: weakref.WeakValueDictionary[int, UserState] = weakref.WeakValueDictionary()
 
     def user(self, user_id: int) -> UserState:
@@ -188,7 +186,7 @@ class Wallet:
             new.server_seed_hash,
             new.client_seed,
             int(time.time() * 1000),
-            self._run_id.value,
+            RUN_ID,
         )
         return list(await self._batcher.run(scripts.ROTATE, keys, args))
 
@@ -239,7 +237,7 @@ class Wallet:
                 args = (
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
                     pair.pid, str(pair.nonce), fp, self._window_ms, stored, event, origin,
-                    self._run_id.value, str(local_others),
+                    RUN_ID, str(local_others),
                 )
                 reply = await self._batcher.run(scripts.BET, keys, args)
                 code = reply[0]

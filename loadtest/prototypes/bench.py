@@ -303,12 +303,9 @@ async def run_once(
     client: aioredis.Redis, design: str, args: argparse.Namespace, specs: list[BetSpec]
 ) -> Run:
     pairs = await setup_users(client, args.users)
-    run_id = RunId()
-    run_id.value = str((await client.info("server"))["run_id"])
-    fast = FastConnection(args.redis_url, run_id) if args.client == "hiredis" else None
-    batcher = Batcher(client, fast)
+    batcher = Batcher(client, FastConnection(args.redis_url, RunId()))
     wallet = Wallet(
-        batcher, cast(asyncpg.Pool, None), KEYS, dict(DEFAULT_CURRENCIES), WINDOW_S, run_id
+        batcher, cast(asyncpg.Pool, None), KEYS, dict(DEFAULT_CURRENCIES), WINDOW_S
     )
     states = {uid: wallet.user(uid) for uid in pairs}  # strong refs keep the weak dict filled
     for uid, state in states.items():
@@ -346,7 +343,9 @@ async def run_once(
 async def verify(client: aioredis.Redis, vectors: list[dict[str, Any]]) -> bool:
     """Design A's rolls, payouts and events against games.dice; B's recovery sweep."""
     await client.flushdb()
-    batcher = Batcher(client)
+    kw = client.connection_pool.connection_kwargs
+    url = f"redis://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    batcher = Batcher(client, FastConnection(url, RunId()))
     ok = fails = 0
     spec = validate_bet("USDT", "1.00", "50.00", "under", DEFAULT_CURRENCIES)
     uid = 1
@@ -562,8 +561,6 @@ def main() -> None:
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--designs", type=lambda s: s.upper().split(","), default=["A", "B", "C"])
-    p.add_argument("--client", choices=["redis-py", "hiredis"], default="redis-py",
-                   help="how the Batcher talks to Redis (server/resp.py is the hiredis one)")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="each run stops issuing bets after this long (the count is reported)")
     p.add_argument("--verify", action="store_true", help="only the correctness checks")
