@@ -166,7 +166,6 @@ def test_report_flag_via_cli(tmp_path: Path) -> None:
 
 
 async def test_bets_picows_client(api: Api) -> None:
-    pytest.importorskip("picows")
     report = await run_bets(BetsOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=2, inflight=2,
         duration=1.0, ramp_up=0.0, client="picows", encoding="msgpack",
