@@ -39,8 +39,8 @@ class Hub:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: redis-py can swallow a cancellation raised inside a command.
+            await asyncio.wait({self._task}, timeout=2.0)
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 

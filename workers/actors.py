@@ -102,6 +102,7 @@ class Lease:
         self._token = uuid.uuid4().hex
         self._script = redis.register_script(_LEASE_SOURCE)
         self.held = False
+        self._keeping = False
 
     async def acquire(self) -> bool:
         self.held = bool(await self._redis.set(self.key, self._token, nx=True, px=self._ttl_ms))
@@ -118,9 +119,15 @@ class Lease:
             self.held = False
             await self._script(keys=[self.key], args=["release", self._token, 0])
 
+    def stop_keeping(self) -> None:
+        """End :meth:`keep` at its next step even if a cancellation is swallowed below it
+        (redis-py can absorb a CancelledError raised mid-command; see persist())."""
+        self._keeping = False
+
     async def keep(self, every_s: float = RENEW_EVERY_S) -> None:
-        """Renew until lost or cancelled (run as a task beside the work it guards)."""
-        while self.held:
+        """Renew until lost, stopped or cancelled (a task beside the work it guards)."""
+        self._keeping = True
+        while self.held and self._keeping:
             await asyncio.sleep(every_s)
             try:
                 if not await self.renew():
@@ -239,9 +246,13 @@ async def persist(res: Resources, shard: int, run_s: float, batch: int = BATCH) 
         res.groups.discard(shard)  # e.g. NOGROUP after a Redis restart: check them again
         raise
     finally:
+        # Found with the persist_overrun log: awaiting the cancelled keeper could hang for
+        # good when the cancellation landed inside a redis-py command that swallowed it
+        # (the loop then went on renewing). So the keeper is told to stop as well, and is
+        # given a bounded wait.
+        lease.stop_keeping()
         keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        await asyncio.wait({keeper}, timeout=2 * RENEW_EVERY_S)
         with contextlib.suppress(Exception):
             await lease.release()
         if handled:
