@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
 _ids = itertools.count(1)
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], within: float = 10.0, every: float = 0.05
+) -> T:
+    """Poll ``probe`` until it returns something truthy (or fail after ``within`` s)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {value!r} after {within}s")
+        await asyncio.sleep(every)
 
 
 class Api:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,22 +28,13 @@ from server.db import drop_database, migrate
 from server.keys import Keys
 from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
-from tests.helpers import Api, Player
+from tests.helpers import Api, Player, eventually
 from workers import audit, outbox, rebuild
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {within}s")
-        await asyncio.sleep(0.05)
 
 
 def keys_of(settings: Settings) -> Keys:

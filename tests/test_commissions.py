@@ -24,22 +24,13 @@ import redis.asyncio as aioredis
 
 from server.keys import Keys
 from server.settings import Settings
-from tests.helpers import Api, Player
+from tests.helpers import Api, Player, eventually
 from workers import commissions, outbox
 
 T = TypeVar("T")
 SM_BPS, MASTER_BPS, AGENT_BPS = 20, 30, 50
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {within}s")
-        await asyncio.sleep(0.05)
 
 
 def share(amount: int, bps: int) -> int:

@@ -7,11 +7,10 @@ in-process persister.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,22 +22,12 @@ import redis.asyncio as aioredis
 
 from server.keys import Keys
 from server.settings import Settings
-from tests.helpers import Api
+from tests.helpers import Api, eventually
 from workers import outbox
 
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], within: float = 5.0) -> T:
-    """Poll ``probe`` until it returns something truthy (or fail after ``within`` s)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {within}s")
-        await asyncio.sleep(0.05)
 
 
 @dataclass

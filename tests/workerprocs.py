@@ -8,12 +8,10 @@ that a test may SIGKILL.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from server.keys import Keys
 from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, free_port
 from tests.helpers import Api
+from tests.helpers import eventually as helpers_eventually
 from workers import outbox
 from workers.broker import QUEUE, build
 
@@ -40,14 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def eventually(probe: Callable[[], Awaitable[T]], within: float = 20.0,
                      every: float = 0.1) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {within}s")
-        await asyncio.sleep(every)
+    """tests.helpers.eventually, with the longer patience worker processes need."""
+    return await helpers_eventually(probe, within, every)
+
+
 
 
 @dataclass
