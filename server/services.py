@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError
 
 from server.feed import Feed
 from server.keys import Keys
@@ -45,7 +49,7 @@ class Services:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         keys = Keys(settings.key_prefix, settings.buckets)
         batcher = Batcher(client, FastConnection(settings.redis_url, run_id))
-        await batcher.load_scripts()
+        await _when_loaded(batcher.load_scripts)
         wallet = Wallet(
             batcher, pool, keys, settings.currencies, settings.idempotency_window_s
         )
@@ -75,3 +79,21 @@ class Services:
         await self.pool.close()
         await self.batcher.fast.close()
         await self.redis.aclose()
+
+
+#: Seconds a starting server waits for a Redis that is still loading its data (AOF replay).
+REDIS_LOADING_WAIT_S = 120.0
+
+
+async def _when_loaded(call: Callable[[], Awaitable[None]]) -> None:
+    """Run ``call``, waiting while Redis answers LOADING (a restarted Redis replaying a large
+    AOF); any other failure is raised at once."""
+    deadline = time.monotonic() + REDIS_LOADING_WAIT_S
+    while True:
+        try:
+            await call()
+            return
+        except BusyLoadingError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
