@@ -115,9 +115,9 @@ class Feed:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: redis-py can swallow a cancellation raised inside a command.
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.publish(), 1.0)  # the last bets settled here

@@ -76,8 +76,8 @@ class Persister:
         except TimeoutError:
             log.warning("persister_close_timeout", consumer=self.consumer)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: redis-py can swallow a cancellation raised inside a command.
+            await asyncio.wait({task}, timeout=2.0)
         except Exception:
             log.exception("persister_failed", consumer=self.consumer)
         if self.commissions is not None:
