@@ -226,26 +226,32 @@ async def _bet_loop(
             while pending:
                 message = await sock.recv()
                 now_ns = clock()
-                kind = message.get("type")
-                if kind == "bet_result":
-                    sent_ns = pending.pop(message.get("id", 0), None)
-                    if sent_ns is None:
-                        tally.errors["UNKNOWN_ID"] += 1
-                        continue
-                    tally.reply(sent_ns, now_ns)
-                    if options.on_result is not None:
-                        options.on_result(message, time.time_ns())
-                elif kind == "error":
-                    tally.errors[str(message.get("code"))] += 1
-                    if pending.pop(message.get("id", 0), None) is None:
-                        continue
-                else:
-                    continue  # balance pushes (sockets sharing a player), anything new
-                if now_ns < stop_ns:
+                if _take_reply(message, now_ns, pending, tally, options) and now_ns < stop_ns:
                     await send_one()
     except TimeoutError:
         tally.errors["UNANSWERED"] += len(pending)
         pending.clear()
+
+
+def _take_reply(
+    message: dict[str, Any], now_ns: int, pending: dict[int, int], tally: Tally,
+    options: BetsOptions,
+) -> bool:
+    """Account one received frame; True when it answered a bet in flight."""
+    kind = message.get("type")
+    if kind == "bet_result":
+        sent_ns = pending.pop(message.get("id", 0), None)
+        if sent_ns is None:
+            tally.errors["UNKNOWN_ID"] += 1
+            return False
+        tally.reply(sent_ns, now_ns)
+        if options.on_result is not None:
+            options.on_result(message, time.time_ns())
+        return True
+    if kind == "error":
+        tally.errors[str(message.get("code"))] += 1
+        return pending.pop(message.get("id", 0), None) is not None
+    return False  # balance pushes (sockets sharing a player), anything new
 
 
 async def _paced_loop(
@@ -264,22 +270,8 @@ async def _paced_loop(
     async def receive() -> None:
         while True:
             message = await sock.recv()
-            now_ns = clock()
-            kind = message.get("type")
-            if kind == "bet_result":
-                sent_ns = pending.pop(message.get("id", 0), None)
-                if sent_ns is None:
-                    tally.errors["UNKNOWN_ID"] += 1
-                    continue
-                tally.reply(sent_ns, now_ns)
-                if options.on_result is not None:
-                    options.on_result(message, time.time_ns())
-            elif kind == "error":
-                tally.errors[str(message.get("code"))] += 1
-                pending.pop(message.get("id", 0), None)
-            else:
-                continue
-            if len(pending) < options.inflight:
+            answered = _take_reply(message, clock(), pending, tally, options)
+            if answered and len(pending) < options.inflight:
                 slot.set()
 
     receiver = asyncio.create_task(receive())

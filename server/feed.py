@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,13 +37,12 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketState
 
 from games.bets import BetSpec
-from games.dice import format_hundredths, format_multiplier
+from games.dice import format_hundredths
 from games.money import format_amount
 from server import codec
 from server.codec import Encoding
 from server.metrics import Metrics
 from server.pubsub import Hub
-from server.wallet import BetResult
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -62,19 +61,20 @@ CLIENT_FRAMES_BURST = 20
 CLOSE_TIMEOUT_S = 5.0
 
 
-def bet_entry(player: str, spec: BetSpec, result: BetResult) -> dict[str, Any]:
-    """One feed entry, in the wire formats of the protocol. ``player`` is a display name."""
+def bet_entry(player: str, spec: BetSpec, reply: Mapping[str, Any]) -> dict[str, Any]:
+    """One feed entry, in the wire formats of the protocol. ``player`` is a display name;
+    ``reply`` is the bet's ``bet_result``, whose fields are already formatted."""
     return {
-        "bet_id": result.bet_id,
+        "bet_id": reply["bet_id"],
         "player": player,
         "currency": spec.currency.code,
         "amount": format_amount(spec.amount, spec.currency),
         "target": format_hundredths(spec.target),
         "direction": spec.direction,
-        "roll": format_hundredths(result.roll),
-        "win": result.win,
-        "multiplier": format_multiplier(result.multiplier),
-        "payout": format_amount(result.payout, spec.currency),
+        "roll": reply["roll"],
+        "win": reply["win"],
+        "multiplier": reply["multiplier"],
+        "payout": reply["payout"],
         "ts": time.time_ns() // 1_000_000,
     }
 

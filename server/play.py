@@ -290,11 +290,12 @@ class PlaySession:
         if result.rotated is not None:
             # Redis restarted since the pair was installed: it was rotated before this bet.
             self._send_rotation(result.rotated, None, encoding, reason="redis_restart")
-        self.send(self._bet_reply(result, request_id, spec.currency), encoding)
+        reply = self._bet_reply(result, request_id, spec.currency)
+        self.send(reply, encoding)
         services.metrics.bet_latency.observe(time.perf_counter() - received)
         if not result.replay:
             services.metrics.bets.labels(spec.currency.code, "win" if result.win else "loss").inc()
-            services.feed.add(bet_entry(self.user.name if self.user else "", spec, result))
+            services.feed.add(bet_entry(self.user.name if self.user else "", spec, reply))
 
     @staticmethod
     def _bet_reply(result: BetResult, request_id: int | str, currency: Any) -> dict[str, Any]:
