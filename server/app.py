@@ -17,6 +17,7 @@ from server.logs import configure_logging
 from server.play import play_endpoint
 from server.services import Services
 from server.settings import Settings
+from server.wslink import RawAsgi
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
@@ -36,9 +37,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         *api.routes(settings),
-        WebSocketRoute("/ws/play", play_endpoint),
+        WebSocketRoute("/ws/play", RawAsgi(play_endpoint)),
         WebSocketRoute("/ws/feed", feed_endpoint),
-        *([WebSocketRoute("/debug/echo/ws/play", echo_endpoint)] if settings.debug_echo else []),
+        *([WebSocketRoute("/debug/echo/ws/play", RawAsgi(echo_endpoint))]
+          if settings.debug_echo else []),
         Mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -2,19 +2,22 @@
 
 Only mounted with ``DEBUG_ECHO=true``. It answers ``auth`` with a fixed welcome and every
 ``bet`` with a fixed ``bet_result`` of the same size and shape as a real one, in the frame's
-encoding, through the same uvicorn, starlette and codec as /ws/play. The load tester runs
-the same bets against it (``--url ws://HOST:PORT/debug/echo``) to measure the ceiling the
-socket layer alone allows; the real bet path's throughput is reported as a ratio of it.
+encoding, through the same uvicorn protocol, socket layer (server/wslink.py: frames handed
+over by a plain call, the replies of one loop tick written together) and codec as /ws/play.
+The load tester runs the same bets against it (``--url ws://HOST:PORT/debug/echo``) to
+measure the ceiling the socket layer alone allows; the real bet path's throughput is
+reported as a ratio of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
-
+from games.errors import BadMessage
 from server import codec
 from server.codec import Encoding
+from server.wslink import Endpoint, Link, Receive, Send
 
 _WELCOME: dict[str, Any] = {
     "type": "welcome", "user_id": 0, "balances": {"USDT": "1000000.00", "BTC": "0.00000000"},
@@ -30,31 +33,45 @@ def _result(request_id: Any, nonce: int) -> dict[str, Any]:
     }
 
 
-async def echo_endpoint(ws: WebSocket) -> None:
-    await ws.accept()
-    nonce = 0
-    try:
-        while True:
-            frame = await ws.receive()
-            if frame["type"] == "websocket.disconnect":
-                return
-            data = frame.get("text")
-            encoding: Encoding = "json"
-            if data is None:
-                data, encoding = frame.get("bytes") or b"", "msgpack"
+class EchoSession:
+    def __init__(self) -> None:
+        self.link: Link | None = None
+        self.nonce = 0
+        self._out: list[str | bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def on_frame(self, data: str | bytes) -> None:
+        encoding: Encoding = "json" if isinstance(data, str) else "msgpack"
+        try:
             message = codec.decode(data)
+        except BadMessage as exc:
+            reply = codec.error(exc.code, exc.message, None)
+        else:
             kind = message.get("type")
             if kind == "auth":
                 reply = {**_WELCOME, "id": message.get("id")}
             elif kind == "bet":
-                nonce += 1
-                reply = _result(message.get("id"), nonce)
+                self.nonce += 1
+                reply = _result(message.get("id"), self.nonce)
             else:
                 reply = {"type": "pong", "id": message.get("id")}
-            out = codec.encode(reply, encoding)
-            if isinstance(out, str):
-                await ws.send_text(out)
-            else:
-                await ws.send_bytes(out)
-    except WebSocketDisconnect:
+        self._out.append(codec.encode(reply, encoding))
+        if len(self._out) == 1:
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        frames, self._out = self._out, []
+        if self.link is not None:
+            self.link.write(frames)
+
+
+async def echo_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    endpoint = Endpoint(scope, receive, send)
+    if not await endpoint.accept():
         return
+    session = EchoSession()
+    session.link = endpoint.attach(session)
+    try:
+        await endpoint.until_disconnect()
+    finally:
+        await endpoint.finish()

@@ -3,9 +3,11 @@
 A session answers each request in the encoding of the frame that carried it and pushes in
 the encoding of the client's latest frame. Bets run concurrently (up to
 ``max_inflight_per_socket``; past that the socket is simply not read until one finishes), so
-one client can keep several bets in flight; every outgoing frame goes through one bounded
-queue and one writer task, so a client that stops reading is disconnected instead of
-growing the server's memory.
+one client can keep several bets in flight. Nothing here awaits per frame: a frame is
+handled by a plain call, a bet is queued for the next Redis pipeline (:meth:`Wallet.submit`)
+and answered from its callback, and the replies of one loop tick leave in one write. A
+client that stops reading is disconnected (1008) once half a megabyte waits for it
+(server/wslink.py), instead of growing the server's memory.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import deque
 from typing import Any
 
 import structlog
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from games import seeds
 from games.bets import validate_bet
@@ -28,12 +30,11 @@ from server import codec, users
 from server.codec import ClientId, Encoding
 from server.feed import bet_entry
 from server.services import Services
-from server.wallet import BetResult, Pair, Rotation, UserState
+from server.wallet import BetResult, Pair, PendingBet, Rotation, UserState
+from server.wslink import Endpoint, Link, Receive, Send
 
 log = structlog.get_logger(__name__)
 
-#: Frames waiting for the writer; a client this far behind is disconnected (1008).
-OUT_QUEUE = 1024
 _socket_numbers = itertools.count(1)
 
 
@@ -46,35 +47,51 @@ def _pair_view(pair: Pair) -> dict[str, Any]:
 
 
 class PlaySession:
-    def __init__(self, ws: WebSocket, services: Services) -> None:
-        self.ws = ws
+    """One player socket. Frames arrive through ``on_frame`` (a plain call from the socket
+    layer, :mod:`server.wslink`); replies are collected and written once per loop tick."""
+
+    def __init__(self, endpoint: Endpoint, services: Services) -> None:
+        self.endpoint = endpoint
         self.services = services
         self.socket_id = f"{services.instance}:{next(_socket_numbers)}"
         self.encoding: Encoding = "json"
         self.user: users.User | None = None
         self.state: UserState | None = None
-        #: Frames to send; an int is a close code and ends the writer.
-        self._out: asyncio.Queue[str | bytes | int] = asyncio.Queue(OUT_QUEUE)
-        self._writer_task: asyncio.Task[None] | None = None
-        self._inflight = asyncio.Semaphore(services.settings.max_inflight_per_socket)
+        self.link: Link | None = None
+        self._loop = asyncio.get_running_loop()
+        #: Frames to write at the end of this tick.
+        self._out: list[str | bytes] = []
+        #: Frames received but not handled yet: during sign-in, or past the in-flight limit.
+        self._backlog: deque[str | bytes] = deque()
+        self._inflight = 0
+        self._max_inflight = services.settings.max_inflight_per_socket
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._signing_in = False
         #: Pushes that arrived before the welcome was sent: currency -> reason.
         self._held: dict[str, str] | None = {}
         self._tokens = float(services.settings.rate_burst)
         self._refilled = time.monotonic()
+        metrics = services.metrics
+        self._latency = metrics.bet_latency
+        self._counters: dict[tuple[str, bool], Any] = {}
 
     # -- outgoing ---------------------------------------------------------------------
 
     def send(self, message: dict[str, Any], encoding: Encoding) -> None:
         if self._closing:
             return
-        try:
-            self._out.put_nowait(codec.encode(message, encoding))
-        except asyncio.QueueFull:
+        self._out.append(codec.encode(message, encoding))
+        if len(self._out) == 1:
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        frames, self._out = self._out, []
+        if self._closing or self.link is None or not frames:
+            return
+        if not self.link.write(frames):
             log.warning("slow_client_dropped", socket=self.socket_id)
-            self._closing = True
-            self._close_soon(1008)
+            self.close(1008)
 
     def send_error(self, exc: StakeProError, request_id: ClientId, encoding: Encoding) -> None:
         self.services.metrics.errors.labels(exc.code).inc()
@@ -84,7 +101,7 @@ class PlaySession:
         spec = self.services.settings.currencies.get(currency)
         if spec is None:
             return
-        if self._held is not None:  # not welcomed yet: see _authenticate
+        if self._held is not None:  # not welcomed yet: see _sign_in
             self._held[currency] = reason
             return
         self.send(
@@ -93,53 +110,26 @@ class PlaySession:
             self.encoding,
         )
 
-    def _close_soon(self, code: int) -> None:
-        """Ask the writer to close after the frames already queued (or at once if full)."""
-        try:
-            self._out.put_nowait(code)
-        except asyncio.QueueFull:
-            if self._writer_task is not None:
-                self._writer_task.cancel()
-            self._spawn(self.ws.close(code))
+    def close(self, code: int) -> None:
+        """Write what is queued, then close with ``code``; later frames are ignored."""
+        if self._closing:
+            return
+        self._write_out()
+        self._closing = True
+        self._spawn(self.endpoint.close(code))
 
-    async def _writer(self) -> None:
-        while True:
-            frame = await self._out.get()
-            if isinstance(frame, int):
-                await self.ws.close(frame)
-                return
-            if isinstance(frame, str):
-                await self.ws.send_text(frame)
-            else:
-                await self.ws.send_bytes(frame)
-
-    # -- incoming ---------------------------------------------------------------------
-
-    async def _receive(self) -> tuple[dict[str, Any] | None, Encoding, StakeProError | None]:
-        """One frame: (message, its encoding, decoding error)."""
-        frame = await self.ws.receive()
-        if frame["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(frame.get("code", 1000))
-        data = frame.get("text")
-        encoding: Encoding = "json"
-        if data is None:
-            data, encoding = frame.get("bytes") or b"", "msgpack"
-        self.encoding = encoding
-        try:
-            return codec.decode(data), encoding, None
-        except BadMessage as exc:
-            return None, encoding, exc
+    # -- the socket's life ------------------------------------------------------------
 
     async def run(self) -> None:
         metrics = self.services.metrics
         metrics.sockets.labels("play").inc()
-        writer = self._writer_task = asyncio.create_task(self._writer())
+        self.link = self.endpoint.attach(self)
+        timer = self._loop.call_later(self.services.settings.auth_timeout_s, self._auth_timeout)
         try:
-            if await self._authenticate():
-                await self._loop()
-        except WebSocketDisconnect:
-            pass
+            await self.endpoint.until_disconnect()
         finally:
+            self._closing = True
+            timer.cancel()
             metrics.sockets.labels("play").dec()
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -147,30 +137,56 @@ class PlaySession:
             if self.user is not None:
                 with contextlib.suppress(Exception):  # best effort, like Hub.unsubscribe
                     await self.services.pushes.remove(self.user.user_id, self)
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+            await self.endpoint.finish()
 
-    async def _flush_and_close(self, code: int) -> None:
-        self._closing = True
-        self._close_soon(code)
-        if self._writer_task is not None:
-            with contextlib.suppress(Exception):
-                await self._writer_task
+    def _auth_timeout(self) -> None:
+        if self.user is None and not self._signing_in:
+            self.close(1008)
 
-    async def _authenticate(self) -> bool:
+    def on_frame(self, data: str | bytes) -> None:
+        if self._closing:
+            return
+        if self.user is None or self._backlog or self._inflight >= self._max_inflight:
+            if self.user is None and not self._signing_in:
+                self._signing_in = True
+                self._pause()
+                self._spawn(self._sign_in(data))
+                return
+            self._backlog.append(data)
+            self._pause()
+            return
+        self._handle(data)
+
+    def _pause(self) -> None:
+        if self.link is not None:
+            self.link.pause_reading()
+
+    def _drain_backlog(self) -> None:
+        """Handle held frames while the in-flight limit allows, then read again."""
+        backlog = self._backlog
+        while backlog and self._inflight < self._max_inflight and not self._closing:
+            self._handle(backlog.popleft())
+        if not backlog and self._inflight < self._max_inflight and self.link is not None:
+            self.link.resume_reading()
+
+    def _decode(self, data: str | bytes) -> tuple[dict[str, Any] | None, Encoding]:
+        encoding: Encoding = "json" if isinstance(data, str) else "msgpack"
+        self.encoding = encoding
         try:
-            message, encoding, error = await asyncio.wait_for(
-                self._receive(), self.services.settings.auth_timeout_s
-            )
-        except TimeoutError:
-            await self._flush_and_close(1008)
-            return False
+            return codec.decode(data), encoding
+        except BadMessage as exc:
+            self.send_error(exc, None, encoding)
+            return None, encoding
+
+    async def _sign_in(self, data: str | bytes) -> None:
+        encoding: Encoding = "json" if isinstance(data, str) else "msgpack"
+        self.encoding = encoding
         request_id: ClientId = None
         try:
-            if error is not None:
-                raise Unauthorized("the first frame must be an auth message")
-            assert message is not None
+            try:
+                message = codec.decode(data)
+            except BadMessage:
+                raise Unauthorized("the first frame must be an auth message") from None
             with contextlib.suppress(BadMessage):
                 request_id = codec.client_id(message)
             token = message.get("token")
@@ -179,21 +195,21 @@ class PlaySession:
             user = await users.by_token(self.services.pool, token)
             if user is None:
                 raise Unauthorized("unknown token")
-            self.user = user
-            self.state = self.services.wallet.user(user.user_id)
+            state = self.services.wallet.user(user.user_id)
             await self.services.pushes.add(user.user_id, self)
-            pair = await self.services.wallet.pair(self.state)
+            self.user, self.state = user, state
+            pair = await self.services.wallet.pair(state)
             balances = await self.services.wallet.balances(user.user_id)
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
-            await self._flush_and_close(1013 if isinstance(exc, Unavailable) else 1008)
-            return False
+            self.close(1013 if isinstance(exc, Unavailable) else 1008)
+            return
         except Exception as exc:  # PostgreSQL or Redis failed: nothing was changed
             log.warning("sign_in_failed", error=repr(exc))
             self.send_error(Unavailable("sign-in failed: a dependency is unavailable; retry"),
                             request_id, encoding)
-            await self._flush_and_close(1013)
-            return False
+            self.close(1013)
+            return
         currencies = self.services.settings.currencies
         self.send(
             {"type": "welcome", "id": request_id, "user_id": user.user_id,
@@ -205,42 +221,40 @@ class PlaySession:
         # send the balance as it is now for each currency such a push was about.
         held, self._held = self._held or {}, None
         if held:
-            now = await self.services.wallet.balances(user.user_id)
-            for currency, reason in held.items():
-                self.push_balance(reason, currency, now[currency])
-        return True
+            with contextlib.suppress(Exception):
+                now = await self.services.wallet.balances(user.user_id)
+                for currency, reason in held.items():
+                    self.push_balance(reason, currency, now[currency])
+        self._signing_in = False
+        self._drain_backlog()
 
-    async def _loop(self) -> None:
-        while not self._closing:
-            message, encoding, error = await self._receive()
-            received = time.perf_counter()
-            if error is not None:
-                self.send_error(error, None, encoding)
-                continue
-            assert message is not None
-            try:
-                request_id = codec.client_id(message)
-            except BadMessage as exc:
-                self.send_error(exc, None, encoding)
-                continue
-            try:
-                self._take_token()
-                kind = codec.message_type(message)
-                if kind == "bet":
-                    if request_id is None:
-                        raise BadMessage("a bet must carry an id")
-                    await self._inflight.acquire()
-                    self._spawn(self._bet(message, request_id, encoding, received))
-                elif kind == "ping":
-                    self.send({"type": "pong", "id": request_id}, encoding)
-                elif kind == "rotate_seed":
-                    self._spawn(self._rotate(message, request_id, encoding))
-                elif kind == "auth":
-                    raise BadMessage("already signed in")
-                else:
-                    raise BadMessage(f"unknown message type {kind!r}")
-            except StakeProError as exc:
-                self.send_error(exc, request_id, encoding)
+    def _handle(self, data: str | bytes) -> None:
+        received = time.perf_counter()
+        message, encoding = self._decode(data)
+        if message is None:
+            return
+        try:
+            request_id = codec.client_id(message)
+        except BadMessage as exc:
+            self.send_error(exc, None, encoding)
+            return
+        try:
+            self._take_token()
+            kind = codec.message_type(message)
+            if kind == "bet":
+                if request_id is None:
+                    raise BadMessage("a bet must carry an id")
+                self._bet(message, request_id, encoding, received)
+            elif kind == "ping":
+                self.send({"type": "pong", "id": request_id}, encoding)
+            elif kind == "rotate_seed":
+                self._spawn(self._rotate(message, request_id, encoding))
+            elif kind == "auth":
+                raise BadMessage("already signed in")
+            else:
+                raise BadMessage(f"unknown message type {kind!r}")
+        except StakeProError as exc:
+            self.send_error(exc, request_id, encoding)
 
     def _take_token(self) -> None:
         """Token bucket: ``rate_per_socket`` messages a second, bursts of ``rate_burst``."""
@@ -262,40 +276,50 @@ class PlaySession:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def _bet(
+    def _bet(
         self, message: dict[str, Any], request_id: int | str, encoding: Encoding, received: float
     ) -> None:
         services = self.services
-        assert self.state is not None
-        try:
-            spec = validate_bet(
-                message.get("currency"), message.get("amount"), message.get("target"),
-                message.get("direction"), services.settings.currencies,
-                services.settings.house_edge_bp,
-            )
-            result = await services.wallet.bet(
-                self.state, request_id, spec, self.socket_id,
-                services.pushes.local_count(self.state.user_id) - 1,
-            )
-        except StakeProError as exc:
-            self.send_error(exc, request_id, encoding)
-            return
-        except Exception as exc:
-            log.exception("bet_failed", socket=self.socket_id)
-            self.send_error(Unavailable(f"bet not settled: {type(exc).__name__}"),
-                            request_id, encoding)
-            return
-        finally:
-            self._inflight.release()
-        if result.rotated is not None:
-            # Redis restarted since the pair was installed: it was rotated before this bet.
-            self._send_rotation(result.rotated, None, encoding, reason="redis_restart")
-        reply = self._bet_reply(result, request_id, spec.currency)
-        self.send(reply, encoding)
-        services.metrics.bet_latency.observe(time.perf_counter() - received)
-        if not result.replay:
-            services.metrics.bets.labels(spec.currency.code, "win" if result.win else "loss").inc()
-            services.feed.add(bet_entry(self.user.name if self.user else "", spec, reply))
+        state = self.state
+        assert state is not None
+        spec = validate_bet(
+            message.get("currency"), message.get("amount"), message.get("target"),
+            message.get("direction"), services.settings.currencies,
+            services.settings.house_edge_bp,
+        )
+        self._inflight += 1
+        if self._inflight >= self._max_inflight:
+            self._pause()
+        services.wallet.submit(state, PendingBet(
+            request_id, spec, self.socket_id,
+            services.pushes.local_count(state.user_id) - 1, self._bet_done,
+            (encoding, received),
+        ))
+
+    def _bet_done(self, bet: PendingBet, outcome: BetResult | StakeProError) -> None:
+        self._inflight -= 1
+        encoding, received = bet.tag
+        if isinstance(outcome, StakeProError):
+            self.send_error(outcome, bet.client_id, encoding)
+        else:
+            if outcome.rotated is not None:
+                # Redis restarted since the pair was installed: it was rotated first.
+                self._send_rotation(outcome.rotated, None, encoding, reason="redis_restart")
+            spec = bet.spec
+            reply = self._bet_reply(outcome, bet.client_id, spec.currency)
+            self.send(reply, encoding)
+            self._latency.observe(time.perf_counter() - received)
+            if not outcome.replay:
+                key = (spec.currency.code, outcome.win)
+                counter = self._counters.get(key)
+                if counter is None:
+                    counter = self._counters[key] = self.services.metrics.bets.labels(
+                        spec.currency.code, "win" if outcome.win else "loss"
+                    )
+                counter.inc()
+                self.services.feed.add(bet_entry(self.user.name if self.user else "", spec, reply))
+        if self._backlog or self._inflight == self._max_inflight - 1:
+            self._drain_backlog()
 
     @staticmethod
     def _bet_reply(result: BetResult, request_id: int | str, currency: Any) -> dict[str, Any]:
@@ -340,7 +364,10 @@ class PlaySession:
         self.send(message, encoding)
 
 
-async def play_endpoint(ws: WebSocket) -> None:
-    services: Services = ws.app.state.services
-    await ws.accept()
-    await PlaySession(ws, services).run()
+async def play_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """The ASGI app of ``/ws/play`` (a plain ASGI callable, so that frames skip starlette's
+    per-message wrappers; see :mod:`server.wslink`)."""
+    services: Services = scope["app"].state.services
+    endpoint = Endpoint(scope, receive, send)
+    if await endpoint.accept():
+        await PlaySession(endpoint, services).run()

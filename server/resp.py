@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from server.redisconn import RUN_ID, RunId
+
+log = structlog.get_logger(__name__)
 
 Command = tuple[str | bytes | int, ...]
 
@@ -33,10 +37,25 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
 
 
+Done = Callable[[list[Any] | None, Exception | None], None]
+
+
+class _Batch:
+    """Replies of one :meth:`FastConnection.send_now` batch, collected for one callback."""
+
+    __slots__ = ("done", "left", "replies")
+
+    def __init__(self, count: int, done: Done) -> None:
+        self.replies: list[Any] = []
+        self.left = count
+        self.done = done
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader(notEnoughData=False)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        #: One entry per command awaiting its reply: a future, or the batch it belongs to.
+        self.waiting: deque[asyncio.Future[Any] | _Batch] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
 
@@ -48,20 +67,35 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         waiting = self.waiting
         while (reply := self.reader.gets()) is not False:
-            future = waiting.popleft()
-            if future.done():
-                continue
             if isinstance(reply, hiredis.ReplyError):
-                future.set_result(_error(reply))
-            else:
-                future.set_result(reply)
+                reply = _error(reply)
+            entry = waiting.popleft()
+            if isinstance(entry, _Batch):
+                entry.replies.append(reply)
+                entry.left -= 1
+                if not entry.left:
+                    _call(entry.done, entry.replies, None)
+            elif not entry.done():
+                entry.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = RedisConnectionError(f"Redis connection lost: {exc or 'closed'}")
+        failed: set[int] = set()
         while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(self.lost)
+            entry = self.waiting.popleft()
+            if isinstance(entry, _Batch):
+                if id(entry) not in failed:
+                    failed.add(id(entry))
+                    _call(entry.done, None, self.lost)
+            elif not entry.done():
+                entry.set_exception(self.lost)
+
+
+def _call(done: Done, replies: list[Any] | None, exc: Exception | None) -> None:
+    try:
+        done(replies, exc)
+    except Exception:  # a callback's bug must not break the connection's other callers
+        log.exception("redis_batch_callback_failed")
 
 
 class FastConnection:
@@ -136,6 +170,32 @@ class FastConnection:
         run_id = self._run_id.value
         return await self._send(
             protocol, [tuple(run_id if a is RUN_ID else a for a in c) for c in commands]
+        )
+
+    def ready_run_id(self) -> str | None:
+        """The run id of the server this connection reached, or None when it is not
+        connected (then call :meth:`connect` first)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or protocol.transport is None:
+            return None
+        return self._run_id.value
+
+    async def connect(self) -> None:
+        await self._connected()
+
+    def send_now(self, commands: list[Command], done: Done) -> None:
+        """Write ``commands`` now (the caller checked :meth:`ready_run_id` in the same
+        step and filled the run id in itself) and call ``done(replies, None)`` once every
+        reply is in, or ``done(None, error)`` if the connection is lost first. Error replies
+        are ResponseError / NoScriptError instances in the list."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.lost is not None:
+            raise RedisConnectionError("not connected")
+        batch = _Batch(len(commands), done)
+        protocol.waiting.extend([batch] * len(commands))
+        # hiredis's stub types the argument as a 1-tuple; any tuple of args is accepted.
+        protocol.transport.write(
+            b"".join([hiredis.pack_command(c) for c in commands])  # type: ignore[arg-type]
         )
 
     async def close(self) -> None:

@@ -43,6 +43,7 @@ import uvicorn
 from server.app import create_app
 from server.db import migrate
 from server.settings import Settings
+from server.wslink import DirectProtocol
 
 #: Seconds each child gets to stop after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 20.0
@@ -57,7 +58,7 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
         "port": settings.port,
         "loop": "uvloop",
         "http": "httptools",
-        "ws": "websockets-sansio",
+        "ws": DirectProtocol,
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": False,
         "lifespan": "on",

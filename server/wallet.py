@@ -9,9 +9,17 @@ active seed pair and its nonce. A bet computes the roll for ``nonce + 1`` here a
 outcome to bet-5.lua together with the pair id and the nonce it assumed; the script settles
 only if both still hold, else answers STALE and the bet is recomputed for the nonce that is
 current. So one round trip settles a bet, a roll is never applied to another nonce than its
-own, and two server instances serving one user stay correct (they just retry). Bets of one
-user are serialised in this process by a per-user lock; bets of different users share one
-Redis pipeline per loop tick (:mod:`server.redisbatch`).
+own, and two server instances serving one user stay correct (they just retry).
+
+Batching (:meth:`Wallet.submit`): the bets that arrive during one loop tick wait in their
+user's queue; at the end of the tick every user that has no pipeline in flight sends all its
+queued bets (up to MAX_USER_BATCH) at consecutive predicted nonces ``n+1, n+2, ...``, and all
+users' calls leave together in one Redis pipeline, answered through one callback: no task,
+lock or future per bet. Redis runs them in order, so when every prediction holds they all
+settle; when one does not advance the nonce (insufficient funds, a replayed id), the later
+ones of that user come back STALE, without having changed anything, and are recomputed in
+the next pipeline. Only a STALE that no earlier bet of the batch explains counts as an
+attempt against MAX_ATTEMPTS.
 """
 
 from __future__ import annotations
@@ -19,26 +27,35 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import msgpack
+import structlog
+from redis.exceptions import NoScriptError
 
 from games import dice, seeds
 from games.bets import BetSpec, fingerprint, settle
-from games.errors import IdempotencyConflict, InsufficientFunds, Unavailable
+from games.errors import IdempotencyConflict, InsufficientFunds, StakeProError, Unavailable
 from games.money import Currency
 from games.types import Hundredths, Minor, MultiplierBp
 from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
 from server.redisconn import RUN_ID
+from server.resp import Command
 from server.scripts import BetCode, DepositCode, RotateCode
+
+log = structlog.get_logger(__name__)
 
 #: A bet recomputed this many times in a row (other instances betting for the same user,
 #: or rotating under it) gives up with UNAVAILABLE; nothing was changed.
 MAX_ATTEMPTS = 8
+#: Most bets of one user sent in one pipeline (at consecutive predicted nonces).
+MAX_USER_BATCH = 64
 
 
 @dataclass(slots=True)
@@ -52,13 +69,57 @@ class Pair:
     nonce: int
 
 
-@dataclass(slots=True, weakref_slot=True)
+@dataclass(slots=True, eq=False)
+class PendingBet:
+    """One validated bet on its way through :meth:`Wallet.submit`."""
+
+    client_id: int | str
+    spec: BetSpec
+    #: Id of the socket that placed it (its own balance push skips that socket).
+    origin: str
+    #: How many other sockets of the user this process holds (they get the push).
+    local_others: int
+    on_done: Callable[[PendingBet, BetResult | StakeProError], None]
+    #: The caller's own context (the session keeps the encoding and receive time here).
+    tag: Any = None
+    attempts: int = 0
+    rotated: Rotation | None = None
+    # The prediction it was last sent with.
+    nonce: int = 0
+    roll: Hundredths = Hundredths(0)
+    win: bool = False
+    payout: Minor = Minor(0)
+    bet_id: str = ""
+
+
+def _deliver(bet: PendingBet, outcome: BetResult | StakeProError) -> None:
+    try:
+        bet.on_done(bet, outcome)
+    except Exception:  # one caller's bug must not stop the other bets of the batch
+        log.exception("bet_callback_failed")
+
+
+@dataclass(slots=True, weakref_slot=True, eq=False)
 class UserState:
-    """Shared by every socket of one user in this process."""
+    """Shared by every socket of one user in this process.
+
+    Bets wait in ``queue``; at most one pipeline of them is in flight per user
+    (``inflight``), and ``lock`` is held by the slow operations (reading the pair again,
+    rotating it), during which no bet of the user is sent.
+    """
 
     user_id: int
+    #: balances, seed pair, outbox and push channel keys (server/keys.py).
+    keys: tuple[str, str, str, str] = ("", "", "", "")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pair: Pair | None = None
+    queue: deque[PendingBet] = field(default_factory=deque)
+    ready: bool = False
+    inflight: bool = False
+    #: Set while no pipeline of this user is in flight.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Redis restarted since the pair was installed (EPOCH): rotate before the next bet.
+    needs_rotation: bool = False
     #: The active pair's prepared HMAC key, and the pair id it was prepared for.
     key: dice.SeedKey | None = None
     key_pid: str = ""
@@ -106,12 +167,21 @@ class Wallet:
         self._currencies = currencies
         self._window_ms = str(idempotency_window_s * 1000)
         self._users: weakref.WeakValueDictionary[int, UserState] = weakref.WeakValueDictionary()
+        #: Users with bets for the next pipeline, and whether its tick is scheduled.
+        self._ready: list[UserState] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def user(self, user_id: int) -> UserState:
         """The shared state of a user; kept alive by the sockets holding it."""
         state = self._users.get(user_id)
         if state is None:
-            state = UserState(user_id)
+            k = self._keys
+            state = UserState(user_id, (
+                k.balances(user_id), k.seed(user_id), k.outbox_for(user_id),
+                k.user_channel(user_id),
+            ))
+            state.idle.set()
             self._users[user_id] = state
         return state
 
@@ -135,8 +205,12 @@ class Wallet:
 
     async def rotate(self, state: UserState, client_seed: str) -> Rotation:
         """Reveal the active pair and start a new one with ``client_seed`` at nonce 0."""
-        async with state.lock:
-            return await self._rotate_locked(state, client_seed)
+        try:
+            async with state.lock:
+                await state.idle.wait()
+                return await self._rotate_locked(state, client_seed)
+        finally:
+            self._wake(state)
 
     async def _rotate_locked(self, state: UserState, client_seed: str | None) -> Rotation:
         """Rotate (the caller holds the user's lock); ``None`` keeps the client seed."""
@@ -192,79 +266,230 @@ class Wallet:
 
     # -- bets -------------------------------------------------------------------------
 
+    def submit(self, state: UserState, bet: PendingBet) -> None:
+        """Queue ``bet``; ``bet.on_done(bet, result or error)`` is called once it is settled,
+        replayed or refused (IdempotencyConflict, InsufficientFunds or Unavailable; none of
+        them changed anything). Never raises, never blocks."""
+        state.queue.append(bet)
+        self._wake(state)
+
     async def bet(
         self, state: UserState, client_id: int | str, spec: BetSpec, origin: str,
         local_others: int = 0,
     ) -> BetResult:
-        """Settle one bet, or replay the one already settled under ``client_id``.
+        """:meth:`submit` as a coroutine: the result, or raises the error."""
+        future: asyncio.Future[BetResult] = asyncio.get_running_loop().create_future()
 
-        ``local_others`` is how many other sockets of the user this process holds (they get
-        the balance push; other instances are found by the script itself).
+        def done(_: PendingBet, outcome: BetResult | StakeProError) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, StakeProError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
-        Raises IdempotencyConflict, InsufficientFunds or Unavailable; none changed anything.
-        """
-        uid = state.user_id
-        keys = (
-            self._keys.balances(uid),
-            self._keys.seed(uid),
-            self._keys.bet_idem(uid, client_id),
-            self._keys.outbox_for(uid),
-            self._keys.user_channel(uid),
-        )
-        fp = fingerprint(spec)
-        rotated: Rotation | None = None
-        async with state.lock:
-            for _ in range(MAX_ATTEMPTS):
-                pair = await self.pair(state)
-                nonce = pair.nonce + 1
-                roll = state.seed_key(pair).roll(pair.client_seed, nonce)
+        self.submit(state, PendingBet(client_id, spec, origin, local_others, done))
+        return await future
+
+    def _wake(self, state: UserState) -> None:
+        """Put ``state`` on the next tick's batch if it has bets and nothing in the way."""
+        if state.ready or state.inflight or state.lock.locked() or not state.queue:
+            return
+        state.ready = True
+        self._ready.append(state)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """One loop tick's bets, every user's queued bets at consecutive predicted nonces,
+        in one pipeline."""
+        self._scheduled = False
+        ready, self._ready = self._ready, []
+        fast = self._batcher.fast
+        run_id = fast.ready_run_id()
+        if run_id is None:
+            for state in ready:
+                state.ready = False
+            self._spawn(self._reconnect(ready))
+            return
+        commands: list[Command] = []
+        groups: list[tuple[UserState, Pair, list[PendingBet]]] = []
+        sha = scripts.BET.sha
+        window, ts = self._window_ms, int(time.time() * 1000)
+        for state in ready:
+            state.ready = False
+            if state.inflight or state.lock.locked() or not state.queue:
+                continue
+            pair = state.pair
+            if pair is None or state.needs_rotation:
+                self._spawn(self._prepare(state))
+                continue
+            queue = state.queue
+            bets = [queue.popleft() for _ in range(min(len(queue), MAX_USER_BATCH))]
+            uid = state.user_id
+            balances, seed, outbox, channel = state.keys
+            key = state.seed_key(pair)
+            pid, pid_int, cs, sh = pair.pid, int(pair.pid), pair.client_seed, pair.server_seed_hash
+            nonce = pair.nonce
+            for bet in bets:
+                spec = bet.spec
+                expected, nonce = nonce, nonce + 1
+                roll = key.roll(cs, nonce)
                 outcome = settle(spec, roll)
-                bet_id = f"{pair.pid}-{nonce}"
+                bet_id = f"{pid}-{nonce}"
+                bet.nonce, bet.roll, bet.win, bet.payout, bet.bet_id = (
+                    nonce, roll, outcome.win, outcome.payout, bet_id
+                )
                 stored = msgpack.packb(
-                    [bet_id, roll, outcome.win, spec.multiplier, outcome.payout, nonce,
-                     pair.server_seed_hash, pair.client_seed]
+                    [bet_id, roll, outcome.win, spec.multiplier, outcome.payout, nonce, sh, cs]
                 )
                 event = msgpack.packb(
                     {
-                        "bet_id": bet_id, "user_id": uid, "pair_id": int(pair.pid),
+                        "bet_id": bet_id, "user_id": uid, "pair_id": pid_int,
                         "currency": spec.currency.code, "amount": spec.amount,
                         "payout": outcome.payout, "roll": roll, "target": spec.target,
                         "direction": spec.direction, "nonce": nonce,
-                        "multiplier": spec.multiplier, "server_seed_hash": pair.server_seed_hash,
-                        "client_seed": pair.client_seed, "ts": int(time.time() * 1000),
+                        "multiplier": spec.multiplier, "server_seed_hash": sh,
+                        "client_seed": cs, "ts": ts,
                     }
                 )
-                args = (
+                commands.append((
+                    "EVALSHA", sha, 5, balances, seed,
+                    self._keys.bet_idem(uid, bet.client_id), outbox, channel,
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
-                    pair.pid, str(pair.nonce), fp, self._window_ms, stored, event, origin,
-                    RUN_ID, str(local_others),
-                )
-                reply = await self._batcher.run(scripts.BET, keys, args)
-                code = reply[0]
-                if code == BetCode.SETTLED:
-                    pair.nonce = nonce
-                    return BetResult(
-                        bet_id, roll, outcome.win, spec.multiplier, outcome.payout,
-                        Minor(int(reply[1])), nonce, pair.server_seed_hash, pair.client_seed,
-                        rotated=rotated,
-                    )
-                if code == BetCode.REPLAY:
-                    b_id, r, w, m, p, n, sh, cs = msgpack.unpackb(reply[2])
-                    return BetResult(b_id, r, w, m, p, Minor(int(reply[1])), n, sh, cs, True)
-                if code == BetCode.CONFLICT:
-                    raise IdempotencyConflict(
-                        "this bet id was already used with other fields"
-                    )
-                if code == BetCode.INSUFFICIENT_FUNDS:
-                    raise InsufficientFunds(
-                        f"balance {_text(reply[1])} minor units is below the stake"
-                    )
-                if code == BetCode.EPOCH:
+                    pid, str(expected), fingerprint(spec), window, stored, event, bet.origin,
+                    run_id, str(bet.local_others),
+                ))
+            state.inflight = True
+            state.idle.clear()
+            groups.append((state, pair, bets))
+        if commands:
+            fast.send_now(commands, lambda replies, exc: self._settled(groups, replies, exc))
+
+    def _settled(
+        self,
+        groups: list[tuple[UserState, Pair, list[PendingBet]]],
+        replies: list[Any] | None,
+        exc: Exception | None,
+    ) -> None:
+        """Hand every bet of one pipeline its outcome; requeue the ones to recompute."""
+        index = 0
+        reload_scripts = False
+        for state, pair, bets in groups:
+            state.inflight = False
+            state.idle.set()
+            retry: list[PendingBet] = []
+            # False once a bet of this group did not advance the nonce: the later ones were
+            # predicted on top of it and come back STALE without any contention.
+            chained = True
+            for bet in bets:
+                reply: Any = exc if replies is None else replies[index]
+                index += 1
+                outcome: BetResult | StakeProError | None
+                if isinstance(reply, Exception):
+                    chained = False
+                    if isinstance(reply, NoScriptError):
+                        reload_scripts = True
+                        retry.append(bet)
+                        continue
+                    outcome = Unavailable(f"bet not settled: {type(reply).__name__}")
+                else:
+                    code = reply[0]
+                    if code == BetCode.SETTLED:
+                        if state.pair is pair and pair.nonce < bet.nonce:
+                            pair.nonce = bet.nonce
+                        outcome = BetResult(
+                            bet.bet_id, bet.roll, bet.win, bet.spec.multiplier, bet.payout,
+                            Minor(int(reply[1])), bet.nonce, pair.server_seed_hash,
+                            pair.client_seed, rotated=bet.rotated,
+                        )
+                    else:
+                        outcome = self._refused(state, pair, code, reply)
+                        if outcome is None:
+                            if chained:
+                                bet.attempts += 1
+                            chained = False
+                            if bet.attempts < MAX_ATTEMPTS:
+                                retry.append(bet)
+                                continue
+                            outcome = Unavailable(
+                                "the seed pair kept changing under this bet; resend it"
+                            )
+                        chained = False
+                _deliver(bet, outcome)
+            if retry:
+                state.queue.extendleft(reversed(retry))
+            if reload_scripts:
+                continue
+            self._wake(state)
+        if reload_scripts:
+            self._spawn(self._reload_scripts([state for state, _, _ in groups]))
+
+    @staticmethod
+    def _refused(
+        state: UserState, pair: Pair, code: int, reply: list[Any]
+    ) -> BetResult | StakeProError | None:
+        """The outcome of a reply other than SETTLED; None: recompute and send again."""
+        if code == BetCode.REPLAY:
+            b_id, r, w, m, p, n, sh, cs = msgpack.unpackb(reply[2])
+            return BetResult(b_id, r, w, m, p, Minor(int(reply[1])), n, sh, cs, True)
+        if code == BetCode.CONFLICT:
+            return IdempotencyConflict("this bet id was already used with other fields")
+        if code == BetCode.INSUFFICIENT_FUNDS:
+            return InsufficientFunds(f"balance {_text(reply[1])} minor units is below the stake")
+        if state.pair is pair:
+            state.pair = None  # STALE or NO_SEED: read the pair again
+        if code == BetCode.EPOCH:
+            state.needs_rotation = True
+        return None
+
+    async def _prepare(self, state: UserState) -> None:
+        """Read the user's pair again, or rotate it after a Redis restart (EPOCH), then let
+        its queued bets go."""
+        try:
+            async with state.lock:
+                if state.needs_rotation:
                     state.pair = None
-                    rotated = await self._rotate_locked(state, None)
-                    continue
-                state.pair = None  # STALE or NO_SEED: read the pair again and recompute
-        raise Unavailable("the seed pair kept changing under this bet; resend it")
+                    rotation = await self._rotate_locked(state, None)
+                    state.needs_rotation = False
+                    if state.queue:  # that bet's socket learns of the rotation first
+                        state.queue[0].rotated = rotation
+                else:
+                    await self.pair(state)
+        except Exception as exc:
+            self._fail_queue(state, exc)
+        self._wake(state)
+
+    async def _reconnect(self, states: list[UserState]) -> None:
+        try:
+            await self._batcher.fast.connect()
+        except Exception as exc:
+            for state in states:
+                self._fail_queue(state, exc)
+        for state in states:
+            self._wake(state)
+
+    async def _reload_scripts(self, states: list[UserState]) -> None:
+        try:
+            await self._batcher.load_scripts()
+        except Exception as exc:
+            for state in states:
+                self._fail_queue(state, exc)
+        for state in states:
+            self._wake(state)
+
+    @staticmethod
+    def _fail_queue(state: UserState, exc: Exception) -> None:
+        log.warning("bets_not_settled", user_id=state.user_id, error=repr(exc))
+        while state.queue:
+            bet = state.queue.popleft()
+            _deliver(bet, Unavailable(f"bet not settled: {type(exc).__name__}"))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- deposits and balances --------------------------------------------------------
 

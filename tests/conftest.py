@@ -22,6 +22,7 @@ import uvicorn
 from server.app import create_app
 from server.db import drop_database, migrate
 from server.settings import Settings
+from server.wslink import DirectProtocol
 from tests.helpers import Api
 
 ADMIN_TOKEN = "test-admin-token"
@@ -115,7 +116,7 @@ async def serve(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None],
     """Run the app in this event loop on a free port; returns (server, task, base URL)."""
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning",
-        ws="websockets-sansio", ws_max_size=settings.max_frame_bytes,
+        ws=DirectProtocol, ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=False, lifespan="on",
     )
     server = uvicorn.Server(config)
