@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from games.dice import (
     OUTCOMES,
+    format_hundredths,
+    format_multiplier,
     is_win,
     multiplier_bp,
     parse_direction,
@@ -22,7 +24,7 @@ from games.errors import BadMessage, BetLimit
 from games.money import Currency, format_amount, parse_amount, parse_currency
 from games.types import Direction, Hundredths, Minor, MultiplierBp
 
-__all__ = ["BetSpec", "Outcome", "fingerprint", "settle", "validate_bet"]
+__all__ = ["BetChecker", "BetSpec", "Checked", "Outcome", "fingerprint", "settle", "validate_bet"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +115,55 @@ def settle(spec: BetSpec, roll: Hundredths) -> Outcome:
         raise ValueError("a roll is within 0 ... 10000 hundredths")
     win = is_win(roll, spec.target, spec.direction)
     return Outcome(roll=roll, win=win, payout=spec.payout_if_win if win else Minor(0))
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A valid bet together with the texts the bet path sends about it, made once."""
+
+    spec: BetSpec
+    fingerprint: str
+    amount_text: str
+    target_text: str
+    multiplier_text: str
+
+
+class BetChecker:
+    """:func:`validate_bet` with a bounded memo of the requests that passed.
+
+    Players and autobets repeat the same few bets (currency, amount, target, direction)
+    thousands of times; parsing them again each time was a measurable share of a bet's
+    CPU. Only requests whose four fields are all strings are remembered (the key compares
+    them exactly), and the memo is emptied when it reaches ``size`` entries.
+    """
+
+    def __init__(
+        self, currencies: Mapping[str, Currency], house_edge_bp: int, size: int = 4096
+    ) -> None:
+        self._currencies = currencies
+        self._edge = house_edge_bp
+        self._size = size
+        self._memo: dict[tuple[str, str, str, str], Checked] = {}
+
+    def check(self, currency: object, amount: object, target: object, direction: object) -> Checked:
+        """Like :func:`validate_bet` (same errors)."""
+        if (
+            type(currency) is str and type(amount) is str and type(target) is str
+            and type(direction) is str
+        ):
+            key = (currency, amount, target, direction)
+            hit = self._memo.get(key)
+            if hit is not None:
+                return hit
+        else:
+            key = None
+        spec = validate_bet(currency, amount, target, direction, self._currencies, self._edge)
+        checked = Checked(
+            spec, fingerprint(spec), format_amount(spec.amount, spec.currency),
+            format_hundredths(spec.target), format_multiplier(spec.multiplier),
+        )
+        if key is not None:
+            if len(self._memo) >= self._size:
+                self._memo.clear()
+            self._memo[key] = checked
+        return checked

@@ -36,9 +36,7 @@ import structlog
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketState
 
-from games.bets import BetSpec
-from games.dice import format_hundredths
-from games.money import format_amount
+from games.bets import Checked
 from server import codec
 from server.codec import Encoding
 from server.metrics import Metrics
@@ -61,16 +59,16 @@ CLIENT_FRAMES_BURST = 20
 CLOSE_TIMEOUT_S = 5.0
 
 
-def bet_entry(player: str, spec: BetSpec, reply: Mapping[str, Any]) -> dict[str, Any]:
+def bet_entry(player: str, checked: Checked, reply: Mapping[str, Any]) -> dict[str, Any]:
     """One feed entry, in the wire formats of the protocol. ``player`` is a display name;
     ``reply`` is the bet's ``bet_result``, whose fields are already formatted."""
     return {
         "bet_id": reply["bet_id"],
         "player": player,
-        "currency": spec.currency.code,
-        "amount": format_amount(spec.amount, spec.currency),
-        "target": format_hundredths(spec.target),
-        "direction": spec.direction,
+        "currency": checked.spec.currency.code,
+        "amount": checked.amount_text,
+        "target": checked.target_text,
+        "direction": checked.spec.direction,
         "roll": reply["roll"],
         "win": reply["win"],
         "multiplier": reply["multiplier"],

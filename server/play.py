@@ -22,8 +22,8 @@ from typing import Any
 import structlog
 
 from games import seeds
-from games.bets import validate_bet
-from games.dice import format_hundredths, format_multiplier
+from games.bets import Checked
+from games.dice import OUTCOMES, format_hundredths, format_multiplier
 from games.errors import BadMessage, RateLimited, StakeProError, Unauthorized, Unavailable
 from games.money import format_amount
 from server import codec, users
@@ -36,6 +36,8 @@ from server.wslink import Endpoint, Link, Receive, Send
 log = structlog.get_logger(__name__)
 
 _socket_numbers = itertools.count(1)
+#: Every roll's text, "0.00" ... "100.00".
+_ROLL_TEXT = tuple(format_hundredths(h) for h in range(OUTCOMES))
 
 
 def _pair_view(pair: Pair) -> dict[str, Any]:
@@ -282,23 +284,22 @@ class PlaySession:
         services = self.services
         state = self.state
         assert state is not None
-        spec = validate_bet(
+        checked = services.checker.check(
             message.get("currency"), message.get("amount"), message.get("target"),
-            message.get("direction"), services.settings.currencies,
-            services.settings.house_edge_bp,
+            message.get("direction"),
         )
         self._inflight += 1
         if self._inflight >= self._max_inflight:
             self._pause()
         services.wallet.submit(state, PendingBet(
-            request_id, spec, self.socket_id,
+            request_id, checked.spec, self.socket_id,
             services.pushes.local_count(state.user_id) - 1, self._bet_done,
-            (encoding, received),
+            (encoding, received, checked), checked.fingerprint,
         ))
 
     def _bet_done(self, bet: PendingBet, outcome: BetResult | StakeProError) -> None:
         self._inflight -= 1
-        encoding, received = bet.tag
+        encoding, received, checked = bet.tag
         if isinstance(outcome, StakeProError):
             self.send_error(outcome, bet.client_id, encoding)
         else:
@@ -306,7 +307,7 @@ class PlaySession:
                 # Redis restarted since the pair was installed: it was rotated first.
                 self._send_rotation(outcome.rotated, None, encoding, reason="redis_restart")
             spec = bet.spec
-            reply = self._bet_reply(outcome, bet.client_id, spec.currency)
+            reply = self._bet_reply(outcome, bet.client_id, spec.currency, checked)
             self.send(reply, encoding)
             self._latency.observe(time.perf_counter() - received)
             if not outcome.replay:
@@ -317,16 +318,23 @@ class PlaySession:
                         spec.currency.code, "win" if outcome.win else "loss"
                     )
                 counter.inc()
-                self.services.feed.add(bet_entry(self.user.name if self.user else "", spec, reply))
+                self.services.feed.add(
+                    bet_entry(self.user.name if self.user else "", checked, reply)
+                )
         if self._backlog or self._inflight == self._max_inflight - 1:
             self._drain_backlog()
 
     @staticmethod
-    def _bet_reply(result: BetResult, request_id: int | str, currency: Any) -> dict[str, Any]:
+    def _bet_reply(
+        result: BetResult, request_id: int | str, currency: Any, checked: Checked
+    ) -> dict[str, Any]:
+        multiplier = (
+            checked.multiplier_text if result.multiplier == checked.spec.multiplier
+            else format_multiplier(result.multiplier)  # a replay from another house edge
+        )
         return {
             "type": "bet_result", "id": request_id, "bet_id": result.bet_id,
-            "roll": format_hundredths(result.roll), "win": result.win,
-            "multiplier": format_multiplier(result.multiplier),
+            "roll": _ROLL_TEXT[result.roll], "win": result.win, "multiplier": multiplier,
             "payout": format_amount(result.payout, currency),
             "balance": format_amount(result.balance, currency), "nonce": result.nonce,
             "server_seed_hash": result.server_seed_hash, "client_seed": result.client_seed,

@@ -12,6 +12,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
 
+from games.bets import BetChecker
 from server.feed import Feed
 from server.keys import Keys
 from server.metrics import Metrics
@@ -41,6 +42,8 @@ class Services:
     persister: Persister | None = None
     #: The public bet feed (/ws/feed); created by start().
     feed: Feed = field(init=False)
+    #: Validates bet requests, remembering the ones seen before.
+    checker: BetChecker = field(init=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -65,6 +68,7 @@ class Services:
                 commission_flush_s=settings.commission_flush_s,
             )
             services.persister.start()
+        services.checker = BetChecker(settings.currencies, settings.house_edge_bp)
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
         )

@@ -69,6 +69,9 @@ class Pair:
     nonce: int
 
 
+_NO_ROLL, _NO_PAYOUT = Hundredths(0), Minor(0)
+
+
 @dataclass(slots=True, eq=False)
 class PendingBet:
     """One validated bet on its way through :meth:`Wallet.submit`."""
@@ -82,13 +85,15 @@ class PendingBet:
     on_done: Callable[[PendingBet, BetResult | StakeProError], None]
     #: The caller's own context (the session keeps the encoding and receive time here).
     tag: Any = None
+    #: fingerprint(spec), when the caller has it already.
+    fp: str = ""
     attempts: int = 0
     rotated: Rotation | None = None
     # The prediction it was last sent with.
     nonce: int = 0
-    roll: Hundredths = Hundredths(0)
+    roll: Hundredths = _NO_ROLL
     win: bool = False
-    payout: Minor = Minor(0)
+    payout: Minor = _NO_PAYOUT
     bet_id: str = ""
 
 
@@ -341,6 +346,8 @@ class Wallet:
                 bet.nonce, bet.roll, bet.win, bet.payout, bet.bet_id = (
                     nonce, roll, outcome.win, outcome.payout, bet_id
                 )
+                if not bet.fp:
+                    bet.fp = fingerprint(spec)
                 stored = msgpack.packb(
                     [bet_id, roll, outcome.win, spec.multiplier, outcome.payout, nonce, sh, cs]
                 )
@@ -358,7 +365,7 @@ class Wallet:
                     "EVALSHA", sha, 5, balances, seed,
                     self._keys.bet_idem(uid, bet.client_id), outbox, channel,
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
-                    pid, str(expected), fingerprint(spec), window, stored, event, bet.origin,
+                    pid, str(expected), bet.fp, window, stored, event, bet.origin,
                     run_id, str(bet.local_others),
                 ))
             state.inflight = True
