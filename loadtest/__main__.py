@@ -4,7 +4,7 @@ Commands (``python -m loadtest COMMAND --help`` for each one's options):
 
   bets          closed-loop (or ``--rate``-paced) bets over many player sockets: throughput,
                 HDR latency, server bet time from /metrics; ``--report FILE.html`` plots
-                throughput and p99 per second; ``--client picows`` if picows is installed
+                throughput and p99 per second; picows when installed (``--client``)
   double-spend  simultaneous full-balance bets of many players over several sockets, many
                 rounds: exactly one accepted per player per round, final balance 0
   storm         10,000 players under one super master, 500 betting in the same second (or
@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from loadtest import bets, common, doublespend, page, sockets, spectators, storm
-from loadtest.client import CLIENTS, picows_available
+from loadtest.client import CLIENTS, DEFAULT_CLIENT, picows_available
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
 
@@ -95,9 +95,9 @@ def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="exit 1 above this fraction of errors (0.01)")
     p.add_argument("--drain-timeout", type=_positive_float, default=5.0,
                    help="seconds to wait for the last replies (5)")
-    p.add_argument("--client", choices=CLIENTS, default="websockets",
-                   help="socket implementation: websockets, or picows if installed"
-                        " (websockets)")
+    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
+                   help="socket implementation: picows (the cheaper, when installed) or"
+                        f" websockets ({DEFAULT_CLIENT})")
     p.add_argument("--rate", type=_positive_float, default=None,
                    help="paced: at most this many bets/s over all sockets (default: closed"
                         " loop)")

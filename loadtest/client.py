@@ -1,8 +1,10 @@
 """The load tester's socket client, kept small so another implementation can be swapped in:
 a :class:`Socket` sends and receives decoded message maps, nothing more.
 
-Two implementations: ``websockets`` (the default, pure asyncio) and ``picows`` (a Cython
-WebSocket client, optional: ``pip install picows``; see loadtest/picows_client.py).
+Two implementations: ``websockets`` (pure asyncio) and ``picows`` (a Cython WebSocket
+client, in the dev extras; see loadtest/picows_client.py). ``bets`` and ``spectators`` use
+picows when it is installed (:data:`DEFAULT_CLIENT`), and drive it from its frame callback
+rather than through :class:`Socket` (loadtest/picows_bets.py).
 """
 
 from __future__ import annotations
@@ -92,3 +94,8 @@ def picows_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+#: The ``bets`` and ``spectators`` commands' client: picows when it is installed (about a
+#: third of the CPU per bet, see loadtest/picows_bets.py), else websockets.
+DEFAULT_CLIENT: ClientKind = "picows" if picows_available() else "websockets"

@@ -136,7 +136,7 @@ async def test_double_spend_smoke(api: Api) -> None:
     assert "round   1" in report.table()
 
 
-# -- bets --report, --rate, --client picows ----------------------------------------------------
+# -- bets --report, --rate, --client ----------------------------------------------------
 
 
 async def test_bets_paced_with_html_report(api: Api, tmp_path: Path) -> None:
@@ -165,12 +165,101 @@ def test_report_flag_via_cli(tmp_path: Path) -> None:
     assert args.report.endswith("r.html") and args.rate == 100.0
 
 
-async def test_bets_picows_client(api: Api) -> None:
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+async def test_bets_websockets_client(api: Api, encoding: str) -> None:
+    """The fallback client (picows is the default when installed)."""
     report = await run_bets(BetsOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=2, inflight=2,
-        duration=1.0, ramp_up=0.0, client="picows", encoding="msgpack",
+        duration=1.0, ramp_up=0.0, client="websockets", encoding=encoding,
     ))
     assert report.bets > 0 and report.errors == {}, report.errors
+    assert report.hist.get_total_count() == report.bets
+
+
+async def test_bets_picows_paced_and_shared_players(api: Api) -> None:
+    """picows' callback driver, paced, two sockets per player, every result handed over."""
+    from loadtest.client import picows_available
+
+    assert picows_available()  # in the dev extras: the default client of bets
+    assert BetsOptions().client == "picows"
+    seen: list[Any] = []
+    report = await run_bets(BetsOptions(
+        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
+        duration=1.5, ramp_up=0.0, client="picows", rate=80.0, players=2,
+        on_result=lambda m, _ns: seen.append(m["bet_id"]),
+    ))
+    assert report.ok and report.errors == {}, report.errors
+    assert report.bets_all == len(seen) == len(set(seen)) > 0
+    assert report.bets_all <= 80 * 2.0
+    assert sum(int(p["bets"] or 0) for p in report.series) == report.bets_all
+
+
+def test_tally_folds_like_recording_every_value() -> None:
+    """Latencies counted per HDR bucket and folded give the very histograms that recording
+    every value does (the report's percentiles, min, max and mean, and the series)."""
+    import random
+
+    from hdrh.histogram import HdrHistogram
+
+    from loadtest.bets import HIST_MAX_US, SERIES_DIGITS, Tally
+
+    rng = random.Random(5)
+    t0 = 1000.0
+    tally = Tally(t0 + 0.5, t0 + 2.5, t0)
+    direct = HdrHistogram(1, HIST_MAX_US, 3)
+    seconds = [HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS) for _ in range(3)]
+    now_ns = int(t0 * 1e9)
+    for _ in range(20_000):
+        now_ns += rng.randrange(1, 300_000)
+        if now_ns >= int((t0 + 3) * 1e9):
+            break
+        micros = int(rng.lognormvariate(8, 1.5)) + rng.choice((0, 0, 0, 70_000_000))
+        tally.reply(now_ns - micros * 1000, now_ns)
+        value = min(max(1, micros), HIST_MAX_US)
+        if int((t0 + 0.5) * 1e9) <= now_ns < int((t0 + 2.5) * 1e9):
+            direct.record_value(value)
+        seconds[(now_ns - int(t0 * 1e9)) // 1_000_000_000].record_value(value)
+        if rng.random() < 0.001:
+            tally.fold()  # as the progress line does
+    series = tally.series()
+    hist = tally.hist
+    assert hist.get_total_count() == direct.get_total_count() > 1000
+    for p in (0.0, 1.0, 50.0, 90.0, 99.0, 99.9, 100.0):
+        assert hist.get_value_at_percentile(p) == direct.get_value_at_percentile(p), p
+    assert hist.get_min_value() == direct.get_min_value()
+    assert hist.get_max_value() == direct.get_max_value() >= HIST_MAX_US
+    assert hist.get_mean_value() == direct.get_mean_value()
+    assert [p["bets"] for p in series] == [h.get_total_count() for h in seconds]
+    assert [p["p99_ms"] for p in series] == [h.get_value_at_percentile(99.0) / 1000
+                                             for h in seconds]
+
+
+def test_picows_bet_frames() -> None:
+    """The bet frames written by the picows driver: masked client frames whose payload is
+    the template with the id spliced in; a reply's id is read at its fixed offset."""
+    import msgpack
+
+    from loadtest.picows_bets import _MSGPACK_ID_AT, _MSGPACK_RESULT, BetTemplate, Masker
+
+    for encoding in ("msgpack", "json"):
+        template = BetTemplate(BetsOptions(encoding=encoding))  # type: ignore[arg-type]
+        masker = Masker(template.opcode)
+        bet_id = (7 << 32) + 12345
+        frame = masker.frame(template.payload(bet_id))
+        assert frame[0] == (0x82 if encoding == "msgpack" else 0x81)
+        n = frame[1] & 0x7F
+        assert frame[1] & 0x80 and n == len(frame) - 6
+        key = frame[2:6]
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(frame[6:]))
+        message = (msgpack.unpackb(payload) if encoding == "msgpack"
+                   else json.loads(payload))
+        assert message == {"type": "bet", "id": bet_id, "currency": "USDT",
+                           "amount": "0.01", "target": "50.00", "direction": "under"}
+    reply = msgpack.packb({"type": "bet_result", "id": bet_id, "bet_id": "1-1"})
+    assert reply.startswith(_MSGPACK_RESULT, 1)
+    assert int.from_bytes(reply[_MSGPACK_ID_AT:_MSGPACK_ID_AT + 8], "big") == bet_id
+    long = Masker(0x82).frame(bytes(300))
+    assert long[1] == 0x80 | 126 and int.from_bytes(long[2:4], "big") == 300
 
 
 # -- storm -----------------------------------------------------------------------------------

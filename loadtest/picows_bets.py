@@ -1,0 +1,369 @@
+"""The ``bets`` load over picows, driven from picows' frame callback: no coroutine, future
+or task per bet (``--client picows``, the default when picows is installed).
+
+One :class:`BetListener` per socket. After the welcome, every received frame is handled in
+``on_ws_frame`` as it is parsed:
+
+- a ``bet_result`` is recognised by its first bytes (``type`` then ``id``, as the server
+  writes them; anything else is decoded whole and handled like the generic client does),
+  its id taken from its fixed offset, its latency tallied (:meth:`loadtest.bets.Tally.reply`);
+- closed loop: each answered bet makes one more bet due, and the due bets are written when
+  the frame is the last one of the bytes read (``frame.last_in_buffer``), all in one write:
+  several replies read at once cost one ``send`` system call, not several;
+- paced (``--rate``): a timer per socket (``loop.call_at``) sends each bet; a full socket
+  (``inflight`` unanswered) sends from the reply that frees a slot.
+
+Bet frames are built here, not by picows: the bet's bytes are the template's with the id
+spliced in, masked with the socket's mask key (one random key per socket, not per frame:
+this is a load generator, the server only unmasks), so that several can go out in one
+write. Latency is per bet, from the write that carried it to the reply's frame callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import picows  # type: ignore[import-not-found,unused-ignore]
+
+from loadtest.client import decode
+
+if TYPE_CHECKING:
+    from loadtest.bets import BetsOptions, Tally
+
+BINARY = picows.WSMsgType.BINARY
+TEXT = picows.WSMsgType.TEXT
+CLOSE = picows.WSMsgType.CLOSE
+#: Stands for the id in the template; ids are ``(socket + 1) << 32 | serial``: always
+#: msgpack uint64 (``0xcf`` and 8 bytes).
+_PLACEHOLDER = 2**64 - 1
+#: How a msgpack ``bet_result`` of the server starts after its map header, up to the id's
+#: 8 bytes; and a compact JSON one, up to the id's digits.
+_MSGPACK_RESULT = b"\xa4type\xaabet_result\xa2id\xcf"
+_MSGPACK_ID_AT = 1 + len(_MSGPACK_RESULT)
+_JSON_RESULT = b'{"type":"bet_result","id":'
+_JSON_ID_AT = len(_JSON_RESULT)
+
+
+def _decode(payload: bytes, binary: bool) -> dict[str, Any]:
+    """A frame's payload (picows gives bytes for both kinds) as a message map."""
+    return decode(payload if binary else payload.decode())
+
+
+class BetTemplate:
+    """The run's bet frame payload, split around the id."""
+
+    def __init__(self, options: BetsOptions) -> None:
+        self.binary = options.encoding == "msgpack"
+        message = {
+            "type": "bet", "id": _PLACEHOLDER, "currency": options.currency,
+            "amount": options.amount, "target": options.target,
+            "direction": options.direction,
+        }
+        if self.binary:
+            raw, marker = msgpack.packb(message), b"\xcf" + _PLACEHOLDER.to_bytes(8, "big")
+        else:
+            raw = json.dumps(message, separators=(",", ":")).encode()
+            marker = str(_PLACEHOLDER).encode()
+        self.prefix, self.suffix = raw.split(marker)
+        if self.binary:
+            self.prefix += b"\xcf"
+        self.opcode = 0x82 if self.binary else 0x81
+
+    def payload(self, bet_id: int) -> bytes:
+        if self.binary:
+            return self.prefix + bet_id.to_bytes(8, "big") + self.suffix
+        return self.prefix + b"%d" % bet_id + self.suffix
+
+
+class Masker:
+    """Client frames (RFC 6455 5.2: FIN, opcode, masked length, key, masked payload) of one
+    socket, with one mask key; the header and the repeated key are kept per length."""
+
+    def __init__(self, opcode: int) -> None:
+        self.opcode = opcode
+        self.key = os.urandom(4)
+        self._by_length: dict[int, tuple[bytes, int]] = {}
+
+    def frame(self, payload: bytes) -> bytes:
+        n = len(payload)
+        known = self._by_length.get(n)
+        if known is None:
+            known = self._by_length[n] = self._prepare(n)
+        head, key = known
+        return head + (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+
+    def _prepare(self, n: int) -> tuple[bytes, int]:
+        if n < 126:
+            head = bytes((self.opcode, 0x80 | n))
+        elif n < 1 << 16:
+            head = bytes((self.opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((self.opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        repeated = (self.key * (n // 4 + 1))[:n]
+        return head + self.key, int.from_bytes(repeated, "little")
+
+
+class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
+    """One player socket of the run: the welcome, then bets from the frame callback."""
+
+    def __init__(self, index: int, options: BetsOptions, tally: Tally,
+                 template: BetTemplate) -> None:
+        self.options = options
+        self.tally = tally
+        self.template = template
+        self.masker = Masker(template.opcode)
+        self.base = (index + 1) << 32
+        self.serial = 0
+        self.pending: dict[int, int] = {}
+        self.inflight = options.inflight
+        self.stop_ns = int(tally.stop_at * 1e9)
+        self.on_result: Callable[[dict[str, Any], int], None] | None = options.on_result
+        self.transport: Any = None
+        self.write: Callable[[bytes], None] | None = None
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        #: The welcome (or the refusal) to the ``auth`` frame.
+        self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
+        #: Set when the run of this socket is over (or failed: ConnectionError, ValueError).
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.started = False
+        self.finished = False
+        self.due = 0
+        # Paced mode.
+        self.paced = bool(options.rate)
+        self.interval = options.connections / options.rate if options.rate else 0.0
+        self.next_at = 0.0
+        self.stop_loop = 0.0
+        self.blocked = False
+        self.pacing_over = not self.paced
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- picows callbacks --------------------------------------------------------------
+
+    def on_ws_connected(self, transport: Any) -> None:
+        self.transport = transport
+        self.write = transport.underlying_transport.write
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        kind = frame.msg_type
+        if kind != BINARY and kind != TEXT:
+            if kind == CLOSE:
+                transport.disconnect()
+            return
+        payload: bytes = frame.get_payload_as_bytes()
+        if not self.started:
+            self._before_start(payload)
+            return
+        now = time.perf_counter_ns()
+        bet_id = -1
+        if self.template.binary:
+            if payload.startswith(_MSGPACK_RESULT, 1) and payload[0] & 0xF0 == 0x80:
+                bet_id = int.from_bytes(payload[_MSGPACK_ID_AT:_MSGPACK_ID_AT + 8], "big")
+        elif payload.startswith(_JSON_RESULT):
+            end = payload.find(b",", _JSON_ID_AT)
+            if end > 0:
+                try:
+                    bet_id = int(payload[_JSON_ID_AT:end])
+                except ValueError:
+                    bet_id = -1
+        if bet_id >= 0:
+            sent = self.pending.pop(bet_id, None)
+            if sent is None:
+                self.tally.errors["UNKNOWN_ID"] += 1
+                answered = False
+            else:
+                self.tally.reply(sent, now)
+                if self.on_result is not None:
+                    self.on_result(_decode(payload, self.template.binary), time.time_ns())
+                answered = True
+        else:
+            answered = self._other(payload, now)
+        if answered:
+            if self.paced:
+                if self.blocked and len(self.pending) < self.inflight:
+                    self._unblock()
+            elif now < self.stop_ns:
+                self.due += 1
+        if frame.last_in_buffer:
+            if self.due:
+                self._send(self.due)
+                self.due = 0
+            if not self.pending and self.pacing_over:
+                self._finish(None)
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("socket closed"))
+        self._finish(ConnectionError("socket closed"))
+
+    # -- the bets ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the first bets (closed loop) or start the pacing timer."""
+        self.started = True
+        if not self.paced:
+            self._send(self.inflight)
+            return
+        loop = self.loop
+        self.next_at = loop.time()
+        self.stop_loop = loop.time() + (self.tally.stop_at - time.perf_counter())
+        self._tick()
+
+    def _send(self, count: int) -> None:
+        write = self.write
+        if self.finished or write is None:
+            return
+        now = time.perf_counter_ns()
+        base, pending, payload, frame = (self.base, self.pending, self.template.payload,
+                                         self.masker.frame)
+        serial = self.serial
+        if count == 1:
+            serial += 1
+            pending[base + serial] = now
+            data = frame(payload(base + serial))
+        else:
+            frames = []
+            for _ in range(count):
+                serial += 1
+                pending[base + serial] = now
+                frames.append(frame(payload(base + serial)))
+            data = b"".join(frames)
+        self.serial = serial
+        write(data)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        now = self.loop.time()
+        if self.next_at >= self.stop_loop or now >= self.stop_loop:
+            self._pacing_done()
+            return
+        if len(self.pending) >= self.inflight:
+            self.blocked = True  # the reply that frees a slot sends
+            return
+        self._send(1)
+        self._schedule(now)
+
+    def _unblock(self) -> None:
+        self.blocked = False
+        now = self.loop.time()
+        if now >= self.stop_loop:
+            self._pacing_done()
+            return
+        self._send(1)
+        self._schedule(now)
+
+    def _schedule(self, now: float) -> None:
+        self.next_at = max(self.next_at + self.interval, now - self.interval)  # no catch-up
+        self.timer = self.loop.call_at(self.next_at, self._tick)
+
+    def _pacing_done(self) -> None:
+        self.pacing_over = True
+        if not self.pending:
+            self._finish(None)
+
+    def _other(self, payload: bytes, now: int) -> bool:
+        """A frame that is not a plain ``bet_result``: decoded whole."""
+        from loadtest.bets import _take_reply
+
+        try:
+            message = _decode(payload, self.template.binary)
+        except ValueError as exc:
+            self._finish(exc)
+            if self.transport is not None:
+                self.transport.disconnect()
+            return False
+        return _take_reply(message, now, self.pending, self.tally, self.options)
+
+    def _before_start(self, payload: bytes) -> None:
+        """The answer to ``auth``: a balance push (another socket of the same player
+        betting) can arrive before the welcome; frames after it wait for :meth:`start`."""
+        if self.welcome.done():
+            return
+        try:
+            message = _decode(payload, self.template.binary)
+        except ValueError as exc:
+            self.welcome.set_exception(exc)
+            return
+        if message.get("type") != "balance":
+            self.welcome.set_result(message)
+
+    def _finish(self, failure: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.finished:
+            return
+        self.finished = True
+        if not self.done.done():
+            if failure is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(failure)
+
+
+async def drive_picows(
+    index: int, player: Any, options: BetsOptions, tally: Tally, start_at: float,
+    template: BetTemplate,
+) -> None:
+    """One socket of :func:`loadtest.bets.run_bets` over picows: sign in, bet until
+    ``tally.stop_at``, drain; errors counted like the generic driver does."""
+    await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+    if time.perf_counter() >= tally.stop_at:
+        return
+    try:
+        transport, listener = await asyncio.wait_for(
+            picows.ws_connect(lambda *_: BetListener(index, options, tally, template),
+                              options.play_url,
+                              websocket_handshake_timeout=options.connect_timeout,
+                              max_frame_size=2**20),
+            options.connect_timeout,
+        )
+    except Exception:
+        tally.errors["CONNECT"] += 1
+        return
+    assert isinstance(listener, BetListener)
+    tally.pending.append(listener.pending)
+    opened = False
+    try:
+        auth = {"type": "auth", "token": player.token}
+        if template.binary:
+            transport.send(BINARY, msgpack.packb(auth))
+        else:
+            transport.send(TEXT, json.dumps(auth).encode())
+        welcome = await asyncio.wait_for(listener.welcome, options.connect_timeout)
+        if welcome.get("type") != "welcome":
+            tally.errors[f"AUTH_{welcome.get('code', welcome.get('type'))}"] += 1
+            return
+        tally.open_sockets += 1
+        opened = True
+        loop = asyncio.get_running_loop()
+        drain_deadline = (loop.time() + (tally.stop_at - time.perf_counter())
+                          + options.drain_timeout)
+        listener.start()
+        try:
+            async with asyncio.timeout_at(drain_deadline):
+                await listener.done
+        except TimeoutError:
+            tally.errors["UNANSWERED"] += len(listener.pending)
+            listener.pending.clear()
+    except (ConnectionError, TimeoutError, ValueError):
+        tally.errors["CLOSED"] += 1
+    finally:
+        listener._finish(None)
+        if opened:
+            tally.open_sockets -= 1
+        try:
+            if not transport.is_disconnected:
+                transport.send_close(picows.WSCloseCode.OK)
+                transport.disconnect()
+            await asyncio.wait_for(transport.wait_disconnected(), 2)
+        except Exception:
+            pass
