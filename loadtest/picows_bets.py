@@ -75,38 +75,58 @@ class BetTemplate:
             self.prefix += b"\xcf"
         self.opcode = 0x82 if self.binary else 0x81
 
+    def id_bytes(self, bet_id: int) -> bytes:
+        return bet_id.to_bytes(8, "big") if self.binary else b"%d" % bet_id
+
     def payload(self, bet_id: int) -> bytes:
-        if self.binary:
-            return self.prefix + bet_id.to_bytes(8, "big") + self.suffix
-        return self.prefix + b"%d" % bet_id + self.suffix
+        return self.prefix + self.id_bytes(bet_id) + self.suffix
+
+
+def mask(data: bytes, key: bytes, offset: int = 0) -> bytes:
+    """``data`` XOR the repeated 4-byte ``key``, ``data`` starting at ``offset`` of the
+    payload (RFC 6455 5.3)."""
+    n = len(data)
+    repeated = (key * ((offset + n) // 4 + 1))[offset:offset + n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
 
 
 class Masker:
-    """Client frames (RFC 6455 5.2: FIN, opcode, masked length, key, masked payload) of one
-    socket, with one mask key; the header and the repeated key are kept per length."""
+    """Client frames of one socket's bets (RFC 6455 5.2: FIN and opcode, masked length,
+    key, masked payload) under one mask key. The header, key and masked template around
+    the id are kept per id length, so a frame is three pieces of which only the id's
+    (one integer XOR) is computed per bet."""
 
-    def __init__(self, opcode: int) -> None:
-        self.opcode = opcode
+    def __init__(self, template: BetTemplate) -> None:
+        self.template = template
         self.key = os.urandom(4)
-        self._by_length: dict[int, tuple[bytes, int]] = {}
+        #: id length -> (header + key + masked prefix, the id's key as an int, masked suffix)
+        self._by_length: dict[int, tuple[bytes, int, bytes]] = {}
 
-    def frame(self, payload: bytes) -> bytes:
-        n = len(payload)
+    def pieces(self, bet_id: int) -> tuple[bytes, bytes, bytes]:
+        raw = self.template.id_bytes(bet_id)
+        n = len(raw)
         known = self._by_length.get(n)
         if known is None:
             known = self._by_length[n] = self._prepare(n)
-        head, key = known
-        return head + (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+        head, key, tail = known
+        return head, (int.from_bytes(raw, "big") ^ key).to_bytes(n, "big"), tail
 
-    def _prepare(self, n: int) -> tuple[bytes, int]:
+    def frame(self, bet_id: int) -> bytes:
+        return b"".join(self.pieces(bet_id))
+
+    def _prepare(self, id_length: int) -> tuple[bytes, int, bytes]:
+        t = self.template
+        n = len(t.prefix) + id_length + len(t.suffix)
         if n < 126:
-            head = bytes((self.opcode, 0x80 | n))
+            head = bytes((t.opcode, 0x80 | n))
         elif n < 1 << 16:
-            head = bytes((self.opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+            head = bytes((t.opcode, 0x80 | 126)) + n.to_bytes(2, "big")
         else:
-            head = bytes((self.opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-        repeated = (self.key * (n // 4 + 1))[:n]
-        return head + self.key, int.from_bytes(repeated, "little")
+            head = bytes((t.opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        at = len(t.prefix)
+        id_key = int.from_bytes(mask(bytes(id_length), self.key, at), "big")
+        return (head + self.key + mask(t.prefix, self.key),
+                id_key, mask(t.suffix, self.key, at + id_length))
 
 
 class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
@@ -117,7 +137,7 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
         self.options = options
         self.tally = tally
         self.template = template
-        self.masker = Masker(template.opcode)
+        self.masker = Masker(template)
         self.base = (index + 1) << 32
         self.serial = 0
         self.pending: dict[int, int] = {}
@@ -220,20 +240,19 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
         if self.finished or write is None:
             return
         now = time.perf_counter_ns()
-        base, pending, payload, frame = (self.base, self.pending, self.template.payload,
-                                         self.masker.frame)
+        base, pending, pieces = self.base, self.pending, self.masker.pieces
         serial = self.serial
         if count == 1:
             serial += 1
             pending[base + serial] = now
-            data = frame(payload(base + serial))
+            data = b"".join(pieces(base + serial))
         else:
-            frames = []
+            parts: list[bytes] = []
             for _ in range(count):
                 serial += 1
                 pending[base + serial] = now
-                frames.append(frame(payload(base + serial)))
-            data = b"".join(frames)
+                parts.extend(pieces(base + serial))
+            data = b"".join(parts)
         self.serial = serial
         write(data)
 

@@ -241,25 +241,28 @@ def test_picows_bet_frames() -> None:
 
     from loadtest.picows_bets import _MSGPACK_ID_AT, _MSGPACK_RESULT, BetTemplate, Masker
 
-    for encoding in ("msgpack", "json"):
+    for encoding, bet_id in (("msgpack", (7 << 32) + 12345), ("json", (7 << 32) + 12345),
+                             ("json", 10**12), ("json", 5)):
         template = BetTemplate(BetsOptions(encoding=encoding))  # type: ignore[arg-type]
-        masker = Masker(template.opcode)
-        bet_id = (7 << 32) + 12345
-        frame = masker.frame(template.payload(bet_id))
-        assert frame[0] == (0x82 if encoding == "msgpack" else 0x81)
-        n = frame[1] & 0x7F
-        assert frame[1] & 0x80 and n == len(frame) - 6
-        key = frame[2:6]
-        payload = bytes(b ^ key[i % 4] for i, b in enumerate(frame[6:]))
-        message = (msgpack.unpackb(payload) if encoding == "msgpack"
-                   else json.loads(payload))
-        assert message == {"type": "bet", "id": bet_id, "currency": "USDT",
-                           "amount": "0.01", "target": "50.00", "direction": "under"}
+        masker = Masker(template)
+        for _ in range(2):  # the second one from the cached pieces
+            frame = masker.frame(bet_id)
+            assert frame[0] == (0x82 if encoding == "msgpack" else 0x81)
+            n = frame[1] & 0x7F
+            assert frame[1] & 0x80 and n == len(frame) - 6
+            key = frame[2:6]
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(frame[6:]))
+            message = (msgpack.unpackb(payload) if encoding == "msgpack"
+                       else json.loads(payload))
+            assert message == {"type": "bet", "id": bet_id, "currency": "USDT",
+                               "amount": "0.01", "target": "50.00", "direction": "under"}
+    bet_id = (1 << 32) + 1
     reply = msgpack.packb({"type": "bet_result", "id": bet_id, "bet_id": "1-1"})
     assert reply.startswith(_MSGPACK_RESULT, 1)
     assert int.from_bytes(reply[_MSGPACK_ID_AT:_MSGPACK_ID_AT + 8], "big") == bet_id
-    long = Masker(0x82).frame(bytes(300))
-    assert long[1] == 0x80 | 126 and int.from_bytes(long[2:4], "big") == 300
+    template = BetTemplate(BetsOptions(target="5" * 300))
+    long = Masker(template).frame(1 << 40)
+    assert long[1] == 0x80 | 126 and int.from_bytes(long[2:4], "big") == len(long) - 8
 
 
 # -- storm -----------------------------------------------------------------------------------
