@@ -236,6 +236,8 @@ def add_spectators(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="seconds of betting (10)")
     p.add_argument("--grace", type=_non_negative_float, default=5.0,
                    help="seconds to wait for the last batches (5)")
+    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
+                   help=f"feed and player sockets: picows or websockets ({DEFAULT_CLIENT})")
     p.set_defaults(run=run_spectators)
 
 
@@ -244,8 +246,11 @@ def run_spectators(args: argparse.Namespace) -> int:
         url=args.url, http=args.http, admin_token=args.admin_token, count=args.count,
         encoding=args.encoding, bet_rate=args.bet_rate, connections=args.connections,
         inflight=args.inflight, duration=args.duration, grace=args.grace,
-        progress=None if args.json else sys.stderr,
+        client=args.client, progress=None if args.json else sys.stderr,
     )
+    if args.client == "picows" and not picows_available():
+        print("--client picows: picows is not installed (pip install picows)", file=sys.stderr)
+        return 2
     return common.cli_main(lambda: spectators.run_spectators(options), args.json)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -78,6 +79,33 @@ class PicowsSocket:
             await asyncio.wait_for(self.transport.wait_disconnected(), 2)
         except Exception:
             pass
+
+
+class FrameListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
+    """Hands every data frame to ``on_frame(msg_type, payload)`` from picows' callback (the
+    payload is a memoryview into picows' read buffer, valid during the call only), and the
+    end of the connection to ``on_closed(reason)``; ``gone`` is then done."""
+
+    def __init__(self, on_frame: Callable[[Any, memoryview], None],
+                 on_closed: Callable[[str], None]) -> None:
+        self.on_frame = on_frame
+        self.on_closed = on_closed
+        self.close_code: int | None = None
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        kind = frame.msg_type
+        if kind == picows.WSMsgType.BINARY or kind == picows.WSMsgType.TEXT:
+            self.on_frame(kind, frame.get_payload_as_memoryview())
+        elif kind == picows.WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.on_closed("DISCONNECTED" if self.close_code is None
+                       else f"CLOSED_{self.close_code}")
+        if not self.gone.done():
+            self.gone.set_result(None)
 
 
 async def open_picows(

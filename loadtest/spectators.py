@@ -14,8 +14,11 @@ to ``grace`` seconds for the last batches. It prints:
   union of all frames.
 
 The client stays cheap: the server broadcasts one encoded frame to every spectator, so a
-frame is decoded once and the other sockets' identical copies hit a small cache; lags are
-tallied per distinct ``ts`` of a frame, not per entry. Exit 0 only when the bets run passed,
+frame is decoded once and the other sockets' identical copies hit a small cache, keyed by
+the frame's length and last KiB (not by the whole frame); lags are tallied per frame and
+millisecond of arrival, and expanded over the frame's entries at the end. With picows (the
+default when installed) each frame is handled in picows' frame callback from its read
+buffer, with no coroutine or future per frame. Exit 0 only when the bets run passed,
 no spectator was closed and every bet was seen everywhere.
 """
 
@@ -27,7 +30,9 @@ import json
 import time
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TextIO
 
 import msgpack
@@ -35,10 +40,13 @@ from hdrh.histogram import HdrHistogram
 from websockets.asyncio.client import connect
 
 from loadtest import bets, common
+from loadtest.client import DEFAULT_CLIENT, ClientKind
 
 HIST_MAX_US = 3_600_000_000
 #: Distinct frames kept decoded (sockets lag each other by at most the server's queue).
 FRAME_CACHE = 512
+#: Bytes at the end of a frame that, with its length, identify it (see frame_key).
+KEY_TAIL = 1024
 
 
 @dataclass
@@ -55,12 +63,15 @@ class SpectatorsOptions:
     grace: float = 5.0
     connect_timeout: float = 10.0
     connect_concurrency: int = 100
+    #: Feed and player sockets: picows when installed (see loadtest/client.py).
+    client: ClientKind = DEFAULT_CLIENT
     progress: TextIO | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
         return {"url": self.url, "count": self.count, "encoding": self.encoding,
                 "bet_rate": self.bet_rate, "connections": self.connections,
-                "inflight": self.inflight, "duration_s": self.duration, "grace_s": self.grace}
+                "inflight": self.inflight, "duration_s": self.duration, "grace_s": self.grace,
+                "client": self.client}
 
 
 @dataclass
@@ -70,16 +81,31 @@ class Frame:
     ours: tuple[Any, ...]
     ts_counts: tuple[tuple[int, int], ...]
     entries: int
+    #: Its index in :attr:`Shared.decoded`.
+    serial: int = 0
+
+
+def frame_key(payload: bytes | memoryview) -> tuple[int, bytes]:
+    """What tells two feed frames apart without hashing whole frames (up to ~100 KB, each
+    socket's copy its own object): the length and the last :data:`KEY_TAIL` bytes, which
+    hold the last entries with their (unique) bet ids and ts. The server sends every
+    spectator the same bytes, and never the same entry in two frames."""
+    return len(payload), bytes(payload[-KEY_TAIL:])
 
 
 class Shared:
-    """State of all spectators of one run (one event loop: no locks)."""
+    """State of all spectators of one run (one event loop: no locks).
+
+    Per received frame the work is a cache lookup and a few counters: the lags are kept as
+    (frame, receive ms) -> sockets, and expanded over the frame's ts counts at the end."""
 
     def __init__(self, prefix: str, binary: bool) -> None:
         self.prefix = prefix
         self.binary = binary
-        self.cache: OrderedDict[str | bytes, Frame] = OrderedDict()
-        self.lag_ms: Counter[int] = Counter()
+        self.cache: OrderedDict[tuple[int, bytes], Frame] = OrderedDict()
+        self.decoded: list[Frame] = []
+        #: (frame serial, receive time in ms) -> sockets that received it then.
+        self.arrivals: dict[tuple[int, int], int] = {}
         self.union: set[Any] = set()
         self.first_socket_ids: set[Any] = set()
         self.counts: list[int] = []
@@ -87,72 +113,141 @@ class Shared:
         self.frames_in_window = 0
         self.entries = 0
         self.in_window = False
+        self.stopped = False
         self.closed: Counter[str] = Counter()
         self.open = 0
 
-    def frame(self, raw: str | bytes) -> Frame:
-        cached = self.cache.get(raw)
+    def frame(self, key: tuple[int, bytes], raw: Callable[[], bytes | str]) -> Frame:
+        """The decoded frame of ``key``; ``raw()`` gives its whole payload on a miss."""
+        cached = self.cache.get(key)
         if cached is not None:
             return cached
-        message = msgpack.unpackb(raw) if isinstance(raw, bytes) and self.binary \
-            else json.loads(raw)
+        data = raw()
+        message = msgpack.unpackb(data) if isinstance(data, bytes) and self.binary \
+            else json.loads(data)
         rows = message.get("bets", []) if isinstance(message, dict) else []
         ours = tuple(r["bet_id"] for r in rows if str(r.get("player", "")).startswith(self.prefix))
         ts = Counter(int(r["ts"]) for r in rows)
-        decoded = Frame(ours, tuple(ts.items()), len(rows))
+        decoded = Frame(ours, tuple(ts.items()), len(rows), len(self.decoded))
+        self.decoded.append(decoded)
         self.union.update(ours)
-        self.cache[raw] = decoded
+        self.cache[key] = decoded
         if len(self.cache) > FRAME_CACHE:
             self.cache.popitem(last=False)
         return decoded
 
+    def received(self, index: int, frame: Frame, now_ms: int) -> None:
+        """Socket ``index`` received ``frame`` at ``now_ms`` (wall clock, ms)."""
+        self.frames += 1
+        if self.in_window:
+            self.frames_in_window += 1
+        self.entries += frame.entries
+        key = (frame.serial, now_ms)
+        arrivals = self.arrivals
+        arrivals[key] = arrivals.get(key, 0) + 1
+        if frame.ours:
+            self.counts[index] += len(frame.ours)
+            if index == 0:
+                self.first_socket_ids.update(frame.ours)
+
+    def lag_ms(self) -> Counter[int]:
+        """Feed lag (receive ms - entry ts) -> entries, over every socket."""
+        lag: Counter[int] = Counter()
+        for (serial, now_ms), sockets in self.arrivals.items():
+            for ts, n in self.decoded[serial].ts_counts:
+                lag[now_ms - ts] += n * sockets
+        return lag
+
+
+def _feed_url(options: SpectatorsOptions) -> str:
+    suffix = "?format=msgpack" if options.encoding == "msgpack" else ""
+    return common.ws_endpoint(options.url, "/ws/feed") + suffix
+
+
+def _opened(options: SpectatorsOptions, shared: Shared, opened: asyncio.Event) -> None:
+    shared.open += 1
+    if shared.open + sum(shared.closed.values()) >= options.count:
+        opened.set()
+
 
 async def spectate(index: int, options: SpectatorsOptions, shared: Shared,
                    gate: asyncio.Semaphore, opened: asyncio.Event, stop: asyncio.Event) -> None:
-    suffix = "?format=msgpack" if options.encoding == "msgpack" else ""
-    url = common.ws_endpoint(options.url, "/ws/feed") + suffix
+    """One spectator over websockets (when picows is not installed); it reads until
+    cancelled after ``stop``."""
     try:
         async with gate:
-            ws = await connect(url, compression=None, max_size=2**24,
+            ws = await connect(_feed_url(options), compression=None, max_size=2**24,
                                open_timeout=options.connect_timeout, close_timeout=2,
                                ping_interval=None)
     except Exception:
         shared.closed["CONNECT"] += 1
         return
-    shared.open += 1
-    if shared.open + sum(shared.closed.values()) >= options.count:
-        opened.set()
-    stopping = asyncio.ensure_future(stop.wait())
+    _opened(options, shared, opened)
     try:
         while True:
-            receiving = asyncio.ensure_future(ws.recv(decode=False))
-            await asyncio.wait([receiving, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if not receiving.done():
-                receiving.cancel()
-                with contextlib.suppress(BaseException):
-                    await receiving
+            raw = await ws.recv(decode=False)
+            if shared.stopped:
                 break
-            raw = receiving.result()
             now_ms = time.time_ns() // 1_000_000
-            frame = shared.frame(raw)
-            shared.frames += 1
-            if shared.in_window:
-                shared.frames_in_window += 1
-            shared.entries += frame.entries
-            lag = shared.lag_ms
-            for ts, n in frame.ts_counts:
-                lag[now_ms - ts] += n
-            if frame.ours:
-                shared.counts[index] += len(frame.ours)
-                if index == 0:
-                    shared.first_socket_ids.update(frame.ours)
+            shared.received(index, shared.frame(frame_key(raw), partial(bytes, raw)), now_ms)
+    except asyncio.CancelledError:
+        pass
     except Exception as exc:  # closed by the server (1008 too slow) or the network
-        shared.closed[type(exc).__name__] += 1
+        if not shared.stopped:
+            shared.closed[type(exc).__name__] += 1
     finally:
-        stopping.cancel()
         shared.open -= 1
         with contextlib.suppress(Exception):
-            await ws.close()
+            await asyncio.wait_for(ws.close(), 3)
+
+
+async def spectate_picows(index: int, options: SpectatorsOptions, shared: Shared,
+                          gate: asyncio.Semaphore, opened: asyncio.Event,
+                          stop: asyncio.Event) -> None:
+    """One spectator over picows: every frame is handled in picows' frame callback, from
+    its read buffer (only a miss of the frame cache copies the payload)."""
+    import picows  # type: ignore[import-not-found,unused-ignore]
+
+    from loadtest.picows_client import FrameListener
+
+    binary_kind = picows.WSMsgType.BINARY
+    frame, received = shared.frame, shared.received
+
+    def on_frame(kind: Any, payload: memoryview) -> None:
+        if shared.stopped:
+            return
+        now_ms = time.time_ns() // 1_000_000
+        raw = (lambda: bytes(payload)) if kind == binary_kind else (
+            lambda: bytes(payload).decode())
+        received(index, frame(frame_key(payload), raw), now_ms)
+
+    def on_closed(reason: str) -> None:
+        if not shared.stopped:
+            shared.closed[reason] += 1
+
+    try:
+        async with gate:
+            transport, listener = await asyncio.wait_for(
+                picows.ws_connect(lambda *_: FrameListener(on_frame, on_closed),
+                                  _feed_url(options),
+                                  websocket_handshake_timeout=options.connect_timeout,
+                                  max_frame_size=2**24),
+                options.connect_timeout)
+    except Exception:
+        shared.closed["CONNECT"] += 1
+        return
+    assert isinstance(listener, FrameListener)
+    _opened(options, shared, opened)
+    try:
+        ends: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait()), listener.gone]
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        shared.open -= 1
+        with contextlib.suppress(Exception):
+            if not transport.is_disconnected:
+                transport.send_close(picows.WSCloseCode.OK)
+                transport.disconnect()
+            await asyncio.wait_for(transport.wait_disconnected(), 3)
 
 
 @dataclass
@@ -246,7 +341,8 @@ async def run_spectators(options: SpectatorsOptions) -> SpectatorsReport:
     shared.counts = [0] * options.count
     gate = asyncio.Semaphore(options.connect_concurrency)
     opened, stop = asyncio.Event(), asyncio.Event()
-    tasks = [asyncio.create_task(spectate(i, options, shared, gate, opened, stop))
+    run_one = spectate_picows if options.client == "picows" else spectate
+    tasks = [asyncio.create_task(run_one(i, options, shared, gate, opened, stop))
              for i in range(options.count)]
     results: set[Any] = set()
     first_result = asyncio.Event()
@@ -266,7 +362,7 @@ async def run_spectators(options: SpectatorsOptions) -> SpectatorsReport:
             url=options.url, http=options.http, admin_token=options.admin_token,
             connections=options.connections, inflight=options.inflight,
             duration=options.duration, ramp_up=0.0, rate=options.bet_rate,
-            name_prefix=prefix, on_result=on_result,
+            name_prefix=prefix, on_result=on_result, client=options.client,
             max_error_rate=0.0,
         )
 
@@ -285,10 +381,14 @@ async def run_spectators(options: SpectatorsOptions) -> SpectatorsReport:
                 break
             await asyncio.sleep(0.05)
     finally:
+        shared.stopped = True
         stop.set()
+        if options.client != "picows":
+            for task in tasks:
+                task.cancel()  # blocked in recv
         await asyncio.gather(*tasks, return_exceptions=True)
     hist = HdrHistogram(1, HIST_MAX_US, 3)
-    for lag, n in shared.lag_ms.items():
+    for lag, n in shared.lag_ms().items():
         hist.record_value(min(max(1, lag * 1000), HIST_MAX_US), n)
     return SpectatorsReport(
         options=options, bets=bet_report, results=len(results), lag=hist,

@@ -305,13 +305,15 @@ async def test_storm_sustained(api: Api) -> None:
 # -- spectators ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("encoding", ["json", "msgpack"])
-async def test_spectators_see_every_bet(api: Api, encoding: str) -> None:
+@pytest.mark.parametrize(("encoding", "client"), [("json", "picows"), ("msgpack", "picows"),
+                                                  ("json", "websockets"),
+                                                  ("msgpack", "websockets")])
+async def test_spectators_see_every_bet(api: Api, encoding: str, client: Any) -> None:
     from loadtest.spectators import SpectatorsOptions, run_spectators
 
     report = await run_spectators(SpectatorsOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, count=5, encoding=encoding,
-        bet_rate=40.0, connections=2, inflight=2, duration=1.5, grace=5.0,
+        bet_rate=40.0, connections=2, inflight=2, duration=1.5, grace=5.0, client=client,
     ))
     print(report.table())
     assert report.bets.ok and report.results > 0, report.bets.errors
