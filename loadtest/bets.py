@@ -116,7 +116,9 @@ class Tally:
     is pure Python, ~1.6 us): :meth:`reply` rounds each one down to the lowest value of its
     HDR bucket and counts it in a dict, and :meth:`fold` records every distinct value once
     with its count. The histograms come out identical to recording every value (same
-    buckets, and min / max / mean / percentiles are read per bucket)."""
+    buckets, and min / max / mean / percentiles are read per bucket; the per-second ones
+    have coarser buckets that contain whole buckets of the fine grid). The dict covers one
+    segment of time: a whole second of the series, cut at the measured window's ends."""
 
     def __init__(self, measure_start: float, measure_end: float, t0: float = 0.0) -> None:
         self.hist = HdrHistogram(1, HIST_MAX_US, 3)
@@ -131,67 +133,64 @@ class Tally:
         self.errors: Counter[str] = Counter()
         self.open_sockets = 0
         self.pending: list[dict[int, int]] = []
-        # perf_counter_ns bounds of the measured window and of the current second.
+        # perf_counter_ns bounds of the measured window, and the series' start.
         self._window_ns = (int(measure_start * 1e9), int(measure_end * 1e9))
         self._t0_ns = int(t0 * 1e9)
+        #: The current segment: its second (-1: before t0), whether it is in the window,
+        #: where it ends, and its counts (quantized latency in us -> replies).
         self._second = -1
-        self._second_end_ns = self._t0_ns  # replies before t0 go into no second
-        #: Not yet folded: quantized latency -> count, for the window and the current second.
-        self._window_counts: dict[int, int] = {}
-        self._second_counts: dict[int, int] = {}
+        self._in_window = False
+        self._segment_end_ns = -1
+        self._counts: dict[int, int] = {}
         self._bits = _sub_bucket_bits(self.hist)
-        self._second_bits = _sub_bucket_bits(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
+        self._exact_below = 1 << self._bits
+        assert self._bits >= _sub_bucket_bits(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
 
     def reply(self, sent_ns: int, now_ns: int) -> None:
         """One answered bet, sent and answered at these ``perf_counter_ns`` times."""
         self.bets_all += 1
+        if now_ns >= self._segment_end_ns:
+            self._next_segment(now_ns)
         micros = (now_ns - sent_ns) // 1000
-        if micros < 1:
-            micros = 1
-        elif micros > HIST_MAX_US:
-            micros = HIST_MAX_US
-        if now_ns >= self._second_end_ns:
-            self._next_second(now_ns)
-        shift = micros.bit_length() - self._second_bits
-        value = micros >> shift << shift if shift > 0 else micros
-        counts = self._second_counts
-        counts[value] = counts.get(value, 0) + 1
-        start, end = self._window_ns
-        if start <= now_ns < end:
+        if micros >= self._exact_below:
+            if micros > HIST_MAX_US:
+                micros = HIST_MAX_US
             shift = micros.bit_length() - self._bits
-            if shift > 0:
-                micros = micros >> shift << shift
-            counts = self._window_counts
-            counts[micros] = counts.get(micros, 0) + 1
+            micros = micros >> shift << shift
+        elif micros < 1:
+            micros = 1
+        counts = self._counts
+        counts[micros] = counts.get(micros, 0) + 1
 
-    def _next_second(self, now_ns: int) -> None:
-        self._fold_second()
+    def _next_segment(self, now_ns: int) -> None:
+        self.fold()
+        start, end = self._window_ns
+        self._in_window = start <= now_ns < end
         second = (now_ns - self._t0_ns) // 1_000_000_000
         if second < 0:  # before the series starts: counted in bets_all only
             self._second = -1
-            return
-        self._second = second
-        self._second_end_ns = self._t0_ns + (second + 1) * 1_000_000_000
-        while len(self.second_counts) <= second:
-            self.second_counts.append(0)
-            self.second_hists.append(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
-
-    def _fold_second(self) -> None:
-        counts, self._second_counts = self._second_counts, {}
-        if self._second < 0:
-            return
-        hist = self.second_hists[self._second]
-        for value, n in counts.items():
-            hist.record_value(value, n)
-        self.second_counts[self._second] += sum(counts.values())
+            ends = [self._t0_ns]
+        else:
+            self._second = second
+            while len(self.second_counts) <= second:
+                self.second_counts.append(0)
+                self.second_hists.append(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
+            ends = [self._t0_ns + (second + 1) * 1_000_000_000]
+        ends += [t for t in (start, end) if t > now_ns]
+        self._segment_end_ns = min(ends)
 
     def fold(self) -> None:
         """Record what :meth:`reply` counted into ``hist`` and the per-second histograms."""
-        counts, self._window_counts = self._window_counts, {}
-        hist = self.hist
+        counts, self._counts = self._counts, {}
+        if not counts or self._second < 0:
+            return
+        second = self.second_hists[self._second]
+        self.second_counts[self._second] += sum(counts.values())
+        hist = self.hist if self._in_window else None
         for value, n in counts.items():
-            hist.record_value(value, n)
-        self._fold_second()
+            second.record_value(value, n)
+            if hist is not None:
+                hist.record_value(value, n)
 
     def series(self) -> list[dict[str, float | int | None]]:
         """Per second since the start: ``{"t", "bets", "p99_ms"}``."""
