@@ -115,8 +115,9 @@ class BetRecord:
     balance: Minor
     result: bytes
 
-    def as_hash(self) -> dict[str, str | bytes]:
-        return {"f": self.fingerprint, "b": str(self.balance), "r": self.result}
+    def as_string(self) -> bytes:
+        """bet-n.lua's record: ``fingerprint \\n balance \\n result``."""
+        return f"{self.fingerprint}\n{self.balance}\n".encode() + self.result
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ class Script:
         return cls(filename, source, hashlib.sha1(source.encode()).hexdigest())
 
 
-BET = Script.load("bet-5.lua")
+BET = Script.load("bet-n.lua")
 DEPOSIT = Script.load("deposit-4.lua")
 ROTATE = Script.load("rotate-2.lua")
 COMMISSION_ACCRUE = Script.load("commission-accrue-2.lua")
@@ -39,7 +39,7 @@ ALL = (BET, DEPOSIT, ROTATE, COMMISSION_ACCRUE, COMMISSION_TAKE, COMMISSION_CRED
 
 
 class BetCode(enum.IntEnum):
-    """First element of bet-5.lua's reply."""
+    """First element of each of bet-n.lua's per-bet replies."""
 
     SETTLED = 0
     REPLAY = 1
@@ -48,6 +48,7 @@ class BetCode(enum.IntEnum):
     STALE = 4
     NO_SEED = 5
     EPOCH = 6
+    REFUSED = 7
 
 
 class DepositCode(enum.IntEnum):

@@ -44,7 +44,7 @@ from games.money import Currency
 from games.types import Hundredths, Minor, MultiplierBp
 from server import scripts
 from server.keys import Keys
-from server.redisbatch import Batcher
+from server.redisbatch import Arg, Batcher
 from server.redisconn import RUN_ID
 from server.resp import Command
 from server.scripts import BetCode, DepositCode, RotateCode
@@ -337,6 +337,8 @@ class Wallet:
             key = state.seed_key(pair)
             pid, pid_int, cs, sh = pair.pid, int(pair.pid), pair.client_seed, pair.server_seed_hash
             nonce = pair.nonce
+            idem_keys: list[Arg] = []
+            args: list[Arg] = [pid, run_id, window, str(max(b.local_others for b in bets))]
             for bet in bets:
                 spec = bet.spec
                 expected, nonce = nonce, nonce + 1
@@ -361,13 +363,15 @@ class Wallet:
                         "client_seed": cs, "ts": ts,
                     }
                 )
-                commands.append((
-                    "EVALSHA", sha, 5, balances, seed,
-                    self._keys.bet_idem(uid, bet.client_id), outbox, channel,
+                idem_keys.append(self._keys.bet_idem(uid, bet.client_id))
+                args += (
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
-                    pid, str(expected), bet.fp, window, stored, event, bet.origin,
-                    run_id, str(bet.local_others),
-                ))
+                    str(expected), bet.fp, stored, event, bet.origin,
+                )
+            commands.append(
+                ("EVALSHA", sha, 4 + len(bets), balances, seed, outbox, channel, *idem_keys,
+                 *args)
+            )
             state.inflight = True
             state.idle.clear()
             groups.append((state, pair, bets))
@@ -381,18 +385,17 @@ class Wallet:
         exc: Exception | None,
     ) -> None:
         """Hand every bet of one pipeline its outcome; requeue the ones to recompute."""
-        index = 0
         reload_scripts = False
-        for state, pair, bets in groups:
+        for index, (state, pair, bets) in enumerate(groups):
             state.inflight = False
             state.idle.set()
             retry: list[PendingBet] = []
             # False once a bet of this group did not advance the nonce: the later ones were
             # predicted on top of it and come back STALE without any contention.
             chained = True
-            for bet in bets:
-                reply: Any = exc if replies is None else replies[index]
-                index += 1
+            group: Any = exc if replies is None else replies[index]
+            for i, bet in enumerate(bets):
+                reply: Any = group if isinstance(group, Exception) else group[i]
                 outcome: BetResult | StakeProError | None
                 if isinstance(reply, Exception):
                     chained = False
@@ -445,6 +448,9 @@ class Wallet:
             return IdempotencyConflict("this bet id was already used with other fields")
         if code == BetCode.INSUFFICIENT_FUNDS:
             return InsufficientFunds(f"balance {_text(reply[1])} minor units is below the stake")
+        if code == BetCode.REFUSED:
+            log.error("bet_refused_by_redis", user_id=state.user_id, error=_text(reply[1]))
+            return Unavailable("bet not settled: the balance change was refused")
         if state.pair is pair:
             state.pair = None  # STALE or NO_SEED: read the pair again
         if code == BetCode.EPOCH:
