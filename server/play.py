@@ -74,9 +74,7 @@ class PlaySession:
         self._held: dict[str, str] | None = {}
         self._tokens = float(services.settings.rate_burst)
         self._refilled = time.monotonic()
-        metrics = services.metrics
-        self._latency = metrics.bet_latency
-        self._counters: dict[tuple[str, bool], Any] = {}
+        self._bet_stats = services.metrics.bet_stats
 
     # -- outgoing ---------------------------------------------------------------------
 
@@ -309,15 +307,9 @@ class PlaySession:
             spec = bet.spec
             reply = self._bet_reply(outcome, bet.client_id, spec.currency, checked)
             self.send(reply, encoding)
-            self._latency.observe(time.perf_counter() - received)
+            self._bet_stats.observe(time.perf_counter() - received)
             if not outcome.replay:
-                key = (spec.currency.code, outcome.win)
-                counter = self._counters.get(key)
-                if counter is None:
-                    counter = self._counters[key] = self.services.metrics.bets.labels(
-                        spec.currency.code, "win" if outcome.win else "loss"
-                    )
-                counter.inc()
+                self._bet_stats.settled(spec.currency.code, outcome.win)
                 self.services.feed.add(
                     bet_entry(self.user.name if self.user else "", checked, reply)
                 )
