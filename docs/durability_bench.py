@@ -1,4 +1,4 @@
-"""Cost of Redis AOF fsync policies on the real bet script (lua/bet-5.lua): docs/durability.md.
+"""Cost of Redis AOF fsync policies on the real bet script (lua/bet-n.lua): docs/durability.md.
 
 python docs/durability_bench.py bench  -> bets/s and latency per policy (C clients x P in flight)
 python docs/durability_bench.py kill 8 -> SIGKILL redis mid-stream (everysec): acked vs recovered
@@ -21,7 +21,7 @@ import msgpack
 import redis.asyncio as aioredis
 
 REPO = Path(__file__).resolve().parent.parent
-BET = (REPO / "lua" / "bet-5.lua").read_text()
+BET = (REPO / "lua" / "bet-n.lua").read_text()
 
 
 def free_port() -> int:
@@ -65,8 +65,8 @@ class Server:
 
 def keys_of(u: int) -> list[str]:
     tag = f"{{b{u % 64}}}"
-    return [f"sp:bal:{tag}:{u}", f"sp:seed:{tag}:{u}", "", f"sp:outbox:{tag}",
-            f"sp:push:{tag}:{u}"]
+    return [f"sp:bal:{tag}:{u}", f"sp:seed:{tag}:{u}", f"sp:outbox:{tag}",
+            f"sp:push:{tag}:{u}", ""]
 
 
 async def setup(r: aioredis.Redis, users: int) -> tuple[str, str]:
@@ -116,10 +116,10 @@ async def client(port: int, sha: str, rid: str, users: list[int], depth: int,
             i += 1
             batch.append(u)
             k = keys_of(u)
-            k[2] = f"sp:idem:{k[0].split(':')[2]}:{u}:s:{nonce[u] + 1}"
-            frames.append(encode("EVALSHA", sha, "5", *k, "USDT", "100", "-100", str(u),
-                                 str(nonce[u]), "USDT|100|5000|under", "300000", stored,
-                                 event, "bench:1", rid))
+            k[4] = f"sp:idem:{k[0].split(':')[2]}:{u}:s:{nonce[u] + 1}"
+            frames.append(encode("EVALSHA", sha, "5", *k, str(u), rid, "300000", "0",
+                                 "USDT", "100", "-100", str(nonce[u]), "USDT|100|5000|under",
+                                 stored, event, "bench:1"))
         t0 = time.perf_counter()
         writer.write(b"".join(frames))
         replies = []
@@ -131,7 +131,7 @@ async def client(port: int, sha: str, rid: str, users: list[int], depth: int,
             replies.append(reply)
         lat.append(time.perf_counter() - t0)
         for u, reply in zip(batch, replies, strict=True):
-            assert reply[0] == 0, reply
+            assert reply[0][0] == 0, reply
             nonce[u] += 1
         done += len(batch)
     writer.close()

@@ -1,6 +1,6 @@
 """A pure reference of what the money scripts do to one user's state (STYLE.md, point 2).
 
-:class:`WalletModel` is plain Python, no I/O: it holds what ``lua/bet-5.lua``,
+:class:`WalletModel` is plain Python, no I/O: it holds what ``lua/bet-n.lua``,
 ``lua/deposit-4.lua`` and ``lua/rotate-2.lua`` keep in Redis for one user, and its methods
 :meth:`~WalletModel.bet`, :meth:`~WalletModel.deposit` and :meth:`~WalletModel.rotate`
 follow those scripts' header contracts, answering the same flat reply with the same RESP
@@ -89,13 +89,13 @@ class SeedPair:
     server_seed_hash: str
     client_seed: str
     nonce: int = 0
-    #: Run id of the Redis server the pair was installed on (bet-5 answers EPOCH otherwise).
+    #: Run id of the Redis server the pair was installed on (bet-n answers EPOCH otherwise).
     rid: str = ""
     #: The pair this one replaced, as revealed: (pid, ss, sh, cs, n); kept for retries.
     prev: tuple[str, str, str, str, str] | None = None
 
     def as_hash(self) -> dict[str, str]:
-        """The fields of the seed pair hash (KEYS[2] of bet-5) as Redis stores them."""
+        """The fields of the seed pair hash (KEYS[2] of bet-n) as Redis stores them."""
         fields = {
             "pid": self.pid,
             "ss": self.server_seed,
@@ -164,7 +164,7 @@ class WalletModel:
     credited: list[tuple[str, Minor]] = field(default_factory=list)
     revealed: list[SeedPair] = field(default_factory=list)
 
-    # -- bet-5.lua --------------------------------------------------------------------
+    # -- bet-n.lua --------------------------------------------------------------------
 
     def bet(
         self,
@@ -182,7 +182,8 @@ class WalletModel:
         local_others: int = 0,
         subscribers: int = 1,
     ) -> Reply:
-        """Settle one bet, in bet-5.lua's order of checks.
+        """Settle one bet, in bet-n.lua's order of checks (a call of
+        several bets is these steps once per bet, in order).
 
         1. A record under ``bet_id``: REPLAY ``(1, balance_after, result)`` with the same
            fingerprint, else CONFLICT ``(2,)``. Checked first, so a replay answers even

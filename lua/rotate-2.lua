@@ -16,7 +16,7 @@
   ARGV[4]  its SHA-256 commitment
   ARGV[5]  new client seed
   ARGV[6]  time, integer milliseconds since the epoch (for the reveal event)
-  ARGV[7]  run id of the Redis server as the caller read it (bet-5 checks it: EPOCH)
+  ARGV[7]  run id of the Redis server as the caller read it (bet-n checks it: EPOCH)
 
   Returns (server/scripts.py: RotateCode):
   {0, old_pid, old_ss, old_sh, old_cs, old_n}  ROTATED (all "" when a first pair was installed)

@@ -30,7 +30,7 @@ class Keys:
         return f"{self.prefix}:bal:{self.tag(user_id)}:{user_id}"
 
     def seed(self, user_id: int) -> str:
-        """Hash of the active seed pair: pid, ss, sh, cs, n (see lua/bet-5.lua)."""
+        """Hash of the active seed pair: pid, ss, sh, cs, n (see lua/bet-n.lua)."""
         return f"{self.prefix}:seed:{self.tag(user_id)}:{user_id}"
 
     def bet_idem(self, user_id: int, client_id: int | str) -> str:

@@ -1,6 +1,6 @@
 """The run id of the Redis server the bet path talks to.
 
-Redis gives a new ``run_id`` to every start. bet-5.lua compares the run id stored with the
+Redis gives a new ``run_id`` to every start. bet-n.lua compares the run id stored with the
 user's seed pair against the one the server passes in: a pair installed before a restart
 (which may have lost the last writes, and so may hand out a nonce whose roll a player has
 already seen) is rotated before its next bet. Every script that needs it goes through

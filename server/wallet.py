@@ -6,7 +6,7 @@ domain errors.
 
 How the roll meets the nonce (docs/decisions.md): the process keeps each connected user's
 active seed pair and its nonce. A bet computes the roll for ``nonce + 1`` here and hands the
-outcome to bet-5.lua together with the pair id and the nonce it assumed; the script settles
+outcome to bet-n.lua together with the pair id and the nonce it assumed; the script settles
 only if both still hold, else answers STALE and the bet is recomputed for the nonce that is
 current. So one round trip settles a bet, a roll is never applied to another nonce than its
 own, and two server instances serving one user stay correct (they just retry).
