@@ -339,7 +339,8 @@ async def _paced_loop(
     try:
         next_at = loop.time()
         stop = loop.time() + (tally.stop_at - time.perf_counter())
-        while next_at < stop and not receiver.done():
+        # (loop.time() too: a socket kept full to the end would spin on the slot otherwise)
+        while next_at < stop and loop.time() < stop and not receiver.done():
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             if len(pending) >= options.inflight:
                 slot.clear()

@@ -389,3 +389,58 @@ async def test_page_command_measures_a_first_bet(api: Api) -> None:
     assert report.weights[0] > 10_000 and report.resources[0] >= 3
     assert report.first_bet_ms[0] > 0
     assert json.loads(json.dumps(report.to_dict()))["first_settled_bet_ms"]
+
+
+# -- the picows driver against a misbehaving server -------------------------------------------
+
+
+@pytest.mark.parametrize("client", ["picows", "websockets"])
+@pytest.mark.parametrize("mode", ["silent", "silent_paced", "close", "errors"])
+async def test_bets_count_misbehaving_server(api: Api, mode: str, client: Any) -> None:
+    """A server that never answers bets (all UNANSWERED after the drain), one that drops
+    the socket at the second bet (CLOSED), one that refuses every bet and sends one reply with
+    an id never sent (errors by code, UNKNOWN_ID): counted alike by both clients."""
+    import msgpack
+    import picows
+
+    class Fake(picows.WSListener):  # type: ignore[misc]
+        bets = 0
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type != picows.WSMsgType.BINARY:
+                return
+            message = msgpack.unpackb(frame.get_payload_as_bytes())
+            if message["type"] == "auth":
+                transport.send(picows.WSMsgType.BINARY,
+                               msgpack.packb({"type": "welcome", "user_id": 1}))
+                return
+            self.bets += 1
+            if mode == "close" and self.bets == 2:
+                transport.disconnect()
+            elif mode == "errors":
+                transport.send(picows.WSMsgType.BINARY, msgpack.packb(
+                    {"type": "error", "id": message["id"], "code": "RATE_LIMITED",
+                     "message": "no"}))
+                if self.bets == 1:
+                    transport.send(picows.WSMsgType.BINARY, msgpack.packb(
+                        {"type": "bet_result", "id": 12345, "bet_id": "1-1"}))
+
+    server = await picows.ws_create_server(lambda _request: Fake(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        report = await run_bets(BetsOptions(
+            url=f"ws://127.0.0.1:{port}", http=f"http://{api.address}",
+            admin_token=ADMIN_TOKEN, connections=3, inflight=2, duration=0.5, ramp_up=0.0,
+            drain_timeout=0.5, client=client, rate=100.0 if mode == "silent_paced" else None,
+        ))
+    finally:
+        server.close()
+    assert report.bets_all == 0 and not report.ok and not report.hard_timeout
+    if mode.startswith("silent"):
+        assert report.errors == {"UNANSWERED": 3 * 2}
+    elif mode == "close":
+        assert report.errors == {"CLOSED": 3}
+    else:
+        assert report.errors["UNKNOWN_ID"] == 3
+        assert report.errors["RATE_LIMITED"] > 3 * 2
+        assert set(report.errors) == {"UNKNOWN_ID", "RATE_LIMITED"}
