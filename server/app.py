@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         *api.routes(settings),
         WebSocketRoute("/ws/play", RawAsgi(play_endpoint)),
-        WebSocketRoute("/ws/feed", feed_endpoint),
+        WebSocketRoute("/ws/feed", RawAsgi(feed_endpoint)),
         *([WebSocketRoute("/debug/echo/ws/play", RawAsgi(echo_endpoint))]
           if settings.debug_echo else []),
         Mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="static"),

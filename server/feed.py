@@ -3,20 +3,22 @@
 
 Path of one bet (STYLE.md point 13: broadcast without stalls)::
 
-    PlaySession._bet --add()--> local outbox --publisher, every feed_interval_s-->
+    PlaySession._bet_done --add()--> local outbox --publisher, every feed_interval_s-->
     PUBLISH feed_channel (one msgpack list per tick and instance) --Hub--> inbox of every
-    instance with spectators --broadcaster, every feed_interval_s--> one frame per encoding,
-    encoded once --> each spectator's bounded queue --> its own writer task --> socket
+    instance with spectators --broadcast, at once unless the last one is younger than
+    feed_interval_s--> one frame per encoding, encoded and framed once --> written to each
+    spectator's socket (server/wslink.py)
 
 Nothing on this path waits on a consumer: :meth:`Feed.add` is O(1) and never blocks a bet;
 the outbox and the inbox are bounded (the oldest entries are dropped and counted); a
-spectator whose queue is full is closed (1008, "too slow", like a slow player socket)
-instead of being waited on. Each socket therefore gets at most one frame per
-``feed_interval_s`` (the broadcaster sleeps a full interval after each tick).
+spectator with more than ``feed_queue_batches`` frames' worth of bytes unread is closed
+(1008, "too slow", like a slow player socket) instead of being waited on. Each socket gets
+at most one frame per ``feed_interval_s``: a batch that arrives sooner waits for the end of
+that interval, and joins whatever else arrived meanwhile.
 
 An instance subscribes to the feed channel only while it has a spectator: an instance that
 serves players only does not decode every other instance's bets ten times a second.
-Subscribing and unsubscribing are serialised by a lock and retried by the broadcaster tick if
+Subscribing and unsubscribing are serialised by a lock and retried every interval if
 Redis refused them, so a spectator never stays connected to an unsubscribed instance.
 """
 
@@ -29,18 +31,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qs
 
 import msgpack
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
-from starlette.websockets import WebSocket, WebSocketState
 
 from games.bets import Checked
 from server import codec
 from server.codec import Encoding
 from server.metrics import Metrics
 from server.pubsub import Hub
+from server.wslink import Endpoint, Link, Receive, Send, framed
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -80,8 +83,9 @@ def bet_entry(player: str, checked: Checked, reply: Mapping[str, Any]) -> dict[s
 class Sink(Protocol):
     encoding: Encoding
 
-    def offer(self, frame: str | bytes) -> bool:
-        """Queue one frame without waiting; False if the sink is (now) dropped."""
+    def offer(self, payload: str | bytes, wire: bytes) -> bool:
+        """Send one frame without waiting (``wire``: the payload framed for the socket, built
+        once for every spectator); False if the sink is (now) dropped as too slow."""
         ...
 
 
@@ -101,16 +105,22 @@ class Feed:
         self._subscribed = False
         self._sub_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        #: loop.time() of the last broadcast, and the pending one if scheduled.
+        self._last_broadcast = 0.0
+        self._broadcast_handle: asyncio.TimerHandle | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._every_tick(self.publish), name="feed-publisher"),
-            asyncio.create_task(self._every_tick(self._broadcast_tick), name="feed-broadcaster"),
+            asyncio.create_task(self._every_tick(self._reconcile_tick), name="feed-subscriber"),
         ]
 
     async def close(self) -> None:
+        if self._broadcast_handle is not None:
+            self._broadcast_handle.cancel()
+            self._broadcast_handle = None
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -156,7 +166,8 @@ class Feed:
     # -- Redis -> spectators -----------------------------------------------------------
 
     def received(self, data: bytes) -> None:
-        """Hub handler: one instance's batch joins the inbox."""
+        """Hub handler: one instance's batch joins the inbox, broadcast at once unless the
+        last broadcast is less than one interval old (then at the end of that interval)."""
         try:
             batch = msgpack.unpackb(data, raw=False)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -171,6 +182,18 @@ class Feed:
                 self._inbox.popleft()
                 self._metrics.feed_dropped_bets.labels("inbox_full").inc()
             self._inbox.append(entry)
+        if self._inbox and self._broadcast_handle is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_broadcast + self._interval - loop.time())
+            self._broadcast_handle = loop.call_later(delay, self._scheduled_broadcast)
+
+    def _scheduled_broadcast(self) -> None:
+        self._broadcast_handle = None
+        self._last_broadcast = asyncio.get_running_loop().time()
+        try:
+            self.broadcast()
+        except Exception:
+            log.exception("feed_broadcast_failed")
 
     def broadcast(self) -> None:
         """Offer the inbox as one frame (encoded once per encoding) to every spectator."""
@@ -181,20 +204,21 @@ class Feed:
         if not self._sinks:
             return
         message = {"type": "feed", "bets": bets}
-        frames: dict[Encoding, str | bytes] = {}
+        frames: dict[Encoding, tuple[str | bytes, bytes]] = {}
         for sink in tuple(self._sinks):
             frame = frames.get(sink.encoding)
             if frame is None:
-                frame = frames[sink.encoding] = codec.encode(message, sink.encoding)
-            if not sink.offer(frame):
+                payload = codec.encode(message, sink.encoding)
+                frame = frames[sink.encoding] = (payload, framed(payload))
+            if not sink.offer(*frame):
                 self._sinks.discard(sink)
                 self._metrics.feed_dropped_spectators.labels("too_slow").inc()
         self._metrics.feed_batches.labels("broadcast").inc()
 
-    async def _broadcast_tick(self) -> None:
+    async def _reconcile_tick(self) -> None:
+        """Retry a subscription change Redis refused (see _reconcile)."""
         if bool(self._sinks) != self._subscribed:
             await self._reconcile()
-        self.broadcast()
 
     async def join(self, sink: Sink) -> None:
         self._sinks.add(sink)
@@ -224,97 +248,90 @@ class Feed:
 
 
 class Spectator:
-    """One ``/ws/feed`` socket: a bounded queue of frames, a writer task, a reader task that
-    reads and ignores what the client sends (so its close frame is seen)."""
+    """One ``/ws/feed`` socket. Frames are written straight to it (server/wslink.py); one
+    that has more than ``queue_batches`` frames' worth of bytes unread is closed (1008, "too
+    slow"). What the client sends is read and ignored (so its close frame is seen), but a
+    client that sends more than a few frames a second is closed (1008)."""
 
-    def __init__(self, ws: WebSocket, encoding: Encoding, queue_batches: int) -> None:
-        self.ws = ws
+    def __init__(self, endpoint: Endpoint, encoding: Encoding, queue_batches: int,
+                 metrics: Metrics) -> None:
+        self.endpoint = endpoint
         self.encoding: Encoding = encoding
-        self._out: asyncio.Queue[str | bytes] = asyncio.Queue(queue_batches)
-        self._dropped = asyncio.Event()
+        self.link: Link | None = None
+        self._queue_batches = queue_batches
+        self._metrics = metrics
         self._closing = False
         self._tokens = float(CLIENT_FRAMES_BURST)
         self._refilled = time.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def offer(self, frame: str | bytes) -> bool:
-        if self._closing:
+    def offer(self, payload: str | bytes, wire: bytes) -> bool:
+        if self._closing or self.link is None:
             return True  # closing for another reason; Feed.leave() follows
-        try:
-            self._out.put_nowait(frame)
-        except asyncio.QueueFull:
-            self._closing = True
-            self._dropped.set()
+        unread = self.link.write_prepared(payload, wire)
+        if unread > self._queue_batches * len(wire):
+            self._close(1008, "too slow")
             return False
         return True
 
-    async def _write(self) -> None:
-        while True:
-            frame = await self._out.get()
-            if isinstance(frame, str):
-                await self.ws.send_text(frame)
-            else:
-                await self.ws.send_bytes(frame)
-
-    async def _read(self) -> bool:
-        """Read until the client leaves (False) or talks too much (True)."""
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return False
-            now = time.monotonic()
-            self._tokens = min(
-                float(CLIENT_FRAMES_BURST),
-                self._tokens + (now - self._refilled) * CLIENT_FRAMES_PER_S,
-            )
-            self._refilled = now
-            if self._tokens < 1:
-                return True
-            self._tokens -= 1
-
-    async def run(self, metrics: Metrics) -> None:
-        writer = asyncio.create_task(self._write())
-        reader = asyncio.create_task(self._read())
-        dropped = asyncio.create_task(self._dropped.wait())
-        tasks = (writer, reader, dropped)
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        chatty = (
-            reader.done() and not reader.cancelled() and reader.exception() is None
-            and reader.result()
+    def on_frame(self, data: str | bytes) -> None:
+        now = time.monotonic()
+        self._tokens = min(
+            float(CLIENT_FRAMES_BURST),
+            self._tokens + (now - self._refilled) * CLIENT_FRAMES_PER_S,
         )
-        if self._dropped.is_set():
-            reason = "too slow"
-        elif chatty:
-            reason = "spectators do not send frames"
-            metrics.feed_dropped_spectators.labels("chatty").inc()
-        else:
-            return  # the client left, or the socket failed
+        self._refilled = now
+        if self._tokens < 1:
+            if not self._closing:
+                self._metrics.feed_dropped_spectators.labels("chatty").inc()
+            self._close(1008, "spectators do not send frames")
+            return
+        self._tokens -= 1
+
+    def _close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
         self._closing = True
-        if self.ws.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(1008, reason), CLOSE_TIMEOUT_S)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.wait_for(self.endpoint.close(code, reason), CLOSE_TIMEOUT_S)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> None:
+        self.link = self.endpoint.attach(self)
+        try:
+            await self.endpoint.until_disconnect()
+        finally:
+            self._closing = True
+            for task in list(self._tasks):
+                with contextlib.suppress(BaseException):
+                    await task
+            await self.endpoint.finish()
 
 
-async def feed_endpoint(ws: WebSocket) -> None:
-    services: Services = ws.app.state.services
-    await ws.accept()
-    encoding = ws.query_params.get("format", "json")
+async def feed_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """The ASGI app of ``/ws/feed`` (plain ASGI: frames go straight to the sockets)."""
+    services: Services = scope["app"].state.services
+    endpoint = Endpoint(scope, receive, send)
+    if not await endpoint.accept():
+        return
+    encoding = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(
+        "format", ["json"])[-1]
     if encoding not in ("json", "msgpack"):
-        await ws.close(1008, "format must be json or msgpack")
+        await endpoint.close(1008, "format must be json or msgpack")
+        with contextlib.suppress(Exception):
+            await endpoint.until_disconnect()
         return
     spectator = Spectator(
-        ws, "msgpack" if encoding == "msgpack" else "json",
-        services.settings.feed_queue_batches,
+        endpoint, "msgpack" if encoding == "msgpack" else "json",
+        services.settings.feed_queue_batches, services.metrics,
     )
     gauge = services.metrics.sockets.labels("feed")
     gauge.inc()
     try:
         await services.feed.join(spectator)
-        await spectator.run(services.metrics)
+        await spectator.run()
     finally:
         await services.feed.leave(spectator)
         gauge.dec()

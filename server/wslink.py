@@ -55,6 +55,11 @@ class Link(Protocol):
         """Send ``frames`` in order; False if the client was too slow and is being dropped."""
         ...
 
+    def write_prepared(self, payload: str | bytes, wire: bytes) -> int:
+        """Send one frame whose wire form (:func:`framed`) was built once for many sockets;
+        returns how many bytes now wait for this client."""
+        ...
+
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
@@ -70,6 +75,14 @@ def frame_header(opcode: int, length: int) -> bytes:
 
 
 _TEXT, _BINARY = 0x1, 0x2
+
+
+def framed(payload: str | bytes) -> bytes:
+    """``payload`` as one whole server frame (text for str, binary for bytes)."""
+    if isinstance(payload, str):
+        data = payload.encode()
+        return frame_header(_TEXT, len(data)) + data
+    return frame_header(_BINARY, len(payload)) + payload
 
 
 class DirectProtocol(WebSocketsSansIOProtocol):
@@ -155,6 +168,17 @@ class DirectLink:
         transport.write(b"".join(parts))
         return transport.get_write_buffer_size() <= WRITE_LIMIT
 
+    def write_prepared(self, payload: str | bytes, wire: bytes) -> int:
+        protocol = self._protocol
+        transport = protocol.transport
+        if protocol.close_sent or transport.is_closing():
+            return 0
+        pending = protocol.conn.data_to_send()
+        if pending:
+            transport.write(b"".join(pending))
+        transport.write(wire)
+        return int(transport.get_write_buffer_size())
+
     def pause_reading(self) -> None:
         if not self._paused:
             self._paused = True
@@ -180,6 +204,7 @@ class AsgiLink:
         self._readable = asyncio.Event()
         self._readable.set()
         self._out: asyncio.Queue[str | bytes] = asyncio.Queue(ASGI_QUEUE_FRAMES)
+        self._queued_bytes = 0
         self._writer = asyncio.create_task(self._write_loop())
 
     async def read_until_disconnect(self) -> None:
@@ -197,7 +222,13 @@ class AsgiLink:
                 self._out.put_nowait(frame)
             except asyncio.QueueFull:
                 return False
+            self._queued_bytes += len(frame)
         return True
+
+    def write_prepared(self, payload: str | bytes, wire: bytes) -> int:
+        if not self.write([payload]):
+            return 1 << 62
+        return self._queued_bytes
 
     async def drain(self) -> None:
         """Wait until every queued frame was handed to the server."""
@@ -220,6 +251,7 @@ class AsgiLink:
             except Exception:  # the client is gone: the reader sees the disconnect
                 return
             finally:
+                self._queued_bytes -= len(frame)
                 self._out.task_done()
 
     async def close(self) -> None:
@@ -241,6 +273,7 @@ class Endpoint:
         self._receive = receive
         self._send = send
         self.asgi_link: AsgiLink | None = None
+        self.link: Link | None = None
         self.closed = False
 
     async def accept(self) -> bool:
@@ -253,10 +286,10 @@ class Endpoint:
     def attach(self, session: Session) -> Link:
         direct = self.scope.get("extensions", {}).get(EXTENSION)
         if direct is not None:
-            link: Link = direct["attach"](session)
-            return link
-        self.asgi_link = AsgiLink(session, self._receive, self._send)
-        return self.asgi_link
+            self.link = direct["attach"](session)
+        else:
+            self.link = self.asgi_link = AsgiLink(session, self._receive, self._send)
+        return self.link
 
     async def until_disconnect(self) -> None:
         if self.asgi_link is not None:
@@ -265,15 +298,19 @@ class Endpoint:
         while (await self._receive())["type"] != "websocket.disconnect":
             pass
 
-    async def close(self, code: int) -> None:
+    async def close(self, code: int, reason: str = "") -> None:
         if self.closed:
             return
         self.closed = True
+        if self.link is not None:
+            # Read again if the session had paused: the client's close frame must be seen
+            # (later frames are dropped by the session, or by the protocol once closing).
+            self.link.resume_reading()
         if self.asgi_link is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.asgi_link.drain(), 5.0)
         with contextlib.suppress(Exception):  # already gone
-            await self._send({"type": "websocket.close", "code": code})
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def finish(self) -> None:
         if self.asgi_link is not None:

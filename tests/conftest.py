@@ -112,11 +112,15 @@ def settings(redis_server: RedisServer, database_url: str) -> Settings:
     )
 
 
-async def serve(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """Run the app in this event loop on a free port; returns (server, task, base URL)."""
+async def serve(
+    settings: Settings, ws: Any = DirectProtocol
+) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """Run the app in this event loop on a free port; returns (server, task, base URL).
+    ``ws``: uvicorn's WebSocket protocol (ours by default; "websockets-sansio" is plain
+    ASGI, served through server.wslink.AsgiLink)."""
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning",
-        ws=DirectProtocol, ws_max_size=settings.max_frame_bytes,
+        ws=ws, ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=False, lifespan="on",
     )
     server = uvicorn.Server(config)

@@ -21,9 +21,10 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server.feed import Feed, Spectator
+from server.feed import Feed
 from server.metrics import Metrics
 from server.settings import Settings
+from server.wslink import framed
 from tests.conftest import serve
 from tests.helpers import Api, Player
 
@@ -308,33 +309,67 @@ class FakeHub:
         self.channels.remove(channel)
 
 
+class RecordingSink:
+    """A spectator that keeps what it is offered; "slow" ones accept ``room`` frames."""
+
+    def __init__(self, encoding: Any, room: int) -> None:
+        self.encoding = encoding
+        self.room = room
+        self.frames: list[tuple[str | bytes, bytes]] = []
+
+    def offer(self, payload: str | bytes, wire: bytes) -> bool:
+        self.frames.append((payload, wire))
+        return len(self.frames) <= self.room
+
+
 async def test_feed_drops_a_full_sink_and_keeps_feeding_the_others() -> None:
     metrics, hub = Metrics(), FakeHub()
     feed = Feed(cast(Any, None), cast(Any, hub), "feed", metrics, 0.1)
-    fast = Spectator(cast(Any, None), "json", 100)
-    packed = Spectator(cast(Any, None), "msgpack", 100)
-    slow = Spectator(cast(Any, None), "json", 2)
+    fast = RecordingSink("json", 100)
+    packed = RecordingSink("msgpack", 100)
+    slow = RecordingSink("json", 2)
     for sink in (fast, packed, slow):
         await feed.join(sink)
     assert hub.channels == ["feed"]  # subscribed once, while someone watches
     for n in range(5):
         feed.received(msgpack.packb([{"bet_id": f"b{n}", "ts": 1000 + n}]))
         feed.broadcast()
-    fast_frames = [fast._out.get_nowait() for _ in range(fast._out.qsize())]
-    assert [json.loads(f)["bets"][0]["bet_id"] for f in fast_frames] == [f"b{n}" for n in range(5)]
-    assert packed._out.qsize() == 5 and isinstance(packed._out.get_nowait(), bytes)
-    assert slow._out.qsize() == 2 and slow._dropped.is_set()
+    assert [json.loads(p)["bets"][0]["bet_id"] for p, _ in fast.frames] == [
+        f"b{n}" for n in range(5)]
+    payload, wire = fast.frames[0]
+    assert isinstance(payload, str) and wire == framed(payload)  # framed once, for all
+    assert len(packed.frames) == 5 and isinstance(packed.frames[0][0], bytes)
+    assert len(slow.frames) == 3  # the third offer failed: dropped, offered nothing more
     assert feed.spectators == 2
     assert metrics.feed_dropped_spectators.labels("too_slow")._value.get() == 1
     # One frame per encoding per batch: the same object went to every JSON sink.
-    other = Spectator(cast(Any, None), "json", 10)
+    other = RecordingSink("json", 10)
     await feed.join(other)
     feed.received(msgpack.packb([{"bet_id": "b5", "ts": 2000}, {"bet_id": "b4", "ts": 1999}]))
     feed.broadcast()
-    assert fast._out.get_nowait() is other._out.get_nowait()
+    assert fast.frames[-1][1] is other.frames[-1][1]
+    assert [b["bet_id"] for b in json.loads(other.frames[-1][0])["bets"]] == ["b4", "b5"]
     for sink in (fast, packed, other):
         await feed.leave(sink)
     assert hub.channels == []
+
+
+async def test_a_batch_is_broadcast_on_arrival_at_most_once_per_interval() -> None:
+    metrics, hub = Metrics(), FakeHub()
+    feed = Feed(cast(Any, None), cast(Any, hub), "feed", metrics, 0.2)
+    sink = RecordingSink("json", 100)
+    await feed.join(sink)
+    feed.received(msgpack.packb([{"bet_id": "a", "ts": 1}]))
+    await asyncio.sleep(0.05)
+    assert len(sink.frames) == 1  # at once: no tick to wait for
+    feed.received(msgpack.packb([{"bet_id": "b", "ts": 2}]))
+    feed.received(msgpack.packb([{"bet_id": "c", "ts": 3}]))
+    await asyncio.sleep(0.05)
+    assert len(sink.frames) == 1  # less than one interval after the last frame: held
+    await asyncio.sleep(0.3)
+    assert len(sink.frames) == 2
+    assert [b["bet_id"] for b in json.loads(sink.frames[1][0])["bets"]] == ["b", "c"]
+    await feed.close()
 
 
 async def test_feed_outbox_is_bounded() -> None:

@@ -34,8 +34,8 @@ def test_checker_agrees_with_validate_bet(
 ) -> None:
     checker = BetChecker(DEFAULT_CURRENCIES, edge, size=size)
     for request in requests * 2:  # the second pass hits the memo
-        want = _outcome(lambda: validate_bet(*request, DEFAULT_CURRENCIES, edge))
-        got = _outcome(lambda: checker.check(*request))
+        want = _outcome(lambda r=request: validate_bet(*r, DEFAULT_CURRENCIES, edge))
+        got = _outcome(lambda r=request: checker.check(*r))
         if isinstance(want, tuple):
             assert got == want
             continue
