@@ -37,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -53,7 +54,11 @@ START_TIMEOUT_S = 60.0
 
 def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
     """The one uvicorn configuration: uvloop, httptools, sans-I/O websockets, no deflate."""
-    options: dict[str, object] = {
+    return uvicorn.Config(create_app(settings), **_options(settings, overrides))
+
+
+def _options(settings: Settings, overrides: dict[str, object]) -> dict[str, Any]:
+    options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
@@ -66,13 +71,19 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
         "access_log": False,
     }
     options.update(overrides)
-    return uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
+    return options
 
 
 def serve(settings: Settings) -> int:
     """Run the game server in this process until SIGINT / SIGTERM (uvicorn's handlers)."""
     import uvloop
 
+    if settings.server_processes > 1:
+        # uvicorn's process manager: one listening socket, N processes accepting on it,
+        # each building its own app from the environment (create_app reads Settings()).
+        uvicorn.run("server.app:create_app", factory=True,
+                    workers=settings.server_processes, **_options(settings, {}))
+        return 0
     server = uvicorn.Server(uvicorn_config(settings))
     uvloop.run(server.serve())
     return 0 if server.started else 1

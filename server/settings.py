@@ -19,6 +19,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    #: Game server processes (uvicorn workers on one listening socket). Each holds its own
+    #: sockets and Redis connections; a user's sockets on two processes stay correct (the
+    #: scripts check the nonce; pushes cross processes through Redis).
+    server_processes: int = Field(default=1, ge=1, le=64)
     admin_token: str = DEV_ADMIN_TOKEN
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "postgresql://root@127.0.0.1:5432/stakepro"
