@@ -81,7 +81,7 @@ class BetStats(Collector):
         cumulative, buckets = 0, []
         for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
         latency = HistogramMetricFamily(
             "stakepro_bet_seconds", "Server-side bet time, frame in to reply out"
         )

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The stack the benchmarks in docs/benchmarks.md ran on, on a Redis and a database of its own.
+#   scripts/benchstack.sh start [full|serve]   full: server + worker + scheduler (make run's
+#                                              python -m server.run); serve: the game server
+#                                              alone (the outbox waits for the workers)
+#   scripts/benchstack.sh workers              start the worker and scheduler beside `serve`
+#   scripts/benchstack.sh stop
+# Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database stakepro_bench.
+# Redis keeps an AOF (appendfsync everysec), as in production. Every start begins empty.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT=${BENCH_PORT:-8030}
+RPORT=${BENCH_REDIS_PORT:-6398}
+DIR=${BENCH_DIR:-/tmp/stakepro-bench}
+DB=stakepro_bench
+export ADMIN_TOKEN=${ADMIN_TOKEN:-bench} REDIS_URL=redis://127.0.0.1:$RPORT/0 \
+    DATABASE_URL=postgresql://root@127.0.0.1:5432/$DB DEBUG_ECHO=true PORT LOG_LEVEL=warning
+
+stop() {
+    for f in "$DIR"/*.pid; do
+        [[ -e $f ]] || continue
+        kill "$(cat "$f")" 2>/dev/null || true
+        rm -f "$f"
+    done
+    sleep 1
+    redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
+}
+
+case ${1:-} in
+start)
+    stop
+    rm -rf "$DIR"; mkdir -p "$DIR/redis"
+    redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
+        --appendfsync everysec --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
+    psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB" \
+        -c "CREATE DATABASE $DB" 2>/dev/null
+    if [[ ${2:-full} == serve ]]; then
+        .venv/bin/python -c 'import asyncio, server.db as d, server.settings as s
+asyncio.run(d.migrate(s.Settings().database_url))'
+        INPROCESS_PERSISTER=false setsid .venv/bin/python -m server.run serve \
+            >"$DIR/serve.log" 2>&1 &
+    else
+        setsid .venv/bin/python -m server.run >"$DIR/stack.log" 2>&1 &
+    fi
+    echo $! >"$DIR/stack.pid"
+    for _ in $(seq 120); do
+        curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
+        sleep 0.5
+    done
+    curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null
+    echo "server pid $(ss -ltnpH "sport = :$PORT" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)" \
+        "on ws://127.0.0.1:$PORT, redis pid $(redis-cli -p "$RPORT" info server | grep process_id | tr -d '\r' | cut -d: -f2)"
+    ;;
+workers)
+    setsid .venv/bin/python -m dramatiq workers.actors --processes 1 --threads 4 \
+        --worker-shutdown-timeout 18000 >"$DIR/worker.log" 2>&1 &
+    echo $! >"$DIR/worker.pid"
+    setsid .venv/bin/python -m workers.scheduler >"$DIR/scheduler.log" 2>&1 &
+    echo $! >"$DIR/scheduler.pid"
+    ;;
+stop) stop ;;
+*) echo "usage: $0 start [full|serve] | workers | stop" >&2; exit 2 ;;
+esac
