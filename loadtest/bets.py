@@ -594,13 +594,14 @@ async def run_bets(options: BetsOptions) -> BetsReport:
     tally = Tally(t0 + options.ramp_up, t0 + options.ramp_up + options.duration, t0)
     cpu_all0 = time.process_time()
     if options.client == "picows":
-        from loadtest.picows_bets import BetTemplate, drive_picows
+        from loadtest.picows_bets import BetTemplate, Pacer, drive_picows
 
         template = BetTemplate(options)
+        pacer = Pacer(options, tally.stop_at) if options.rate else None
         workers = [
             asyncio.create_task(drive_picows(
                 i, players[i % len(players)], options, tally,
-                t0 + options.ramp_up * i / options.connections, template,
+                t0 + options.ramp_up * i / options.connections, template, pacer,
             ))
             for i in range(options.connections)
         ]

@@ -10,8 +10,10 @@ One :class:`BetListener` per socket. After the welcome, every received frame is 
 - closed loop: each answered bet makes one more bet due, and the due bets are written when
   the frame is the last one of the bytes read (``frame.last_in_buffer``), all in one write:
   several replies read at once cost one ``send`` system call, not several;
-- paced (``--rate``): a timer per socket (``loop.call_at``) sends each bet; a full socket
-  (``inflight`` unanswered) sends from the reply that frees a slot.
+- paced (``--rate``): one :class:`Pacer` for all sockets wakes every ``tick`` (1 to 10
+  ms) and has each socket send the bets due on it by then, in one write (the loop would
+  otherwise wake for every bet); a full socket (``inflight`` unanswered) sends at the
+  first tick after a reply frees a slot.
 
 Bet frames are built here, not by picows: the bet's bytes are the template's with the id
 spliced in, masked with the socket's mask key (one random key per socket, not per frame:
@@ -133,7 +135,7 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
     """One player socket of the run: the welcome, then bets from the frame callback."""
 
     def __init__(self, index: int, options: BetsOptions, tally: Tally,
-                 template: BetTemplate) -> None:
+                 template: BetTemplate, pacer: Pacer | None = None) -> None:
         self.options = options
         self.tally = tally
         self.template = template
@@ -156,13 +158,11 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
         self.finished = False
         self.due = 0
         # Paced mode.
-        self.paced = bool(options.rate)
-        self.interval = options.connections / options.rate if options.rate else 0.0
+        self.pacer = pacer
+        self.paced = pacer is not None
+        self.interval = pacer.interval if pacer is not None else 0.0
         self.next_at = 0.0
-        self.stop_loop = 0.0
-        self.blocked = False
         self.pacing_over = not self.paced
-        self.timer: asyncio.TimerHandle | None = None
 
     # -- picows callbacks --------------------------------------------------------------
 
@@ -204,12 +204,8 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
                 answered = True
         else:
             answered = self._other(payload, now)
-        if answered:
-            if self.paced:
-                if self.blocked and len(self.pending) < self.inflight:
-                    self._unblock()
-            elif now < self.stop_ns:
-                self.due += 1
+        if answered and not self.paced and now < self.stop_ns:
+            self.due += 1
         if frame.last_in_buffer:
             if self.due:
                 self._send(self.due)
@@ -225,15 +221,13 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
     # -- the bets ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Send the first bets (closed loop) or start the pacing timer."""
+        """Send the first bets (closed loop) or join the run's pacer."""
         self.started = True
-        if not self.paced:
+        if self.pacer is None:
             self._send(self.inflight)
             return
-        loop = self.loop
-        self.next_at = loop.time()
-        self.stop_loop = loop.time() + (self.tally.stop_at - time.perf_counter())
-        self._tick()
+        self.next_at = self.loop.time()
+        self.pacer.add(self)
 
     def _send(self, count: int) -> None:
         write = self.write
@@ -256,37 +250,25 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
         self.serial = serial
         write(data)
 
-    def _tick(self) -> None:
-        self.timer = None
+    def pace(self, now: float, stop: float) -> bool:
+        """Send the bets due by ``now`` (loop time) in one write; False once this socket's
+        pacing is over (``stop`` reached, or the socket finished)."""
         if self.finished:
-            return
-        now = self.loop.time()
-        if self.next_at >= self.stop_loop or now >= self.stop_loop:
-            self._pacing_done()
-            return
-        if len(self.pending) >= self.inflight:
-            self.blocked = True  # the reply that frees a slot sends
-            return
-        self._send(1)
-        self._schedule(now)
-
-    def _unblock(self) -> None:
-        self.blocked = False
-        now = self.loop.time()
-        if now >= self.stop_loop:
-            self._pacing_done()
-            return
-        self._send(1)
-        self._schedule(now)
-
-    def _schedule(self, now: float) -> None:
-        self.next_at = max(self.next_at + self.interval, now - self.interval)  # no catch-up
-        self.timer = self.loop.call_at(self.next_at, self._tick)
-
-    def _pacing_done(self) -> None:
-        self.pacing_over = True
-        if not self.pending:
-            self._finish(None)
+            return False
+        if now >= stop or self.next_at >= stop:
+            self.pacing_over = True
+            if not self.pending:
+                self._finish(None)
+            return False
+        count, room, next_at, interval = 0, self.inflight - len(self.pending), self.next_at, \
+            self.interval
+        while next_at <= now and count < room and next_at < stop:
+            count += 1
+            next_at = max(next_at + interval, now - interval)  # no catch-up burst
+        if count:
+            self.next_at = next_at
+            self._send(count)
+        return True
 
     def _other(self, payload: bytes, now: int) -> bool:
         """A frame that is not a plain ``bet_result``: decoded whole."""
@@ -315,9 +297,6 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
             self.welcome.set_result(message)
 
     def _finish(self, failure: BaseException | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.finished:
             return
         self.finished = True
@@ -328,9 +307,39 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
                 self.done.set_exception(failure)
 
 
+class Pacer:
+    """The ``--rate`` clock of one run: every ``tick`` seconds each paced socket sends the
+    bets due on it (``rate / connections`` a second each, never more than ``inflight``
+    unanswered, no catch-up burst after a stall), until the end of the measured window.
+    A bet waits at most one tick past its time; the rate holds on average."""
+
+    def __init__(self, options: BetsOptions, stop_at: float) -> None:
+        assert options.rate
+        self.interval = options.connections / options.rate
+        self.tick = min(max(self.interval / 8, 0.001), 0.01)
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        #: ``stop_at`` (perf_counter) on the loop's clock.
+        self.stop = loop.time() + (stop_at - time.perf_counter())
+        self.sockets: list[BetListener] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, socket: BetListener) -> None:
+        self.sockets.append(socket)
+        socket.pace(self.loop.time(), self.stop)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.tick, self._tick)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        stop = self.stop
+        self.sockets = [s for s in self.sockets if s.pace(now, stop)]
+        self.timer = self.loop.call_at(now + self.tick, self._tick) if self.sockets else None
+
+
 async def drive_picows(
     index: int, player: Any, options: BetsOptions, tally: Tally, start_at: float,
-    template: BetTemplate,
+    template: BetTemplate, pacer: Pacer | None = None,
 ) -> None:
     """One socket of :func:`loadtest.bets.run_bets` over picows: sign in, bet until
     ``tally.stop_at``, drain; errors counted like the generic driver does."""
@@ -339,7 +348,7 @@ async def drive_picows(
         return
     try:
         transport, listener = await asyncio.wait_for(
-            picows.ws_connect(lambda *_: BetListener(index, options, tally, template),
+            picows.ws_connect(lambda *_: BetListener(index, options, tally, template, pacer),
                               options.play_url,
                               websocket_handshake_timeout=options.connect_timeout,
                               max_frame_size=2**20),
