@@ -527,7 +527,9 @@ class BetsReport:
                          f" {self.server_cpu_s / self.measured_s:.2f} cores,"
                          f" {_fmt(_per_1000(self.server_cpu_s, self.bets))} ms CPU"
                          f" per 1,000 bets{rss}"))
-        rows.append(("client CPU", f"{self.client_cpu_s / max(self.measured_s, 1e-9):.2f} cores,"
+        cores = (f"{self.client_cpu_s / self.measured_s:.2f}" if self.measured_s >= 0.01
+                 else "-")  # every socket failed at once: no window to divide by
+        rows.append(("client CPU", f"{cores} cores,"
                      f" {_fmt(_per_1000(self.client_cpu_s, self.bets))} ms per 1,000 bets"
                      f" ({o.client}); {self.client_cpu_all_s:.2f} s in the whole run"))
         rows.append(("result", "OK" if self.ok else "FAIL"))
