@@ -131,6 +131,9 @@ class ChainCache:
         self._clock = clock
         self._data: OrderedDict[int, tuple[float, Chain]] = OrderedDict()
 
+    def clear(self) -> None:
+        self._data.clear()
+
     async def get_many(self, pool: asyncpg.Pool, user_ids: Iterable[int]) -> dict[int, Chain]:
         now = self._clock()
         out: dict[int, Chain] = {}
