@@ -140,19 +140,24 @@ async def test_replayed_bets_accrue_once(env: Env) -> None:
     assert await env.leftovers() == []
 
 
-async def test_worker_dies_after_commit_before_ack(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The outbox path: the batch is replayed whole; no duplicate row, no double commission."""
-    chain = await env.chain()
+async def _outbox_bets(env: Env, chain: Chain, amounts: Sequence[int]) -> list[dict[str, Any]]:
     await outbox.ensure_groups(env.redis, env.keys)
-    bets = bets_of(chain.players, AMOUNTS[2:])
+    bets = bets_of(chain.players, amounts)
     for i, b in enumerate(bets):
         event = {**b, "pair_id": 1, "payout": 0, "roll": 9000, "target": 5000,
                  "direction": "under", "nonce": i + 1, "multiplier": 19800,
                  "server_seed_hash": "ab" * 32, "client_seed": "c", "ts": 1_700_000_000_000}
         await env.redis.xadd(env.keys.outbox_for(b["user_id"]),
                              {"k": "bet", "e": msgpack.packb(event), "b": "0"})
+    return bets
+
+
+async def test_worker_dies_after_commit_before_ack(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox path: the batch is replayed whole; no duplicate row, no double commission."""
+    chain = await env.chain()
+    bets = await _outbox_bets(env, chain, AMOUNTS[2:])
 
     async def ack_fails(*args: Any) -> None:
         raise ConnectionResetError("died after COMMIT, before XACK")
@@ -162,13 +167,14 @@ async def test_worker_dies_after_commit_before_ack(
         await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0)
     monkeypatch.undo()
     assert await outbox.pending_count(env.redis, env.keys) == len(bets)  # nothing acked
+    # The accrual is part of the ack (workers/lua/outbox-ack-accrue.lua): nothing accrued.
+    assert await env.leftovers() == []
     # A second worker reclaims the entries of the dead one (Dramatiq's retry path is the
-    # same replay: the same events through write() and accrue() again).
+    # same replay: the same events through write() and the ack again).
     assert await outbox.reclaim(env.redis, env.pool, env.keys, "w2", min_idle_ms=0) == len(bets)
     assert await outbox.pending_count(env.redis, env.keys) == 0
     await env.flush()
-    # Acknowledged entries are gone for good, and so are their bets' accrual markers (they
-    # only guard the moment between accrual and ack): nothing left to replay or to expire.
+    # Acknowledged entries are gone for good: nothing left to replay, no marker per bet.
     assert await outbox.drain_once(env.redis, env.pool, env.keys, "w3", block_ms=0) == 0
     for b in bets:
         assert not await env.redis.exists(env.keys.commission_done(b["user_id"], b["bet_id"]))
@@ -179,6 +185,46 @@ async def test_worker_dies_after_commit_before_ack(
     await env.assert_paid(chain, bets)
     for ancestor in chain.ancestors:
         assert (await env.paid(ancestor))[1] == 1  # one flush paid, one ledger row
+
+
+async def test_two_consumers_holding_the_same_entries_accrue_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow consumer's entries reclaimed by another (or a lease that failed to exclude):
+    both write the rows, both ack; only the first ack accrues, whatever the order."""
+    chain = await env.chain()
+    bets = await _outbox_bets(env, chain, AMOUNTS)
+    # w1 reads and writes, and is held up just before its ack ...
+    release = asyncio.Event()
+    reached = asyncio.Event()
+    ack = outbox._ack
+
+    async def slow_ack(*args: Any) -> int:
+        reached.set()
+        await release.wait()
+        return await ack(*args)
+
+    monkeypatch.setattr(outbox, "_ack", slow_ack)
+    slow = asyncio.create_task(
+        outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0))
+    await reached.wait()
+    monkeypatch.undo()
+    # ... w2 takes some of them over, persists and acknowledges them first.
+    taken = 0
+    for stream in env.keys.all_outboxes():
+        reply: Any = await env.redis.xautoclaim(stream, outbox.GROUP, "w2", 0, "0-0", count=1)
+        taken += len(reply[1])
+        if reply[1]:
+            entries = [outbox.Entry(stream.encode(), i, f) for i, f in reply[1]]
+            assert await outbox.handle(env.redis, env.pool, env.keys, entries,
+                                       consumer="w2") == len(entries)
+    assert 0 < taken < len(bets)
+    release.set()
+    assert await slow == len(bets)
+    assert await outbox.pending_count(env.redis, env.keys) == 0
+    await env.flush()
+    await env.assert_paid(chain, bets)
+    assert commissions.STATS.accrued >= len(bets)
 
 
 async def test_flush_dies_after_take_then_the_next_pays_once(env: Env) -> None:

@@ -161,6 +161,41 @@ async def test_replayed_entries_insert_nothing_twice(env: Env) -> None:
     assert total == 1000 + 98 - 100
 
 
+async def test_list_shaped_bet_events_are_read_like_maps(env: Env) -> None:
+    """The event blob may be the map the server writes today or the list BET_FIELDS."""
+    uid = await env.user()
+    pid = await env.pair(uid)
+    as_map = bet(uid, pid, 1)
+    event = msgpack.unpackb(bet(uid, pid, 2)["e"])
+    as_list = {**as_map, "e": msgpack.packb([event[name] for name in outbox.BET_FIELDS])}
+    await env.xadd(uid, as_map)
+    await env.xadd(uid, as_list)
+    assert await env.drain() == 2
+    assert await counts(env.pool, uid) == (2, 2)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in as_list.items()}
+    assert outbox.bet_row(fields) == outbox._row(outbox.parse(fields))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("over", [
+    {"amount": True}, {"amount": 0}, {"payout": -1}, {"roll": 2**31}, {"nonce": 2**63}, {"balance": -5},
+    {"direction": "sideways"}, {"bet_id": ""}, {"currency": b"USDT"}, {"client_seed": None},
+    {"amount": "100"}, {"nonce": "7"}, {"ts": 1.5},
+])
+def test_the_fast_decoder_agrees_with_parse(over: dict[str, Any]) -> None:
+    """bet_row() accepts exactly what parse() accepts, with the same values."""
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode()
+              for k, v in bet(7, 9, **over).items()}
+    try:
+        expected: Any = outbox._row(outbox.parse(fields))  # type: ignore[arg-type]
+    except outbox.Malformed as exc:
+        expected = type(exc)
+    try:
+        got: Any = outbox.bet_row(fields)
+    except outbox.Malformed as exc:
+        got = type(exc)
+    assert got == expected
+
+
 async def test_malformed_entries_go_to_the_dead_letter_stream(env: Env) -> None:
     uid = await env.user()
     pid = await env.pair(uid)

@@ -66,6 +66,12 @@ LEASE_MS = 3000
 RENEW_EVERY_S = 1.0
 #: Entries per stream per batch (one batch is at most BATCH x buckets-of-the-shard entries).
 BATCH = 500
+#: A batch smaller than this is followed by a pause, so that batches come at most every
+#: BATCH_EVERY_S: at a steady rate the per-batch costs (one XREADGROUP over every stream of
+#: the shard, one ack script per stream, a PostgreSQL transaction) are paid ~10 times a second
+#: instead of once per handful of bets. Adds at most BATCH_EVERY_S to the persistence lag.
+FULL_BATCH = 2000
+BATCH_EVERY_S = 0.1
 #: Seconds a persist job may overrun its run before it is cancelled (see persist_outbox).
 OVERRUN_S = 15.0
 #: Seconds the final flush at worker shutdown may take.
@@ -239,8 +245,15 @@ async def persist(res: Resources, shard: int, run_s: float, batch: int = BATCH) 
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
-            handled += await outbox.drain_once(res.redis, res.pool, keys, consumer, batch,
-                                               block_ms=min(200, max(1, left_ms)))
+            started = time.monotonic()
+            n = await outbox.drain_once(res.redis, res.pool, keys, consumer, batch,
+                                        block_ms=min(200, max(1, left_ms)))
+            handled += n
+            if 0 < n < FULL_BATCH:
+                pause = min(BATCH_EVERY_S - (time.monotonic() - started),
+                            deadline - time.monotonic())
+                if pause > 0:
+                    await asyncio.sleep(pause)
         return handled
     except BaseException:
         res.groups.discard(shard)  # e.g. NOGROUP after a Redis restart: check them again

@@ -52,7 +52,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError
 
-from games.commission import split
+from games.commission import MAX_BPS, split
 from games.types import Minor, UserId
 from server import scripts
 from server.keys import Keys, bucket_of
@@ -158,11 +158,45 @@ class ChainCache:
 
 CHAINS = ChainCache()
 
+#: ``(ancestor field, bps)`` of one (player, currency): the pending-hash field
+#: ``"<ancestor>|<currency>"`` and the ancestor's rate, for every ancestor with bps > 0.
+Shares = tuple[tuple[str, int], ...]
+
+
+async def shares_of(pool: asyncpg.Pool, pairs: Iterable[tuple[int, str]], *,
+                    chains: ChainCache | None = None) -> dict[tuple[int, str], Shares]:
+    """For each (player, currency), what a bet accrues per ancestor: a stake ``amount``
+    pays ``amount * bps // MAX_BPS`` to each field (games.commission.commission, inlined
+    by the outbox's hot path; a zero share is not accrued). Kept as long as the chain."""
+    pairs = set(pairs)
+    chain_of = await (chains or CHAINS).get_many(pool, {uid for uid, _ in pairs})
+    out: dict[tuple[int, str], Shares] = {}
+    for pair in pairs:
+        chain = chain_of[pair[0]]
+        hit = _SHARES.get(pair)
+        if hit is not None and hit[0] is chain:
+            out[pair] = hit[1]
+            continue
+        for _, bps in chain:
+            if not 0 <= bps <= MAX_BPS:
+                raise ValueError("commission_bps must be within 0 ... 10000")
+        shares = tuple((f"{ancestor}|{pair[1]}", bps) for ancestor, bps in chain if bps > 0)
+        if len(_SHARES) >= 2 * CHAIN_CACHE_SIZE:
+            _SHARES.clear()
+        _SHARES[pair] = (chain, shares)
+        out[pair] = shares
+    return out
+
+
+#: (player, currency) -> (the chain they were computed from, the shares): reused while the
+#: chain cache returns that same chain object.
+_SHARES: dict[tuple[int, str], tuple[Chain, Shares]] = {}
+
 
 # -- Redis calls -----------------------------------------------------------------------------
 
 
-async def _run(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+async def run_scripts(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
     """EVALSHA every call in one pipeline; reload and retry the NOSCRIPT ones once.
 
     Raises the first other error (after every call ran: each one is idempotent).
@@ -187,6 +221,9 @@ async def _run(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
         if isinstance(reply, Exception):
             raise reply
     return replies
+
+
+_run = run_scripts
 
 
 def _text(value: Any) -> str:
