@@ -131,8 +131,16 @@ class Feed:
             await asyncio.wait_for(self.publish(), 1.0)  # the last bets settled here
 
     async def _every_tick(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` every interval on a fixed cadence (a slow step or a busy loop does
+        not push the later ticks back; missed ticks are skipped, not run in a burst)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self._interval)
+            due += self._interval
+            now = loop.time()
+            if due < now:
+                due = now
+            await asyncio.sleep(due - now)
             try:
                 await step()
             except asyncio.CancelledError:
