@@ -177,7 +177,8 @@ async def test_list_shaped_bet_events_are_read_like_maps(env: Env) -> None:
 
 
 @pytest.mark.parametrize("over", [
-    {"amount": True}, {"amount": 0}, {"payout": -1}, {"roll": 2**31}, {"nonce": 2**63}, {"balance": -5},
+    {"amount": True}, {"amount": 0}, {"payout": -1}, {"roll": 2**31}, {"nonce": 2**63},
+    {"balance": -5},
     {"direction": "sideways"}, {"bet_id": ""}, {"currency": b"USDT"}, {"client_seed": None},
     {"amount": "100"}, {"nonce": "7"}, {"ts": 1.5},
 ])
