@@ -5,8 +5,9 @@ PROTOCOL.md, "Commissions": every settled bet pays each ancestor of the player
 crashes or retries happen. The path of one bet's commissions::
 
     outbox batch COMMITted (workers/outbox.py)
-      -> accrue(): commission-accrue-2.lua on the player's bucket, before the batch is acked
-         marker cdone:{bP}:<bet> SET NX  +  HINCRBY cpend:{bP} "<ancestor>|<currency>"
+      -> the batch's ack: workers/lua/outbox-ack-accrue.lua, one call for the batch: if every
+         entry is still pending, XACK + XDEL them and HINCRBY cpend:{bN} "<ancestor>|<currency>"
+         by the sum of their bets' shares (per bet floored, summed per bucket in Python)
       -> flush() every window (one flusher holds the window's lease):
          take   commission-take-3.lua per bucket: RENAME cpend:{bN} -> cbatch:{bN}:<batch>,
                 SADD cbatches:{bN} <batch>; returns every unfinished batch of the bucket
@@ -19,8 +20,11 @@ crashes or retries happen. The path of one bet's commissions::
 Why it pays exactly once:
 
 - A bet event is replayed when its worker dies after COMMIT and before XACK (and by any job
-  retry). The marker makes the second accrual a no-op; it lives ``MARKER_TTL_S``, longer
-  than any replay can arrive (Dramatiq's longest retry back-off is 7 days).
+  retry). Its commissions are accrued by the same atomic call that acknowledges its entry,
+  and an entry stops being pending once: the replay's ack accrues them, the crashed one did
+  not. Two consumers acknowledging the same entries: the second finds them acknowledged and
+  adds nothing for them. (:func:`accrue`, the per-bet marker of commission-accrue-2.lua, is
+  the older path, kept for callers outside the outbox; a marker lives ``MARKER_TTL_S``.)
 - RENAME takes the pending hash whole: an accrual after it starts a new pending hash, so
   nothing between the read and the delete is lost. Batch contents never change afterwards.
 - The unit of payment is one taken hash, ``(batch_id, bucket)``, created atomically with its
