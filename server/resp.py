@@ -37,18 +37,18 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
 
 
-Done = Callable[[list[Any] | None, Exception | None], None]
+OnReply = Callable[[int, Any], None]
 
 
 class _Batch:
-    """Replies of one :meth:`FastConnection.send_now` batch, collected for one callback."""
+    """The commands of one :meth:`FastConnection.send_now`: each reply goes to ``on_reply``
+    with the command's index as soon as it arrives."""
 
-    __slots__ = ("done", "left", "replies")
+    __slots__ = ("next", "on_reply")
 
-    def __init__(self, count: int, done: Done) -> None:
-        self.replies: list[Any] = []
-        self.left = count
-        self.done = done
+    def __init__(self, on_reply: OnReply) -> None:
+        self.on_reply = on_reply
+        self.next = 0
 
 
 class _Protocol(asyncio.Protocol):
@@ -71,29 +71,27 @@ class _Protocol(asyncio.Protocol):
                 reply = _error(reply)
             entry = waiting.popleft()
             if isinstance(entry, _Batch):
-                entry.replies.append(reply)
-                entry.left -= 1
-                if not entry.left:
-                    _call(entry.done, entry.replies, None)
+                index = entry.next
+                entry.next = index + 1
+                _call(entry.on_reply, index, reply)
             elif not entry.done():
                 entry.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = RedisConnectionError(f"Redis connection lost: {exc or 'closed'}")
-        failed: set[int] = set()
         while self.waiting:
             entry = self.waiting.popleft()
             if isinstance(entry, _Batch):
-                if id(entry) not in failed:
-                    failed.add(id(entry))
-                    _call(entry.done, None, self.lost)
+                index = entry.next
+                entry.next = index + 1
+                _call(entry.on_reply, index, self.lost)
             elif not entry.done():
                 entry.set_exception(self.lost)
 
 
-def _call(done: Done, replies: list[Any] | None, exc: Exception | None) -> None:
+def _call(on_reply: OnReply, index: int, reply: Any) -> None:
     try:
-        done(replies, exc)
+        on_reply(index, reply)
     except Exception:  # a callback's bug must not break the connection's other callers
         log.exception("redis_batch_callback_failed")
 
@@ -183,15 +181,20 @@ class FastConnection:
     async def connect(self) -> None:
         await self._connected()
 
-    def send_now(self, commands: list[Command], done: Done) -> None:
+    def send_now(self, commands: list[Command], on_reply: OnReply) -> None:
         """Write ``commands`` now (the caller checked :meth:`ready_run_id` in the same
-        step and filled the run id in itself) and call ``done(replies, None)`` once every
-        reply is in, or ``done(None, error)`` if the connection is lost first. Error replies
-        are ResponseError / NoScriptError instances in the list."""
+        step and filled the run id in itself); ``on_reply(i, reply)`` is called for each
+        command as its reply arrives, in order. The reply is a ResponseError /
+        NoScriptError for an error reply, and the connection's error for every command
+        still unanswered when the connection is lost.
+
+        Replies are handed over one by one because Redis answers a long pipeline in chunks
+        (it reads about 16 KB of commands per turn of its loop): the caller works on the
+        first replies while Redis runs the rest."""
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.lost is not None:
             raise RedisConnectionError("not connected")
-        batch = _Batch(len(commands), done)
+        batch = _Batch(on_reply)
         protocol.waiting.extend([batch] * len(commands))
         # hiredis's stub types the argument as a 1-tuple; any tuple of args is accepted.
         protocol.transport.write(

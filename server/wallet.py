@@ -14,8 +14,8 @@ own, and two server instances serving one user stay correct (they just retry).
 Batching (:meth:`Wallet.submit`): the bets that arrive during one loop tick wait in their
 user's queue; at the end of the tick every user that has no pipeline in flight sends all its
 queued bets (up to MAX_USER_BATCH) at consecutive predicted nonces ``n+1, n+2, ...``, and all
-users' calls leave together in one Redis pipeline, answered through one callback: no task,
-lock or future per bet. Redis runs them in order, so when every prediction holds they all
+users' calls leave together in one Redis pipeline; each call's reply is handled by a callback
+as soon as it arrives (:meth:`FastConnection.send_now`): no task, lock or future per bet. Redis runs them in order, so when every prediction holds they all
 settle; when one does not advance the nonce (insufficient funds, a replayed id), the later
 ones of that user come back STALE, without having changed anything, and are recomputed in
 the next pipeline. Only a STALE that no earlier bet of the batch explains counts as an
@@ -353,15 +353,10 @@ class Wallet:
                 stored = msgpack.packb(
                     [bet_id, roll, outcome.win, spec.multiplier, outcome.payout, nonce, sh, cs]
                 )
+                # The outbox event, in workers.outbox.BET_FIELDS order (a list: no keys).
                 event = msgpack.packb(
-                    {
-                        "bet_id": bet_id, "user_id": uid, "pair_id": pid_int,
-                        "currency": spec.currency.code, "amount": spec.amount,
-                        "payout": outcome.payout, "roll": roll, "target": spec.target,
-                        "direction": spec.direction, "nonce": nonce,
-                        "multiplier": spec.multiplier, "server_seed_hash": sh,
-                        "client_seed": cs, "ts": ts,
-                    }
+                    [bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
+                     roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts]
                 )
                 idem_keys.append(self._keys.bet_idem(uid, bet.client_id))
                 args += (
@@ -376,65 +371,60 @@ class Wallet:
             state.idle.clear()
             groups.append((state, pair, bets))
         if commands:
-            fast.send_now(commands, lambda replies, exc: self._settled(groups, replies, exc))
+            fast.send_now(commands, lambda i, reply: self._settled(*groups[i], reply))
 
     def _settled(
-        self,
-        groups: list[tuple[UserState, Pair, list[PendingBet]]],
-        replies: list[Any] | None,
-        exc: Exception | None,
+        self, state: UserState, pair: Pair, bets: list[PendingBet], group: Any
     ) -> None:
-        """Hand every bet of one pipeline its outcome; requeue the ones to recompute."""
+        """Hand every bet of one user's call its outcome; requeue the ones to recompute.
+        ``group`` is the call's reply (one reply per bet) or the error that failed it."""
+        state.inflight = False
+        state.idle.set()
+        retry: list[PendingBet] = []
+        # False once a bet of this group did not advance the nonce: the later ones were
+        # predicted on top of it and come back STALE without any contention.
+        chained = True
         reload_scripts = False
-        for index, (state, pair, bets) in enumerate(groups):
-            state.inflight = False
-            state.idle.set()
-            retry: list[PendingBet] = []
-            # False once a bet of this group did not advance the nonce: the later ones were
-            # predicted on top of it and come back STALE without any contention.
-            chained = True
-            group: Any = exc if replies is None else replies[index]
-            for i, bet in enumerate(bets):
-                reply: Any = group if isinstance(group, Exception) else group[i]
-                outcome: BetResult | StakeProError | None
-                if isinstance(reply, Exception):
-                    chained = False
-                    if isinstance(reply, NoScriptError):
-                        reload_scripts = True
-                        retry.append(bet)
-                        continue
-                    outcome = Unavailable(f"bet not settled: {type(reply).__name__}")
+        for i, bet in enumerate(bets):
+            reply: Any = group if isinstance(group, Exception) else group[i]
+            outcome: BetResult | StakeProError | None
+            if isinstance(reply, Exception):
+                chained = False
+                if isinstance(reply, NoScriptError):
+                    reload_scripts = True
+                    retry.append(bet)
+                    continue
+                outcome = Unavailable(f"bet not settled: {type(reply).__name__}")
+            else:
+                code = reply[0]
+                if code == BetCode.SETTLED:
+                    if state.pair is pair and pair.nonce < bet.nonce:
+                        pair.nonce = bet.nonce
+                    outcome = BetResult(
+                        bet.bet_id, bet.roll, bet.win, bet.spec.multiplier, bet.payout,
+                        Minor(int(reply[1])), bet.nonce, pair.server_seed_hash,
+                        pair.client_seed, rotated=bet.rotated,
+                    )
                 else:
-                    code = reply[0]
-                    if code == BetCode.SETTLED:
-                        if state.pair is pair and pair.nonce < bet.nonce:
-                            pair.nonce = bet.nonce
-                        outcome = BetResult(
-                            bet.bet_id, bet.roll, bet.win, bet.spec.multiplier, bet.payout,
-                            Minor(int(reply[1])), bet.nonce, pair.server_seed_hash,
-                            pair.client_seed, rotated=bet.rotated,
-                        )
-                    else:
-                        outcome = self._refused(state, pair, code, reply)
-                        if outcome is None:
-                            if chained:
-                                bet.attempts += 1
-                            chained = False
-                            if bet.attempts < MAX_ATTEMPTS:
-                                retry.append(bet)
-                                continue
-                            outcome = Unavailable(
-                                "the seed pair kept changing under this bet; resend it"
-                            )
+                    outcome = self._refused(state, pair, code, reply)
+                    if outcome is None:
+                        if chained:
+                            bet.attempts += 1
                         chained = False
-                _deliver(bet, outcome)
-            if retry:
-                state.queue.extendleft(reversed(retry))
-            if reload_scripts:
-                continue
-            self._wake(state)
+                        if bet.attempts < MAX_ATTEMPTS:
+                            retry.append(bet)
+                            continue
+                        outcome = Unavailable(
+                            "the seed pair kept changing under this bet; resend it"
+                        )
+                    chained = False
+            _deliver(bet, outcome)
+        if retry:
+            state.queue.extendleft(reversed(retry))
         if reload_scripts:
-            self._spawn(self._reload_scripts([state for state, _, _ in groups]))
+            self._spawn(self._reload_scripts([state]))
+        else:
+            self._wake(state)
 
     @staticmethod
     def _refused(

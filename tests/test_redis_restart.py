@@ -239,6 +239,12 @@ class Bettor:
     async def drop(self) -> None:
         """Lose the socket with bets in flight: their replies, if any, are never read, so
         the bet loops resend them once the client may connect again."""
+        # With a fast server a socket's replies often arrive together and, for a moment,
+        # nothing is in flight: wait (briefly) for a bet that was written and not answered.
+        for _ in range(10_000):  # at most ~2 s
+            if any(cid in self.written for cid in self.waiting):
+                break
+            await asyncio.sleep(0.0002)
         self.dropped_at = time.monotonic()
         self.may_connect.clear()
         self.ready.clear()
