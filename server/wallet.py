@@ -14,11 +14,12 @@ own, and two server instances serving one user stay correct (they just retry).
 Batching (:meth:`Wallet.submit`): the bets that arrive during one loop tick wait in their
 user's queue; at the end of the tick every user that has no pipeline in flight sends all its
 queued bets (up to MAX_USER_BATCH) at consecutive predicted nonces ``n+1, n+2, ...``, and all
-users' calls leave together in one Redis pipeline; each call's reply is handled by a callback
-as soon as it arrives (:meth:`FastConnection.send_now`): no task, lock or future per bet. Redis runs them in order, so when every prediction holds they all
-settle; when one does not advance the nonce (insufficient funds, a replayed id), the later
-ones of that user come back STALE, without having changed anything, and are recomputed in
-the next pipeline. Only a STALE that no earlier bet of the batch explains counts as an
+users' calls leave together in one Redis pipeline; each call's reply is handled by a
+callback as soon as it arrives (:meth:`FastConnection.send_now`): no task, lock or future
+per bet. Redis runs a call's bets in order, so when every prediction holds they all settle;
+when one does not advance the nonce (insufficient funds, a replayed id), the later ones of
+that user come back STALE, without having changed anything, and are recomputed in the next
+pipeline. Only a STALE that no earlier bet of the batch explains counts as an
 attempt against MAX_ATTEMPTS.
 """
 
