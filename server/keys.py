@@ -35,8 +35,11 @@ class Keys:
 
     def bet_idem(self, user_id: int, client_id: int | str) -> str:
         """Idempotency record of one client bet id (``1`` and ``"1"`` differ)."""
-        kind = "i" if isinstance(client_id, int) else "s"
-        return f"{self.prefix}:idem:{self.tag(user_id)}:{user_id}:{kind}:{client_id}"
+        return bet_idem_key(self.bet_idem_prefix(user_id), client_id)
+
+    def bet_idem_prefix(self, user_id: int) -> str:
+        """What every :meth:`bet_idem` key of ``user_id`` starts with (see bet_idem_key)."""
+        return f"{self.prefix}:idem:{self.tag(user_id)}:{user_id}:"
 
     def deposit_idem(self, user_id: int, idempotency_key: str) -> str:
         return f"{self.prefix}:dep:{self.tag(user_id)}:{user_id}:{idempotency_key}"
@@ -87,3 +90,8 @@ class Keys:
     def epoch(self) -> str:
         """Redis incarnation marker: set once; if missing, Redis lost data (see docs)."""
         return f"{self.prefix}:epoch"
+
+
+def bet_idem_key(prefix: str, client_id: int | str) -> str:
+    """:meth:`Keys.bet_idem` from its user's :meth:`Keys.bet_idem_prefix`."""
+    return f"{prefix}{'i' if isinstance(client_id, int) else 's'}:{client_id}"

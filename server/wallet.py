@@ -44,7 +44,7 @@ from games.errors import IdempotencyConflict, InsufficientFunds, StakeProError, 
 from games.money import Currency
 from games.types import Hundredths, Minor, MultiplierBp
 from server import scripts
-from server.keys import Keys
+from server.keys import Keys, bet_idem_key
 from server.redisbatch import Arg, Batcher
 from server.redisconn import RUN_ID
 from server.resp import Command
@@ -117,6 +117,8 @@ class UserState:
     user_id: int
     #: balances, seed pair, outbox and push channel keys (server/keys.py).
     keys: tuple[str, str, str, str] = ("", "", "", "")
+    #: Keys.bet_idem_prefix of the user.
+    idem_prefix: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pair: Pair | None = None
     queue: deque[PendingBet] = field(default_factory=deque)
@@ -186,7 +188,7 @@ class Wallet:
             state = UserState(user_id, (
                 k.balances(user_id), k.seed(user_id), k.outbox_for(user_id),
                 k.user_channel(user_id),
-            ))
+            ), k.bet_idem_prefix(user_id))
             state.idle.set()
             self._users[user_id] = state
         return state
@@ -359,7 +361,7 @@ class Wallet:
                     [bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
                      roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts]
                 )
-                idem_keys.append(self._keys.bet_idem(uid, bet.client_id))
+                idem_keys.append(bet_idem_key(state.idem_prefix, bet.client_id))
                 args += (
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
                     str(expected), bet.fp, stored, event, bet.origin,
