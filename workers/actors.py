@@ -162,6 +162,19 @@ _opening: asyncio.Lock | None = None
 _stopping = False
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection without asyncpg's reset query (RESET ALL, UNLISTEN *, CLOSE ALL,
+    advisory unlock): the workers keep no session state but the outbox's staging table
+    (kept on purpose), and only SET LOCAL, so that round trip per batch bought nothing. An
+    open transaction is still rolled back by the pool before this is called."""
+
+
+async def open_pool(settings: Settings) -> asyncpg.Pool:
+    """The worker process's PostgreSQL pool."""
+    return await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
+                                     reset=_keep_session)
+
+
 async def resources(settings: Settings = SETTINGS) -> Resources:
     """This process's clients, created on first use in the running event loop."""
     global _resources, _opening
@@ -172,7 +185,7 @@ async def resources(settings: Settings = SETTINGS) -> Resources:
     async with _opening:
         if _resources is None:
             redis = aioredis.Redis.from_url(settings.redis_url)
-            pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+            pool = await open_pool(settings)
             _resources = Resources(settings, redis, pool,
                                    Keys(settings.key_prefix, settings.buckets))
     return _resources

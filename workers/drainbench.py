@@ -110,7 +110,7 @@ async def restore(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys) -> int:
 
 async def drain(settings: Settings, batch: int) -> dict[str, Any]:
     redis = aioredis.Redis.from_url(settings.redis_url)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    pool = await actors.open_pool(settings)
     keys = Keys(settings.key_prefix, settings.buckets)
     try:
         entries = await restore(redis, pool, keys)
@@ -190,7 +190,7 @@ async def paced(settings: Settings, rate: float, batch: int) -> dict[str, Any]:
     to the last (idle blocking reads, lease renewals, job restarts included), lag of every
     tenth entry from its XADD to its ack (after COMMIT)."""
     redis = aioredis.Redis.from_url(settings.redis_url)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    pool = await actors.open_pool(settings)
     keys = Keys(settings.key_prefix, settings.buckets)
     lags: list[int] = []
     handle = outbox.handle
