@@ -167,7 +167,7 @@ async def test_worker_dies_after_commit_before_ack(
         await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0)
     monkeypatch.undo()
     assert await outbox.pending_count(env.redis, env.keys) == len(bets)  # nothing acked
-    # The accrual is part of the ack (workers/lua/outbox-ack-accrue.lua): nothing accrued.
+    # The accrual is part of the ack (lua/outbox-ack-accrue-n.lua): nothing accrued.
     assert await env.leftovers() == []
     # A second worker reclaims the entries of the dead one (Dramatiq's retry path is the
     # same replay: the same events through write() and the ack again).

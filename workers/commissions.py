@@ -5,7 +5,7 @@ PROTOCOL.md, "Commissions": every settled bet pays each ancestor of the player
 crashes or retries happen. The path of one bet's commissions::
 
     outbox batch COMMITted (workers/outbox.py)
-      -> the batch's ack: workers/lua/outbox-ack-accrue.lua, one call for the batch: if every
+      -> the batch's ack: lua/outbox-ack-accrue-n.lua, one call for the batch: if every
          entry is still pending, XACK + XDEL them and HINCRBY cpend:{bN} "<ancestor>|<currency>"
          by the sum of their bets' shares (per bet floored, summed per bucket in Python)
       -> flush() every window (one flusher holds the window's lease):

@@ -38,11 +38,9 @@ commission arithmetic are Python.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -505,9 +503,7 @@ async def _dead_letter(redis: aioredis.Redis, keys: Keys, entry: Entry, reason: 
     await redis.xadd(dead_letter_key(keys), fields)  # type: ignore[arg-type]
 
 
-_ACK_SOURCE = (Path(__file__).resolve().parent / "lua" / "outbox-ack-accrue.lua").read_text()
-ACK_ACCRUE = Script("outbox-ack-accrue.lua", _ACK_SOURCE,
-                    hashlib.sha1(_ACK_SOURCE.encode()).hexdigest())
+ACK_ACCRUE = Script.load("outbox-ack-accrue-n.lua")
 
 
 #: A persisted bet whose entry's ack accrues ``amount * bps // MAX_BPS`` per share:
@@ -550,7 +546,7 @@ async def _ack(
     accruing: Mapping[bytes, list[_Accruing]], others: Mapping[bytes, list[bytes]],
 ) -> int:
     """XACK + XDEL the entries and accrue their bets' commissions, in ONE atomic script call
-    for every stream of the batch (workers/lua/outbox-ack-accrue.lua). Returns the bets
+    for every stream of the batch (lua/outbox-ack-accrue-n.lua). Returns the bets
     accrued.
 
     A bet's commissions are accrued in the same atomic call that acknowledges its entry, so

@@ -1,5 +1,5 @@
 --[[
-  outbox-ack-accrue: acknowledge (XACK + XDEL) persisted outbox entries and add their bets'
+  outbox-ack-accrue-n: acknowledge (XACK + XDEL) persisted outbox entries and add their bets'
   commissions to the pending hash of their bucket, atomically: a bet's commissions are
   accrued exactly when its entry stops being pending, which happens once.
 
