@@ -59,10 +59,15 @@ def message_type(message: dict[str, Any]) -> str:
     return kind
 
 
+#: One Packer per process (msgpack.packb builds one per call); frames are encoded on the
+#: event loop's thread only.
+_pack = msgpack.Packer().pack
+
+
 def encode(message: dict[str, Any], encoding: Encoding) -> str | bytes:
     if encoding == "json":
         return json.dumps(message, separators=(",", ":"))
-    return msgpack.packb(message)
+    return _pack(message)
 
 
 def error(code: str, message: str, request_id: ClientId) -> dict[str, Any]:

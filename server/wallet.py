@@ -52,6 +52,10 @@ from server.scripts import BetCode, DepositCode, RotateCode
 
 log = structlog.get_logger(__name__)
 
+#: One Packer for the process (msgpack.packb builds a Packer per call); the event loop is
+#: the only thread that packs bets.
+_pack = msgpack.Packer().pack
+
 #: A bet recomputed this many times in a row (other instances betting for the same user,
 #: or rotating under it) gives up with UNAVAILABLE; nothing was changed.
 MAX_ATTEMPTS = 8
@@ -353,11 +357,11 @@ class Wallet:
                 )
                 if not bet.fp:
                     bet.fp = fingerprint(spec)
-                stored = msgpack.packb(
+                stored = _pack(
                     [bet_id, roll, outcome.win, spec.multiplier, outcome.payout, nonce, sh, cs]
                 )
                 # The outbox event, in workers.outbox.BET_FIELDS order (a list: no keys).
-                event = msgpack.packb(
+                event = _pack(
                     [bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
                      roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts]
                 )

@@ -32,6 +32,12 @@ from typing import Any, Protocol
 import structlog
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
+from websockets.protocol import OPEN
+
+try:  # websockets' C helper, as its own frame parser uses
+    from websockets.speedups import apply_mask as _unmask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask as _unmask
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +107,52 @@ class DirectProtocol(WebSocketsSansIOProtocol):
     def _attach(self, session: Session) -> DirectLink:
         self.session = session
         return DirectLink(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Whole unfragmented data frames go straight to the session; anything else (a
+        control frame, a fragment, a frame cut by the read, a large or malformed one) goes
+        through websockets' own parser, from that frame on."""
+        session = self.session
+        conn = self.conn
+        if (
+            session is None or self.close_sent or conn.state is not OPEN
+            or conn.current_size is not None or conn.reader.buffer or conn.extensions
+            or conn.parser_exc is not None
+        ):
+            super().data_received(data)
+            return
+        limit = conn.max_message_size or 0
+        pos, end = 0, len(data)
+        while pos + 6 <= end:
+            first, second = data[pos], data[pos + 1]
+            # FIN, no RSV bits, text or binary; masked (every client frame must be).
+            if (first != 0x81 and first != 0x82) or second < 0x80:
+                break
+            length = second & 0x7F
+            start = pos + 6
+            if length == 126:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 8
+            elif length == 127:
+                break
+            stop = start + length
+            if stop > end or length > limit:
+                break  # cut by the read, or too large: websockets reports it (1009)
+            payload = _unmask(data[start:stop], data[start - 4:start])
+            pos = stop
+            if first == 0x81:
+                try:
+                    session.on_frame(payload.decode())
+                except UnicodeDecodeError:
+                    conn.send_close(1007)
+                    self.handle_parser_exception()
+                    return
+            else:
+                session.on_frame(payload)
+            if self.close_sent or self.transport.is_closing():
+                return
+        if pos < end:
+            super().data_received(data[pos:] if pos else data)
 
     def handle_text(self, event: Frame) -> None:
         if self.session is None or not event.fin:
