@@ -8,6 +8,7 @@ raises: every type check (``BAD_MESSAGE``) before any value check, then
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from games.dice import (
     OUTCOMES,
@@ -43,8 +44,9 @@ class BetSpec:
         return payout(self.amount, self.multiplier)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
+    """A settled roll (a named tuple: one is made per bet, and they are cheap to build)."""
+
     roll: Hundredths
     win: bool
     payout: Minor

@@ -91,12 +91,18 @@ def parse_currency(value: object, currencies: Mapping[str, Currency]) -> Currenc
 
 
 def format_amount(minor: int, currency: Currency) -> str:
-    """Format minor units with exactly ``currency.decimals`` places: 5 sats -> "0.00000005"."""
-    sign = "-" if minor < 0 else ""
-    whole, fraction = divmod(abs(minor), 10**currency.decimals)
-    if currency.decimals == 0:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{fraction:0{currency.decimals}d}"
+    """Format minor units with exactly ``currency.decimals`` places: 5 sats -> "0.00000005".
+
+    Done on the integer's digits (it runs twice per bet): no division, no rounding."""
+    if minor < 0:
+        return "-" + format_amount(-minor, currency)
+    digits = str(minor)
+    places = currency.decimals
+    if places == 0:
+        return digits
+    if len(digits) <= places:
+        digits = "0" * (places + 1 - len(digits)) + digits
+    return f"{digits[:-places]}.{digits[-places:]}"
 
 
 def _example(currency: Currency) -> str:

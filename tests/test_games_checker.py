@@ -55,3 +55,17 @@ def test_memo_is_bounded_and_keyed_by_exact_strings() -> None:
         checker.check("USDT", amount, "50.00", "under")
     assert len(checker._memo) <= 3
     assert checker.check("USDT", "1.00", "50.00", "under") is not first
+
+
+@given(st.integers(-(10**30), 10**30), st.integers(0, 18))
+def test_format_amount_is_the_exact_decimal(minor: int, places: int) -> None:
+    from decimal import Decimal, localcontext
+
+    from games.money import Currency
+
+    text = format_amount(minor, Currency("X", places, 1, 10, 10))
+    with localcontext() as context:
+        context.prec = 100  # exact for these sizes
+        assert Decimal(text) * 10**places == minor
+    assert len(text.partition(".")[2]) == places
+    assert not text.lstrip("-").startswith("0") or text.lstrip("-").partition(".")[0] == "0"
