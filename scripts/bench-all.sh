@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, 3 runs each, on the stack of scripts/benchstack.sh.
 # Run it on an otherwise idle machine; it takes about 25 minutes. Results: one JSON file per
-# run in $OUT (default /tmp/stakepro-bench/results), then scripts/bench_summary.py prints
+# run in $OUT (default /tmp/stakepro-bench-results), then scripts/bench_summary.py prints
 # min / median / max of each figure.
 #   DURATION (60) seconds per bets run; RUNS (3); SKIP="echo two ..." to leave parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/stakepro-bench/results}
+OUT=${OUT:-/tmp/stakepro-bench-results}  # not under benchstack.sh's folder: start wipes it
 DURATION=${DURATION:-60}
 RUNS=${RUNS:-3}
 SKIP=${SKIP:-}

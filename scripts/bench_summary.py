@@ -1,6 +1,6 @@
 """Summarise a scripts/bench-all.sh results folder: min / median / max of every figure.
 
-    .venv/bin/python scripts/bench_summary.py /tmp/stakepro-bench/results
+    .venv/bin/python scripts/bench_summary.py /tmp/stakepro-bench-results
 """
 
 from __future__ import annotations
@@ -104,4 +104,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/stakepro-bench/results"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/stakepro-bench-results"))

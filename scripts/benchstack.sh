@@ -17,12 +17,22 @@ export ADMIN_TOKEN=${ADMIN_TOKEN:-bench} REDIS_URL=redis://127.0.0.1:$RPORT/0 \
     DATABASE_URL=postgresql://root@127.0.0.1:5432/$DB DEBUG_ECHO=true PORT LOG_LEVEL=warning
 
 stop() {
+    local pids=()
     for f in "$DIR"/*.pid; do
         [[ -e $f ]] || continue
-        kill "$(cat "$f")" 2>/dev/null || true
+        pids+=("$(cat "$f")")
         rm -f "$f"
     done
-    sleep 1
+    if ((${#pids[@]})); then
+        kill "${pids[@]}" 2>/dev/null || true
+        # make run's supervisor stops its children in order (the worker finishes its batch):
+        # wait for every process to be gone before the database is dropped.
+        for _ in $(seq 60); do
+            kill -0 "${pids[@]}" 2>/dev/null || break
+            sleep 0.5
+        done
+        kill -9 "${pids[@]}" 2>/dev/null || true
+    fi
     redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
 }
 
@@ -32,8 +42,8 @@ start)
     rm -rf "$DIR"; mkdir -p "$DIR/redis"
     redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
         --appendfsync everysec --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
-    psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB" \
-        -c "CREATE DATABASE $DB" 2>/dev/null
+    psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
+        -c "CREATE DATABASE $DB"
     if [[ ${2:-full} == serve ]]; then
         .venv/bin/python -c 'import asyncio, server.db as d, server.settings as s
 asyncio.run(d.migrate(s.Settings().database_url))'
