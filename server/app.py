@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = await Services.start(settings)
         app.state.services = services
+        # Everything built so far lives as long as the process: move it out of the cyclic
+        # collector's sight, so the full collections that the bet path's allocations
+        # trigger do not walk it again each time (they showed as p99 spikes).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -6,6 +6,7 @@ import pytest
 from redis.exceptions import BusyLoadingError, ConnectionError
 
 from server import services
+from tests.helpers import Api
 
 
 async def test_start_waits_while_redis_is_loading() -> None:
@@ -32,3 +33,11 @@ async def test_start_fails_at_once_when_redis_is_down() -> None:
     with pytest.raises(ConnectionError):
         await services._when_loaded(load)
     assert calls == 1
+
+
+async def test_the_objects_built_at_start_are_frozen_out_of_the_collector(api: Api) -> None:
+    """server/app.py freezes what start-up built (gc.freeze), so the bet path's full
+    collections do not walk it: without it p99.9 showed ~90 ms spikes every few seconds."""
+    import gc
+
+    assert gc.get_freeze_count() > 10_000
