@@ -11,13 +11,12 @@ reported as a ratio of it.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from games.errors import BadMessage
 from server import codec
 from server.codec import Encoding
-from server.wslink import Endpoint, Link, Receive, Send
+from server.wslink import Endpoint, Receive, Send, TickWriter
 
 _WELCOME: dict[str, Any] = {
     "type": "welcome", "user_id": 0, "balances": {"USDT": "1000000.00", "BTC": "0.00000000"},
@@ -35,10 +34,8 @@ def _result(request_id: Any, nonce: int) -> dict[str, Any]:
 
 class EchoSession:
     def __init__(self) -> None:
-        self.link: Link | None = None
+        self.out = TickWriter()
         self.nonce = 0
-        self._out: list[str | bytes] = []
-        self._loop = asyncio.get_running_loop()
 
     def on_frame(self, data: str | bytes) -> None:
         encoding: Encoding = "json" if isinstance(data, str) else "msgpack"
@@ -55,14 +52,7 @@ class EchoSession:
                 reply = _result(message.get("id"), self.nonce)
             else:
                 reply = {"type": "pong", "id": message.get("id")}
-        self._out.append(codec.encode(reply, encoding))
-        if len(self._out) == 1:
-            self._loop.call_soon(self._write)
-
-    def _write(self) -> None:
-        frames, self._out = self._out, []
-        if self.link is not None:
-            self.link.write(frames)
+        self.out.add(codec.encode(reply, encoding))
 
 
 async def echo_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -70,7 +60,7 @@ async def echo_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> 
     if not await endpoint.accept():
         return
     session = EchoSession()
-    session.link = endpoint.attach(session)
+    session.out.link = endpoint.attach(session)
     try:
         await endpoint.until_disconnect()
     finally:

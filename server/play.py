@@ -31,7 +31,7 @@ from server.codec import ClientId, Encoding
 from server.feed import bet_entry
 from server.services import Services
 from server.wallet import BetResult, Pair, PendingBet, Rotation, UserState
-from server.wslink import Endpoint, Link, Receive, Send
+from server.wslink import Endpoint, Link, Receive, Send, TickWriter
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +62,7 @@ class PlaySession:
         self.link: Link | None = None
         self._loop = asyncio.get_running_loop()
         #: Frames to write at the end of this tick.
-        self._out: list[str | bytes] = []
+        self._out = TickWriter(self._too_slow)
         #: Frames received but not handled yet: during sign-in, or past the in-flight limit.
         self._backlog: deque[str | bytes] = deque()
         self._inflight = 0
@@ -73,25 +73,17 @@ class PlaySession:
         #: Pushes that arrived before the welcome was sent: currency -> reason.
         self._held: dict[str, str] | None = {}
         self._tokens = float(services.settings.rate_burst)
-        self._refilled = time.monotonic()
+        self._refilled = time.perf_counter()
         self._bet_stats = services.metrics.bet_stats
 
     # -- outgoing ---------------------------------------------------------------------
 
     def send(self, message: dict[str, Any], encoding: Encoding) -> None:
-        if self._closing:
-            return
-        self._out.append(codec.encode(message, encoding))
-        if len(self._out) == 1:
-            self._loop.call_soon(self._write_out)
+        self._out.add(codec.encode(message, encoding))
 
-    def _write_out(self) -> None:
-        frames, self._out = self._out, []
-        if self._closing or self.link is None or not frames:
-            return
-        if not self.link.write(frames):
-            log.warning("slow_client_dropped", socket=self.socket_id)
-            self.close(1008)
+    def _too_slow(self) -> None:
+        log.warning("slow_client_dropped", socket=self.socket_id)
+        self.close(1008)
 
     def send_error(self, exc: StakeProError, request_id: ClientId, encoding: Encoding) -> None:
         self.services.metrics.errors.labels(exc.code).inc()
@@ -114,7 +106,7 @@ class PlaySession:
         """Write what is queued, then close with ``code``; later frames are ignored."""
         if self._closing:
             return
-        self._write_out()
+        self._out.stop()
         self._closing = True
         self._spawn(self.endpoint.close(code))
 
@@ -123,12 +115,13 @@ class PlaySession:
     async def run(self) -> None:
         metrics = self.services.metrics
         metrics.sockets.labels("play").inc()
-        self.link = self.endpoint.attach(self)
+        self.link = self._out.link = self.endpoint.attach(self)
         timer = self._loop.call_later(self.services.settings.auth_timeout_s, self._auth_timeout)
         try:
             await self.endpoint.until_disconnect()
         finally:
             self._closing = True
+            self._out.stop(flush=False)
             timer.cancel()
             metrics.sockets.labels("play").dec()
             for task in list(self._tasks):
@@ -239,7 +232,7 @@ class PlaySession:
             self.send_error(exc, None, encoding)
             return
         try:
-            self._take_token()
+            self._take_token(received)
             kind = codec.message_type(message)
             if kind == "bet":
                 if request_id is None:
@@ -256,10 +249,10 @@ class PlaySession:
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
 
-    def _take_token(self) -> None:
-        """Token bucket: ``rate_per_socket`` messages a second, bursts of ``rate_burst``."""
+    def _take_token(self, now: float) -> None:
+        """Token bucket: ``rate_per_socket`` messages a second, bursts of ``rate_burst``
+        (``now``: time.perf_counter() of the frame)."""
         settings = self.services.settings
-        now = time.monotonic()
         self._tokens = min(
             float(settings.rate_burst),
             self._tokens + (now - self._refilled) * settings.rate_per_socket,

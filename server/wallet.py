@@ -183,6 +183,8 @@ class Wallet:
         self._ready: list[UserState] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Users whose bets wait for the scripts to be loaded again (one load for all).
+        self._after_reload: list[UserState] | None = None
 
     def user(self, user_id: int) -> UserState:
         """The shared state of a user; kept alive by the sockets holding it."""
@@ -429,7 +431,7 @@ class Wallet:
         if retry:
             state.queue.extendleft(reversed(retry))
         if reload_scripts:
-            self._spawn(self._reload_scripts([state]))
+            self._reload_scripts_for(state)
         else:
             self._wake(state)
 
@@ -480,13 +482,25 @@ class Wallet:
         for state in states:
             self._wake(state)
 
-    async def _reload_scripts(self, states: list[UserState]) -> None:
+    def _reload_scripts_for(self, state: UserState) -> None:
+        """NOSCRIPT (a Redis restarted without its scripts): every user that met it in the
+        meantime waits for one SCRIPT LOAD, then its bets go again."""
+        if self._after_reload is not None:
+            self._after_reload.append(state)
+            return
+        self._after_reload = [state]
+        self._spawn(self._reload_scripts())
+
+    async def _reload_scripts(self) -> None:
+        failed: Exception | None = None
         try:
             await self._batcher.load_scripts()
         except Exception as exc:
-            for state in states:
-                self._fail_queue(state, exc)
+            failed = exc
+        states, self._after_reload = self._after_reload or [], None
         for state in states:
+            if failed is not None:
+                self._fail_queue(state, failed)
             self._wake(state)
 
     @staticmethod

@@ -138,42 +138,41 @@ class DirectProtocol(WebSocketsSansIOProtocol):
             stop = start + length
             if stop > end or length > limit:
                 break  # cut by the read, or too large: websockets reports it (1009)
-            payload = _unmask(data[start:stop], data[start - 4:start])
             pos = stop
-            if first == 0x81:
-                try:
-                    session.on_frame(payload.decode())
-                except UnicodeDecodeError:
-                    conn.send_close(1007)
-                    self.handle_parser_exception()
-                    return
-            else:
-                session.on_frame(payload)
+            if not self._deliver(session, _unmask(data[start:stop], data[start - 4:start]),
+                                 first == 0x81):
+                return
             if self.close_sent or self.transport.is_closing():
                 return
         if pos < end:
             super().data_received(data[pos:] if pos else data)
 
-    def handle_text(self, event: Frame) -> None:
-        if self.session is None or not event.fin:
-            super().handle_text(event)
-            return
-        if self.close_sent:
-            return
+    def _deliver(self, session: Session, data: bytes, text: bool) -> bool:
+        """Hand one whole message to the session; False if it was text that is not UTF-8
+        (the connection is then failed with 1007)."""
+        if not text:
+            session.on_frame(data)
+            return True
         try:
-            text = bytes(event.data).decode()
+            decoded = data.decode()
         except UnicodeDecodeError:
             self.conn.send_close(1007)
             self.handle_parser_exception()
-            return
-        self.session.on_frame(text)
+            return False
+        session.on_frame(decoded)
+        return True
+
+    def handle_text(self, event: Frame) -> None:
+        if self.session is None or not event.fin:
+            super().handle_text(event)
+        elif not self.close_sent:
+            self._deliver(self.session, bytes(event.data), True)
 
     def handle_bytes(self, event: Frame) -> None:
         if self.session is None or not event.fin:
             super().handle_bytes(event)
-            return
-        if not self.close_sent:
-            self.session.on_frame(bytes(event.data))
+        elif not self.close_sent:
+            self._deliver(self.session, bytes(event.data), False)
 
     def send_receive_event_to_app(self) -> None:
         # A fragmented message completed (handle_cont): deliver it like a whole frame.
@@ -182,16 +181,40 @@ class DirectProtocol(WebSocketsSansIOProtocol):
             return
         data = b"".join(self.frames)
         self.frames = []
-        if self.close_sent:
+        if not self.close_sent:
+            self._deliver(self.session, data, self.curr_msg_data_type == "text")
+
+
+class TickWriter:
+    """The frames a session sends during one loop tick, written to its link together at the
+    end of the tick: the replies of all the bets one read brought leave in one write."""
+
+    def __init__(self, on_too_slow: Callable[[], None] | None = None) -> None:
+        self.link: Link | None = None
+        self._frames: list[str | bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self._on_too_slow = on_too_slow
+        self._stopped = False
+
+    def add(self, frame: str | bytes) -> None:
+        if self._stopped:
             return
-        if self.curr_msg_data_type == "text":
-            try:
-                self.session.on_frame(data.decode())
-            except UnicodeDecodeError:
-                self.conn.send_close(1007)
-                self.handle_parser_exception()
-        else:
-            self.session.on_frame(data)
+        self._frames.append(frame)
+        if len(self._frames) == 1:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if self._stopped or self.link is None or not frames:
+            return
+        if not self.link.write(frames) and self._on_too_slow is not None:
+            self._on_too_slow()
+
+    def stop(self, flush: bool = True) -> None:
+        """Write what is queued (unless ``flush`` is False); ignore every later frame."""
+        if flush:
+            self.flush()
+        self._stopped = True
 
 
 class DirectLink:
