@@ -1,12 +1,10 @@
 """Known answers from shared/vectors/dice.json, computed independently of this project.
 
-The file sits beside the repository (``../shared/vectors/dice.json``); ``STAKEPRO_VECTORS``
-overrides the path. A missing file fails these tests: it must never pass by skipping.
+Read through tests/vectors (``$STAKEPRO_VECTORS``, else ``../shared/vectors/dice.json``, else
+the copy kept in tests/vectors/); they are never skipped.
 """
 
-import json
-import os
-from pathlib import Path
+import hashlib
 from typing import Any
 
 import pytest
@@ -17,22 +15,19 @@ from games.dice import format_hundredths, format_multiplier, hmac_hex, roll, rol
 from games.money import DEFAULT_CURRENCIES, format_amount, parse_amount
 from games.seeds import server_seed_hash
 from games.types import Hundredths, UserId
-
-
-def _vectors_path() -> Path:
-    override = os.environ.get("STAKEPRO_VECTORS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dice.json"
+from tests import vectors as known_answers
 
 
 @pytest.fixture(scope="module")
 def vectors() -> dict[str, Any]:
-    path = _vectors_path()
-    if not path.is_file():
-        pytest.fail(f"dice vectors not found at {path} (set STAKEPRO_VECTORS)", pytrace=False)
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
+    return known_answers.load()
+
+
+def test_the_kept_copy_of_the_vectors_is_the_contracts() -> None:
+    kept = known_answers.KEPT.read_bytes()
+    assert hashlib.sha256(kept).hexdigest() == known_answers.KEPT_SHA256
+    if known_answers.CONTRACT.is_file():  # beside the repository: the same file
+        assert known_answers.CONTRACT.read_bytes() == kept
 
 
 def test_rolls(vectors: dict[str, Any]) -> None:

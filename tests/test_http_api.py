@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,10 +15,10 @@ import pytest_asyncio
 from games import dice, seeds
 from server.api import operator_network
 from server.settings import Settings
+from tests import vectors as known_answers
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dice.json"
 ZERO = {"USDT": "0.00", "BTC": "0.00000000"}
 
 
@@ -377,7 +375,7 @@ async def test_a_played_bet_is_stored_then_revealed(api: Api, anon: httpx.AsyncC
 # -- verify -----------------------------------------------------------------------------------
 
 
-VECTOR_ROLLS = json.loads(VECTORS.read_text())["rolls"]
+VECTOR_ROLLS = known_answers.load()["rolls"]
 
 
 @pytest.mark.parametrize("vector", VECTOR_ROLLS, ids=[str(v["nonce"]) for v in VECTOR_ROLLS])
