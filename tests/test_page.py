@@ -8,7 +8,6 @@ errors and uncaught exceptions, and a test fails if there is any."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -23,10 +22,10 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
 from games import dice
+from tests import vectors as known_answers
 from tests.helpers import Api
 
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dice.json"
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -365,8 +364,7 @@ async def test_feed_shows_another_players_bet(api: Api, open_page: Any) -> None:
 # ---- 5. the standalone verifier from disk -------------------------------------------------
 
 def vectors() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(VECTORS.read_text())
-    return data
+    return known_answers.load()
 
 
 async def test_verify_page_from_disk_reproduces_vector(open_page: Any) -> None:

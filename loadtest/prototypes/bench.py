@@ -55,7 +55,7 @@ from server.scripts import Script
 from server.wallet import Pair, UserState, Wallet
 
 HERE = Path(__file__).resolve().parent
-VECTORS = Path("/work/shared/vectors/dice.json")
+VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors" / "dice.json"
 PREFIX = "pb"
 BUCKETS = 64
 WINDOW_S = 300
