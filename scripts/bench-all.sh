@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md, 3 runs each, on the stack of scripts/benchstack.sh.
-# Run it on an otherwise idle machine; it takes about 25 minutes. Results: one JSON file per
+# Run it on an otherwise idle machine; it takes about 30 minutes. Results: one JSON file per
 # run in $OUT (default /tmp/stakepro-bench-results), then scripts/bench_summary.py prints
 # min / median / max of each figure.
-#   DURATION (60) seconds per bets run; RUNS (3); SKIP="echo two ..." to leave parts out.
+#   DURATION (60) seconds per bets run; RUNS (3); SKIP="echo refecho two ..." to leave parts
+#   out (bets echo refecho two full spectators persist sockets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/stakepro-bench-results}  # not under benchstack.sh's folder: start wipes it
@@ -12,6 +13,7 @@ RUNS=${RUNS:-3}
 SKIP=${SKIP:-}
 PORT=${BENCH_PORT:-8030}
 URL=ws://127.0.0.1:$PORT
+REF_PORT=$((PORT + 1))
 PY=.venv/bin/python
 mkdir -p "$OUT"
 export ADMIN_TOKEN=${ADMIN_TOKEN:-bench}
@@ -30,8 +32,12 @@ machine() {
 
 machine
 if ! skip bets; then
-    # The game server alone (the outbox waits for the workers), alternated with the echo.
+    # The game server alone (the outbox waits for the workers), alternated with the two
+    # echoes: /debug/echo on the server's own socket layer, and the issue's reference, a bare
+    # ASGI echo on stock uvicorn (loadtest/echo_server.py; players made on the server).
     scripts/benchstack.sh start serve
+    $PY -m loadtest.echo_server --port "$REF_PORT" >/dev/null 2>&1 &
+    ref_pid=$!
     for i in $(seq "$RUNS"); do
         report=()
         [[ $i == 2 ]] && report=(--report "$OUT/bets-report.html")
@@ -39,7 +45,10 @@ if ! skip bets; then
             "${report[@]}"
         skip echo || lt "echo-$i" bets --url "$URL/debug/echo" --connections 100 \
             --inflight 4 --duration "$DURATION"
+        skip refecho || lt "refecho-$i" bets --url "ws://127.0.0.1:$REF_PORT" \
+            --http "http://127.0.0.1:$PORT" --connections 100 --inflight 4 --duration "$DURATION"
     done
+    kill "$ref_pid"; wait "$ref_pid" 2>/dev/null || true
     # Unqueued: one socket, one bet in flight.
     lt "unqueued" bets --url "$URL" --connections 1 --inflight 1 --duration 10
 fi

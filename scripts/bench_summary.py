@@ -47,7 +47,7 @@ def main(folder: Path) -> None:
     machine = folder / "machine.txt"
     if machine.exists():
         print(machine.read_text().strip(), end="\n\n")
-    for prefix in ("bets", "echo", "two", "full", "unqueued"):
+    for prefix in ("bets", "echo", "refecho", "two", "full", "unqueued"):
         runs = _runs(folder, prefix) if prefix != "unqueued" else [
             json.loads((folder / "unqueued.json").read_text())
         ] if (folder / "unqueued.json").exists() else []
@@ -65,12 +65,15 @@ def main(folder: Path) -> None:
         _line("client CPU ms / 1,000 bets", runs,
               lambda r: r["client"]["cpu_ms_per_1000_bets"])
         _line("errors", runs, lambda r: r["error_count"], "{:,.0f}")
-    bets, echo = _runs(folder, "bets"), _runs(folder, "echo")
-    if bets and echo:
-        ratios: list[float | None] = [
-            b["bets_per_s"] / e["bets_per_s"] for b, e in zip(bets, echo, strict=False)
-        ]
-        print(f"ratio bets / echo (run by run)     {_spread(ratios, '{:.3f}')}")
+    bets = _runs(folder, "bets")
+    for prefix, what in (("refecho", "stock uvicorn echo (the issue's)"),
+                         ("echo", "/debug/echo (own socket layer)")):
+        echo = _runs(folder, prefix)
+        if bets and echo:
+            ratios: list[float | None] = [
+                b["bets_per_s"] / e["bets_per_s"] for b, e in zip(bets, echo, strict=False)
+            ]
+            print(f"ratio bets / {what}, run by run\n  {'':<34} {_spread(ratios, '{:.3f}')}")
     spectators = _runs(folder, "spectators")
     if spectators:
         print(f"spectators ({len(spectators)} runs, ok: {[r.get('ok') for r in spectators]})")

@@ -32,12 +32,14 @@ def _result(request_id: Any, nonce: int) -> dict[str, Any]:
     }
 
 
-class EchoSession:
+class EchoReplies:
+    """The replies of one echo socket: a fixed welcome, a fixed ``bet_result`` per bet
+    (the nonce counts up), ``pong`` for anything else, each in the frame's encoding."""
+
     def __init__(self) -> None:
-        self.out = TickWriter()
         self.nonce = 0
 
-    def on_frame(self, data: str | bytes) -> None:
+    def reply(self, data: str | bytes) -> str | bytes:
         encoding: Encoding = "json" if isinstance(data, str) else "msgpack"
         try:
             message = codec.decode(data)
@@ -52,7 +54,16 @@ class EchoSession:
                 reply = _result(message.get("id"), self.nonce)
             else:
                 reply = {"type": "pong", "id": message.get("id")}
-        self.out.add(codec.encode(reply, encoding))
+        return codec.encode(reply, encoding)
+
+
+class EchoSession:
+    def __init__(self) -> None:
+        self.out = TickWriter()
+        self.replies = EchoReplies()
+
+    def on_frame(self, data: str | bytes) -> None:
+        self.out.add(self.replies.reply(data))
 
 
 async def echo_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:

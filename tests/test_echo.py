@@ -34,3 +34,39 @@ async def test_echo_answers_like_the_player_socket(settings: Settings) -> None:
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+async def test_reference_echo_process(api: Api, encoding: str) -> None:
+    """loadtest/echo_server.py, the issue's stock-uvicorn echo, as its own process: the load
+    tester's bets run against it (players made on the real server through --http)."""
+    import asyncio
+    import signal
+    import sys
+
+    from loadtest.bets import BetsOptions, run_bets
+    from tests.conftest import ADMIN_TOKEN, free_port
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.echo_server", "--port", str(port))
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            break
+        report = await run_bets(BetsOptions(
+            url=f"ws://127.0.0.1:{port}", http=f"http://{api.address}", admin_token=ADMIN_TOKEN,
+            connections=3, inflight=2, duration=1.0, ramp_up=0.0, encoding=encoding,
+            server_pid=proc.pid,
+        ))
+        assert report.bets > 0 and report.errors == {}, report.errors
+        assert report.ok
+    finally:
+        proc.terminate()
+        # uvicorn stops gracefully, then re-raises the signal it caught
+        assert await asyncio.wait_for(proc.wait(), 10) in (0, -signal.SIGTERM)
