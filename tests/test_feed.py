@@ -21,7 +21,7 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server.feed import Feed
+from server.feed import FEED_FIELDS, Feed
 from server.metrics import Metrics
 from server.settings import Settings
 from server.wslink import framed
@@ -359,6 +359,7 @@ async def test_a_batch_is_broadcast_on_arrival_at_most_once_per_interval() -> No
     feed = Feed(cast(Any, None), cast(Any, hub), "feed", metrics, 0.2)
     sink = RecordingSink("json", 100)
     await feed.join(sink)
+    # An instance from before FEED_FIELDS sends maps: still accepted.
     feed.received(msgpack.packb([{"bet_id": "a", "ts": 1}]))
     await asyncio.sleep(0.05)
     assert len(sink.frames) == 1  # at once: no tick to wait for
@@ -376,6 +377,23 @@ async def test_feed_outbox_is_bounded() -> None:
     metrics = Metrics()
     feed = Feed(cast(Any, None), cast(Any, FakeHub()), "feed", metrics, 0.1)
     for n in range(5010):
-        feed.add({"bet_id": str(n), "ts": n})
-    assert len(feed._outbox) == 5000 and feed._outbox[0]["bet_id"] == "10"
+        feed.add((str(n), *[None] * (len(FEED_FIELDS) - 2), n))
+    assert len(feed._outbox) == 5000 and feed._outbox[0][0] == "10"
     assert metrics.feed_dropped_bets.labels("outbox_full")._value.get() == 10
+
+
+async def test_feed_channel_entries_are_lists() -> None:
+    """Instances send each other lists in FEED_FIELDS order; spectators get the protocol's
+    maps, sorted by ts; a list of the wrong length or a non-integer ts is dropped."""
+    feed = Feed(cast(Any, None), cast(Any, FakeHub()), "feed", Metrics(), 0.1)
+    sink = RecordingSink("json", 100)
+    await feed.join(sink)
+    late = ["b2", "bob", "BTC", "0.00000100", "99.00", "under", "12.34", True, "1.0000",
+            "0.00000101", 20]
+    early = ["b1", "ann", "USDT", "1.00", "50.00", "over", "75.10", True, "1.9800", "1.98", 10]
+    feed.received(msgpack.packb([late, early, early[:-1], [*early[:-1], "10"]]))
+    await asyncio.sleep(0.05)
+    bets = json.loads(sink.frames[0][0])["bets"]
+    assert bets == [dict(zip(FEED_FIELDS, early, strict=True)),
+                    dict(zip(FEED_FIELDS, late, strict=True))]
+    await feed.close()
