@@ -15,7 +15,7 @@ State of one user
 * ``balances``: currency -> minor units; a currency appears once a script has touched it
   (HINCRBY creates the field), and stays at ``0`` when spent.
 * ``pair``: the active seed pair (pid, server seed, its hash, client seed, nonce) or none.
-* ``bets``: bet id -> :class:`BetRecord` (fingerprint, balance after, result blob). Redis
+* ``bets``: bet id -> :class:`BetRecord` (fingerprint, balance after, event blob). Redis
   expires these after the idempotency window; the model drops one only on an explicit
   :meth:`~WalletModel.expire`, after which the id settles as a new bet.
 * ``deposits``: idempotency key -> :class:`DepositRecord` (kept forever).
@@ -35,7 +35,7 @@ Invariants (:meth:`~WalletModel.violations` checks them)
 4. **A refused bet uses no nonce** (conflict, insufficient funds, stale, no seed): follows
    from 3, as only settling appends to the ledger.
 5. **A replay moves no money**: a bet id or deposit key seen with the same fingerprint
-   answers the stored balance-after (and result) and changes nothing; with another
+   answers the stored balance-after (and the bet's event) and changes nothing; with another
    fingerprint it is a conflict and changes nothing.
 6. **One outbox event per settled bet, credited deposit and reveal**, in order, and one
    push per credited deposit and per settled bet that another socket can receive (a
@@ -113,11 +113,12 @@ class SeedPair:
 class BetRecord:
     fingerprint: str
     balance: Minor
-    result: bytes
+    #: The bet's outbox event blob (a replay answers from it).
+    event: bytes
 
     def as_string(self) -> bytes:
-        """bet-n.lua's record: ``fingerprint \\n balance \\n result``."""
-        return f"{self.fingerprint}\n{self.balance}\n".encode() + self.result
+        """bet-n.lua's record: ``fingerprint \\n balance \\n event``."""
+        return f"{self.fingerprint}\n{self.balance}\n".encode() + self.event
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,6 @@ class WalletModel:
         pid: str,
         expected_nonce: int,
         fingerprint: str,
-        result_blob: bytes,
         event_blob: bytes,
         origin: str,
         run_id: str = "",
@@ -185,7 +185,7 @@ class WalletModel:
         """Settle one bet, in bet-n.lua's order of checks (a call of
         several bets is these steps once per bet, in order).
 
-        1. A record under ``bet_id``: REPLAY ``(1, balance_after, result)`` with the same
+        1. A record under ``bet_id``: REPLAY ``(1, balance_after, event_blob)`` with the same
            fingerprint, else CONFLICT ``(2,)``. Checked first, so a replay answers even
            after the pair rotated.
         2. No active pair: NO_SEED ``(5,)``. A pair installed under another Redis run id
@@ -204,7 +204,7 @@ class WalletModel:
         rec = self.bets.get(bet_id)
         if rec is not None:
             if rec.fingerprint == fingerprint:
-                return (REPLAY, str(rec.balance), rec.result)
+                return (REPLAY, str(rec.balance), rec.event)
             return (CONFLICT,)
         if self.pair is None:
             return (NO_SEED,)
@@ -218,7 +218,7 @@ class WalletModel:
         self.pair.nonce += 1
         after = Minor(balance + delta)
         self.balances[currency] = after
-        self.bets[bet_id] = BetRecord(fingerprint, after, result_blob)
+        self.bets[bet_id] = BetRecord(fingerprint, after, event_blob)
         self.outbox.append(Event((("k", "bet"), ("e", event_blob), ("b", str(after)))))
         if local_others > 0 or subscribers > 1:
             self.pushes.append(f"bet|{origin}|{currency}|{after}")

@@ -20,20 +20,20 @@
   KEYS[3]      outbox stream of the user's bucket
   KEYS[4]      the user's push channel (a channel, not a key; listed for cluster routing)
   KEYS[4 + i]  idempotency record of bet i's id: a string "<fingerprint>\n<balance after>\n
-               <result blob>", expiring after the window
+               <event blob>", expiring after the window
 
   ARGV[1]  seed pair id every roll was computed with
   ARGV[2]  run id of the Redis server, as the caller read it on connecting (see EPOCH)
   ARGV[3]  idempotency window, milliseconds
   ARGV[4]  how many other sockets of this user the calling instance holds ("0" usually)
-  then 8 per bet i, from ARGV[4 + 8 (i - 1) + 1]:
+  then 7 per bet i, from ARGV[4 + 7 (i - 1) + 1]:
     currency code
     stake, minor units, canonical positive integer string
     balance change if settled: payout - stake (negative on a loss), integer string
     the pair's nonce the server believes is stored when this bet runs (it uses that + 1)
     request fingerprint (currency|amount|target|direction)
-    result blob, stored for replays (opaque to this script)
-    outbox event blob (opaque to this script)
+    outbox event blob (opaque to this script); the record keeps it too, since it holds every
+      field a replay answers with (a separate result blob was the same fields again)
     id of the socket that placed the bet (pushed so that socket can skip it)
 
   For each bet, in order (the checks of the former single-bet script, bet-5):
@@ -50,7 +50,9 @@
   Returns one reply per bet, in order, each a flat array whose first element is the code
   (server/scripts.py: BetCode):
   {0, balance, nonce}          SETTLED: balance after the bet, the nonce used
-  {1, balance, result_blob}    REPLAY: same bet id and fields within the window
+  {1, balance, blob}           REPLAY: same bet id and fields within the window; blob is the
+                               bet's event blob (or, from a record of an older server, its
+                               result blob: the caller tells them apart)
   {2}                          CONFLICT: same bet id, other fields
   {3, balance}                 INSUFFICIENT_FUNDS: nothing changed, no nonce used
   {4, pair_id, nonce}          STALE: the stored pair or nonce differs; recompute and retry
@@ -78,7 +80,7 @@ local nonce = tonumber(n)
 local listened = nil
 local out = {}
 for i = 1, #KEYS - 4 do
-  local a = 4 + 8 * (i - 1)
+  local a = 4 + 7 * (i - 1)
   local idem = KEYS[4 + i]
   local rec = redis.pcall('GET', idem)
   if type(rec) == 'table' and rec.err then
@@ -87,7 +89,7 @@ for i = 1, #KEYS - 4 do
     rec = h[1] .. '\n' .. h[2] .. '\n' .. h[3]
   end
   if rec then
-    -- "<fingerprint>\n<balance after>\n<result blob>" (the blob may hold any byte)
+    -- "<fingerprint>\n<balance after>\n<blob>" (the blob may hold any byte)
     local f_end = string.find(rec, '\n', 1, true)
     local b_end = string.find(rec, '\n', f_end + 1, true)
     if string.sub(rec, 1, f_end - 1) == ARGV[a + 5] then
@@ -122,13 +124,14 @@ for i = 1, #KEYS - 4 do
         nonce = nonce + 1
         n = string.format('%d', nonce)
         redis.call('HSET', KEYS[2], 'n', n)
-        redis.call('SET', idem, ARGV[a + 5] .. '\n' .. after .. '\n' .. ARGV[a + 6], 'PX', window)
-        redis.call('XADD', KEYS[3], '*', 'k', 'bet', 'e', ARGV[a + 7], 'b', after)
+        local event = ARGV[a + 6]
+        redis.call('SET', idem, ARGV[a + 5] .. '\n' .. after .. '\n' .. event, 'PX', window)
+        redis.call('XADD', KEYS[3], '*', 'k', 'bet', 'e', event, 'b', after)
         if listened == nil then
           listened = others ~= '0' or redis.call('PUBSUB', 'NUMSUB', KEYS[4])[2] > 1
         end
         if listened then
-          redis.call('PUBLISH', KEYS[4], 'bet|' .. ARGV[a + 8] .. '|' .. currency .. '|' .. after)
+          redis.call('PUBLISH', KEYS[4], 'bet|' .. ARGV[a + 7] .. '|' .. currency .. '|' .. after)
         end
         out[i] = {0, after, nonce}
       end

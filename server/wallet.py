@@ -102,6 +102,18 @@ class PendingBet:
     bet_id: str = ""
 
 
+def _replayed(balance: Minor, blob: bytes) -> BetResult:
+    """The result a replay answers with, from the blob of the bet's idempotency record: its
+    outbox event (a list in workers.outbox.BET_FIELDS order), or the 8-field result list a
+    server before that stored (within its window after an upgrade)."""
+    fields = msgpack.unpackb(blob)
+    if len(fields) == 8:
+        b_id, r, w, m, p, n, sh, cs = fields
+        return BetResult(b_id, r, w, m, p, balance, n, sh, cs, True)
+    b_id, _, _, _, _, p, r, target, direction, n, m, sh, cs, _ = fields
+    return BetResult(b_id, r, dice.is_win(r, target, direction), m, p, balance, n, sh, cs, True)
+
+
 def _deliver(bet: PendingBet, outcome: BetResult | StakeProError) -> None:
     try:
         bet.on_done(bet, outcome)
@@ -359,10 +371,8 @@ class Wallet:
                 )
                 if not bet.fp:
                     bet.fp = fingerprint(spec)
-                stored = _pack(
-                    [bet_id, roll, outcome.win, spec.multiplier, outcome.payout, nonce, sh, cs]
-                )
-                # The outbox event, in workers.outbox.BET_FIELDS order (a list: no keys).
+                # The outbox event, in workers.outbox.BET_FIELDS order (a list: no keys);
+                # the idempotency record keeps it too, for replays (see _replayed).
                 event = _pack(
                     [bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
                      roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts]
@@ -370,7 +380,7 @@ class Wallet:
                 idem_keys.append(bet_idem_key(state.idem_prefix, bet.client_id))
                 args += (
                     spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
-                    str(expected), bet.fp, stored, event, bet.origin,
+                    str(expected), bet.fp, event, bet.origin,
                 )
             commands.append(
                 ("EVALSHA", sha, 4 + len(bets), balances, seed, outbox, channel, *idem_keys,
@@ -441,8 +451,7 @@ class Wallet:
     ) -> BetResult | StakeProError | None:
         """The outcome of a reply other than SETTLED; None: recompute and send again."""
         if code == BetCode.REPLAY:
-            b_id, r, w, m, p, n, sh, cs = msgpack.unpackb(reply[2])
-            return BetResult(b_id, r, w, m, p, Minor(int(reply[1])), n, sh, cs, True)
+            return _replayed(Minor(int(reply[1])), reply[2])
         if code == BetCode.CONFLICT:
             return IdempotencyConflict("this bet id was already used with other fields")
         if code == BetCode.INSUFFICIENT_FUNDS:

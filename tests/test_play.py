@@ -12,6 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from games import dice, seeds
+from server.settings import Settings
 from tests.helpers import Api
 
 
@@ -73,6 +74,36 @@ async def test_same_id_replays_the_result_on_any_socket_and_moves_no_money(api: 
         assert one_int["bet_id"] != one_str["bet_id"]
         conflict = await a.bet("2.00", "50.00", id="abc")
         assert conflict["code"] == "IDEMPOTENCY_CONFLICT" and conflict["id"] == "abc"
+
+
+async def test_a_record_of_an_older_server_replays(api: Api, settings: Settings) -> None:
+    """Records hold the bet's outbox event now; one an older server wrote (its own 8-field
+    result list) is still answered from, within its window after an upgrade."""
+    import redis.asyncio as aioredis
+
+    from server.keys import Keys
+
+    uid, token = await api.player(deposit="10.00")
+    sh = "ab" * 32
+    old = msgpack.packb(["9-42", 1234, True, 19800, 198, 42, sh, "cs-old"])
+    fp = "USDT|100|5000|under"
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        key = Keys(settings.key_prefix, settings.buckets).bet_idem(uid, "old")
+        await client.set(key, fp.encode() + b"\n777\n" + old, px=60_000)
+        async with api.play(token) as p:
+            r = await p.bet("1.00", "50.00", id="old")
+            new = await p.bet("1.00", "50.00", id="new")
+            again = await p.bet("1.00", "50.00", id="new")
+    finally:
+        await client.aclose()
+    assert r == {
+        "type": "bet_result", "id": "old", "bet_id": "9-42", "roll": "12.34", "win": True,
+        "multiplier": "1.9800", "payout": "1.98", "balance": "7.77", "nonce": 42,
+        "server_seed_hash": sh, "client_seed": "cs-old",
+    }
+    assert new["nonce"] == 1 and again == new  # the old record used no nonce here
+    assert (await api.user(uid))["balances"]["USDT"] == new["balance"]
 
 
 async def test_pushes_reach_other_sockets_but_not_the_betting_one(api: Api) -> None:

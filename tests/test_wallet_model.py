@@ -202,14 +202,12 @@ class Harness:
         args: list[Any] = [pid, self.rid, str(WINDOW_MS), str(local_others)]
         for b in bets:
             fp = f"{b.currency}|{b.stake}|5000|under" if b.fp is None else b.fp
-            result = f"r|{b.bet_id}|{b.stake}|{b.delta}".encode() + b"\x00\xff\x80"
             event = b"\x82\xa3bet" + f"{b.bet_id}|{b.currency}|{b.delta}".encode() + b"\xc0\x00"
             wants.append(self.model.bet(
-                b.bet_id, b.currency, Minor(b.stake), b.delta, pid, b.nonce, fp, result, event,
+                b.bet_id, b.currency, Minor(b.stake), b.delta, pid, b.nonce, fp, event,
                 b.origin, self.rid, local_others, subscribers=1,  # the harness's subscription
             ))
-            args += [b.currency, str(b.stake), str(b.delta), str(b.nonce), fp, result, event,
-                     b.origin]
+            args += [b.currency, str(b.stake), str(b.delta), str(b.nonce), fp, event, b.origin]
         keys = [k.balances(USER), k.seed(USER), k.outbox_for(USER), k.user_channel(USER),
                 *(k.bet_idem(USER, b.bet_id) for b in bets)]
         self._run(scripts.BET, keys, args, wants, wired=[wire(w) for w in wants])
@@ -508,8 +506,8 @@ def test_a_bet_that_overflows_the_balance_uses_no_nonce(client: redis.Redis) -> 
             (k.balances(USER), k.seed(USER), k.outbox_for(USER), k.user_channel(USER),
              k.bet_idem(USER, "b0"), k.bet_idem(USER, "b1")),
             ("p1", h.rid, str(WINDOW_MS), "0",
-             "USDT", "1", "5", "0", "fp", b"r", b"e", "-",
-             "USDT", "1", "-1", "0", "fp", b"r", b"e", "-"),
+             "USDT", "1", "5", "0", "fp", b"e", "-",
+             "USDT", "1", "-1", "0", "fp", b"e", "-"),
             then_publish=(h.channel, SYNC),
         )
         assert reply[0][0] == 7 and b"overflow" in reply[0][1]
@@ -534,7 +532,7 @@ def test_a_record_of_the_former_bet_script_still_replays(client: redis.Redis) ->
             client, scripts.BET,
             (k.balances(USER), k.seed(USER), k.outbox_for(USER), k.user_channel(USER),
              k.bet_idem(USER, "b0"), k.bet_idem(USER, "b0")),
-            (*args, *one, "fp", b"r", b"e", "-", *one, "other", b"r", b"e", "-"),
+            (*args, *one, "fp", b"e", "-", *one, "other", b"e", "-"),
             then_publish=(h.channel, SYNC),
         )
         assert reply == [[1, b"77", b"\n\x00blob"], [2]]
