@@ -36,8 +36,15 @@ if ! skip bets; then
     # echoes: /debug/echo on the server's own socket layer, and the reference, a bare
     # ASGI echo on stock uvicorn (loadtest/echo_server.py; players made on the server).
     scripts/benchstack.sh start serve
-    $PY -m loadtest.echo_server --port "$REF_PORT" >/dev/null 2>&1 &
+    if curl -s "http://127.0.0.1:$REF_PORT/" >/dev/null; then
+        echo "port $REF_PORT is taken: the reference echo needs it" >&2; exit 1
+    fi
+    $PY -m loadtest.echo_server --port "$REF_PORT" >"$OUT/refecho.log" 2>&1 &
     ref_pid=$!
+    for _ in $(seq 40); do
+        curl -s "http://127.0.0.1:$REF_PORT/" >/dev/null && break
+        sleep 0.25
+    done
     for i in $(seq "$RUNS"); do
         report=()
         [[ $i == 2 ]] && report=(--report "$OUT/bets-report.html")
@@ -48,7 +55,8 @@ if ! skip bets; then
         skip refecho || lt "refecho-$i" bets --url "ws://127.0.0.1:$REF_PORT" \
             --http "http://127.0.0.1:$PORT" --connections 100 --inflight 4 --duration "$DURATION"
     done
-    kill "$ref_pid"; wait "$ref_pid" 2>/dev/null || true
+    kill "$ref_pid" 2>/dev/null || true
+    wait "$ref_pid" 2>/dev/null || true
     # Unqueued: one socket, one bet in flight.
     lt "unqueued" bets --url "$URL" --connections 1 --inflight 1 --duration 10
 fi
