@@ -6,7 +6,11 @@
 #   scripts/benchstack.sh workers              start the worker and scheduler beside `serve`
 #   scripts/benchstack.sh stop
 # Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database stakepro_bench.
-# Redis keeps an AOF (appendfsync everysec), as in production. Every start begins empty.
+# Redis keeps an AOF (appendfsync everysec), as in production, but does not compact it by
+# itself (auto-aof-rewrite-percentage 0): a rewrite forks a child that takes a whole core for
+# seconds, and on 2 cores shared with the server and the load client it made the slow
+# stretches of the runs (docs/benchmarks.md). Where Redis has cores of its own, leave the
+# rewrites on, or run BGREWRITEAOF at quiet times. Every start begins empty.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${BENCH_PORT:-8030}
@@ -41,7 +45,8 @@ start)
     stop
     rm -rf "$DIR"; mkdir -p "$DIR/redis"
     redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
-        --appendfsync everysec --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
+        --appendfsync everysec --auto-aof-rewrite-percentage 0 \
+        --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
     psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
         -c "CREATE DATABASE $DB"
     if [[ ${2:-full} == serve ]]; then
