@@ -57,8 +57,9 @@ if ! skip bets; then
     done
     kill "$ref_pid" 2>/dev/null || true
     wait "$ref_pid" 2>/dev/null || true
-    # Unqueued: one socket, one bet in flight.
-    lt "unqueued" bets --url "$URL" --connections 1 --inflight 1 --duration 10
+    # Unqueued: one socket, one bet in flight, paced under the per-socket rate limit (2,000
+    # messages/s: one socket with one bet in flight now goes faster than that).
+    lt "unqueued" bets --url "$URL" --connections 1 --inflight 1 --duration 10 --rate 1000
 fi
 if ! skip two; then
     SERVER_PROCESSES=2 scripts/benchstack.sh start serve
