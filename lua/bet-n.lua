@@ -66,8 +66,10 @@
   HINCRBY's integer reply becomes a Lua double: below 2^53 it is exact and printed with
   '%d'; from 2^53 the balance is read back with HGET (a double would be inexact there, and
   "%.14g" when concatenated). The nonce (far below 2^53) is counted here and written with
-  HSET; a record is one string with its expiry (SET PX). Redis time per bet is mostly the
-  per-command cost of redis.call, so every call saved counts. The balance moves first and
+  one HSET at the end of the call; a currency's balance is read once per call (later bets
+  of the call compare against the previous one's result); a record is one string with its
+  expiry (SET PX). Redis time per bet is mostly the per-command cost of redis.call, so
+  every call saved counts. The balance moves first and
   its HINCRBY runs protected (pcall), so one that fails (overflow) leaves nothing of that
   bet changed and the call goes on (a script error would end the call with the earlier
   bets applied and their replies lost: Redis does not roll a script back).
@@ -78,6 +80,10 @@ local seed = redis.call('HMGET', KEYS[2], 'pid', 'n', 'rid')
 local n = seed[2]
 local nonce = tonumber(n)
 local listened = nil
+-- Balances as this call left them, by currency: a later bet of the call compares against
+-- its predecessor's result instead of reading the field again.
+local balances = {}
+local moved_nonce = false
 local out = {}
 for i = 1, #KEYS - 4 do
   local a = 4 + 7 * (i - 1)
@@ -106,7 +112,10 @@ for i = 1, #KEYS - 4 do
   else
     local currency, stake = ARGV[a + 1], ARGV[a + 2]
     -- Exact comparison of canonical non-negative integer strings (no float rounding).
-    local balance = redis.call('HGET', KEYS[1], currency) or '0'
+    local balance = balances[currency]
+    if balance == nil then
+      balance = redis.call('HGET', KEYS[1], currency) or '0'
+    end
     if #balance < #stake or (#balance == #stake and balance < stake) then
       out[i] = {3, balance}
     else
@@ -121,9 +130,10 @@ for i = 1, #KEYS - 4 do
         else
           after = redis.call('HGET', KEYS[1], currency)
         end
+        balances[currency] = after
         nonce = nonce + 1
         n = string.format('%d', nonce)
-        redis.call('HSET', KEYS[2], 'n', n)
+        moved_nonce = true
         local event = ARGV[a + 6]
         redis.call('SET', idem, ARGV[a + 5] .. '\n' .. after .. '\n' .. event, 'PX', window)
         redis.call('XADD', KEYS[3], '*', 'k', 'bet', 'e', event, 'b', after)
@@ -137,5 +147,9 @@ for i = 1, #KEYS - 4 do
       end
     end
   end
+end
+if moved_nonce then
+  -- Once per call: nothing in between reads the stored nonce (the script is atomic).
+  redis.call('HSET', KEYS[2], 'n', n)
 end
 return out
