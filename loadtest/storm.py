@@ -17,7 +17,10 @@ Then it reports:
   /api/admin/users/{id}``) against the exact expected sum of ``floor(amount * bps / 10000)``
   over its descendants' accepted bets, polled until all match or ``commission_timeout``;
 - **flush statements**: the change of every ``/metrics`` sample whose name contains
-  ``commission`` over the run ("n/a" when the server exports none);
+  ``commission`` over the run: ``stakepro_commission_flush_statements_total`` (one
+  PostgreSQL statement per flush window with something to pay) and
+  ``stakepro_commission_units_paid_total``, which the workers count in Redis and the server
+  exports ("n/a" from a server that exports none);
 - **persistence lag**: for ``lag_sample`` bets picked at random, the time from the
   ``bet_result`` to the first 200 of ``GET /api/bets/{bet_id}`` (polled every
   ``poll_interval``, so the resolution is about that), p50 / p99 / max.
@@ -265,6 +268,27 @@ async def _sign_in(options: StormOptions, player: Player, gate: asyncio.Semaphor
                     raise SetupError(f"auth refused: {message}")
 
 
+#: The /metrics sample of the commission flush's statements (server/metrics.py).
+STATEMENTS_SAMPLE = "stakepro_commission_flush_statements_total"
+
+
+async def _flush_delta(http_url: str, before: dict[str, float] | None,
+                       settle: bool) -> dict[str, float] | None:
+    """The change of every ``commission`` sample of /metrics over the run; None when the
+    server exports none. The workers count a statement just after it commits, a moment after
+    the ledger shows it: once the commissions are exact (``settle``), a count that has not
+    moved yet is read again, for up to a second."""
+    for attempt in range(5):
+        after = await serverstats.scrape_samples(http_url, "commission")
+        if not after:
+            return None
+        delta = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()}
+        if not settle or delta.get(STATEMENTS_SAMPLE, 0.0) > 0 or attempt == 4:
+            return delta
+        await asyncio.sleep(0.25)
+    return None
+
+
 async def run_storm(options: StormOptions) -> StormReport:
     if min(options.players, options.burst, options.masters, options.agents) < 1:
         raise ValueError("players, burst, masters and agents must be positive")
@@ -407,10 +431,7 @@ async def run_storm(options: StormOptions) -> StormReport:
             await asyncio.sleep(0.25)
         if lag_tasks:
             await asyncio.gather(*lag_tasks)
-        flush_after = await serverstats.scrape_samples(http_url, "commission")
-        flush: dict[str, float] | None = None
-        if flush_after:
-            flush = {k: v - (flush_before or {}).get(k, 0.0) for k, v in flush_after.items()}
+        flush = await _flush_delta(http_url, flush_before, settle=exact_after is not None)
     return StormReport(
         options=options, setup_s=setup_s, users_created=users_created, bets_sent=len(sent_times),
         accepted=sum(accepted.values()), errors=dict(errors), send_spread_s=spread,

@@ -16,6 +16,7 @@ from typing import Any, cast
 import asyncpg
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
@@ -40,6 +41,8 @@ DEMO_LOCK = 0x44454D4F
 MAX_SERVER_SEED = 128
 MAX_BET_ID = 128
 HEALTH_TIMEOUT_S = 1.0
+#: How long /metrics waits for the workers' counters in Redis.
+WORKER_STATS_TIMEOUT_S = 0.5
 #: Who may read /metrics: loopback and the RFC 1918 private ranges.
 OPERATOR_NETWORKS = tuple(
     ipaddress.ip_network(n)
@@ -201,7 +204,14 @@ def operator_network(host: str | None) -> bool:
 async def metrics(request: Request) -> Response:
     if not operator_network(request.client.host if request.client else None):
         raise Forbidden("/metrics is served to the operator network only")
-    return Response(services_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    services = services_of(request)
+    try:  # the workers' counters (telemetry: on failure the last ones read are shown)
+        async with asyncio.timeout(WORKER_STATS_TIMEOUT_S):
+            raw = await services.redis.hgetall(services.keys.worker_stats())
+        services.metrics.worker_stats.update(raw)
+    except (TimeoutError, RedisError, OSError):
+        pass
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @endpoint("/api/{rest:path}", *ALL_METHODS)

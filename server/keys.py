@@ -83,6 +83,11 @@ class Keys:
         """Marker: batch ``unit`` was credited to this ancestor (ancestor's bucket, expires)."""
         return f"{self.prefix}:ccred:{self.tag(ancestor_id)}:{unit}:{ancestor_id}"
 
+    def worker_stats(self) -> str:
+        """Hash of counters the workers add to and the server's /metrics exports (one key:
+        telemetry, read once per scrape)."""
+        return f"{self.prefix}:stats:workers"
+
     def commission_lease(self) -> str:
         """The flush lease: held by the one flusher of the current window."""
         return f"{self.prefix}:cflush"

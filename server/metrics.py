@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -16,12 +16,26 @@ LATENCY_BUCKETS = (
 )
 
 
+#: Counters the workers keep in Redis (``Keys.worker_stats()``) and /metrics exports as
+#: ``stakepro_<name>_total``: the commission flush's statements and paid units.
+FLUSH_STATEMENTS, UNITS_PAID = "commission_flush_statements", "commission_units_paid"
+WORKER_COUNTERS = (
+    (FLUSH_STATEMENTS, "Commission flush statements written to PostgreSQL (one per flush "
+                       "window with something to pay)"),
+    (UNITS_PAID, "Commission units (one bucket's accruals of one window) paid in PostgreSQL"),
+)
+_WORKER_HELP = dict(WORKER_COUNTERS)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         #: Settled bets and their server-side time (stakepro_bets_total, stakepro_bet_seconds).
         self.bet_stats = BetStats(LATENCY_BUCKETS)
         self.registry.register(self.bet_stats)
+        #: The workers' counters, as the last scrape read them from Redis.
+        self.worker_stats = WorkerStats()
+        self.registry.register(self.worker_stats)
         self.errors = Counter(
             "stakepro_errors_total", "Error replies by protocol code", ["code"],
             registry=self.registry,
@@ -87,3 +101,28 @@ class BetStats(Collector):
         )
         latency.add_metric([], buckets, self._sum)
         yield latency
+
+
+class WorkerStats(Collector):
+    """Counters the workers keep in Redis (``Keys.worker_stats()``: the commission flush's
+    statements and paid units), exported as ``stakepro_<field>_total``. The /metrics handler
+    reads the hash before each render; the workers serve no /metrics of their own."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def update(self, raw: Mapping[bytes | str, bytes | str]) -> None:
+        values: dict[str, int] = {}
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else key
+            if name in _WORKER_HELP:
+                try:
+                    values[name] = int(value)
+                except ValueError:
+                    continue
+        self.values = values
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text in WORKER_COUNTERS:
+            if name in self.values:
+                yield CounterMetricFamily(f"stakepro_{name}", help_text, value=self.values[name])

@@ -324,6 +324,29 @@ async def test_accruals_racing_flushes_lose_nothing(env: Env) -> None:
     assert await env.leftovers() == []
 
 
+async def test_flushes_are_counted_for_metrics(env: Env) -> None:
+    """Each flush statement and the units it paid are added to the counters in Redis that
+    the server's /metrics exports; a flush with nothing to pay adds nothing."""
+    from server.metrics import FLUSH_STATEMENTS, UNITS_PAID
+
+    async def counters() -> dict[bytes, bytes]:
+        return await env.redis.hgetall(env.keys.worker_stats())
+
+    chain = await env.chain()
+    assert await env.flush() and await counters() == {}
+    await env.accrue(bets_of(chain.players, AMOUNTS))
+    first = await env.flush()
+    assert first.statements == 1 and first.batches_paid >= 1
+    assert await counters() == {FLUSH_STATEMENTS.encode(): b"1",
+                                UNITS_PAID.encode(): str(first.batches_paid).encode()}
+    await env.accrue(bets_of(chain.players, AMOUNTS))
+    second = await env.flush()
+    assert await counters() == {
+        FLUSH_STATEMENTS.encode(): b"2",
+        UNITS_PAID.encode(): str(first.batches_paid + second.batches_paid).encode()}
+    await env.redis.delete(env.keys.worker_stats())
+
+
 async def test_one_flush_per_window(env: Env) -> None:
     chain = await env.chain()
     await env.accrue(bets_of(chain.players, AMOUNTS))

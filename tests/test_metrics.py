@@ -39,3 +39,18 @@ def test_bet_stats_render_like_prometheus_client(
     [sum_mine] = _lines(mine, "stakepro_bet_seconds_sum")
     [sum_theirs] = _lines(theirs, "stakepro_bet_seconds_sum")
     assert abs(float(sum_mine.split()[1]) - float(sum_theirs.split()[1])) < 1e-9
+
+
+def test_worker_stats_export_what_redis_holds() -> None:
+    """The workers' counters as /metrics renders them: known fields only, integers only."""
+    ours = Metrics()
+    assert b"stakepro_commission" not in ours.render()  # nothing read yet: nothing shown
+    ours.worker_stats.update({b"commission_flush_statements": b"3",
+                              b"commission_units_paid": b"12", b"other": b"5",
+                              "commission_units_paid_bad": "x"})
+    text = ours.render().decode()
+    assert "stakepro_commission_flush_statements_total 3.0" in text
+    assert "stakepro_commission_units_paid_total 12.0" in text
+    assert "other" not in text
+    ours.worker_stats.update({b"commission_flush_statements": b"not a number"})
+    assert "stakepro_commission_flush_statements_total" not in ours.render().decode()

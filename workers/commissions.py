@@ -54,12 +54,13 @@ from typing import Any, Protocol
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from games.commission import MAX_BPS, split
 from games.types import Minor, UserId
 from server import scripts
 from server.keys import Keys, bucket_of
+from server.metrics import FLUSH_STATEMENTS, UNITS_PAID
 from server.scripts import AccrueCode, Script
 from workers import faults
 
@@ -428,6 +429,18 @@ async def drop(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit]) -> None
     await pipe.execute()
 
 
+async def _count(redis: aioredis.Redis, keys: Keys, written: Written) -> None:
+    """Add one flush's statement and paid units to the shared counters (just after the
+    statement committed). Telemetry only: a failure is logged, never raised."""
+    try:
+        pipe = redis.pipeline(transaction=False)
+        pipe.hincrby(keys.worker_stats(), FLUSH_STATEMENTS, written.statements)
+        pipe.hincrby(keys.worker_stats(), UNITS_PAID, written.batches)
+        await pipe.execute()
+    except (RedisError, OSError) as exc:
+        log.warning("commission_stats_not_counted", error=repr(exc))
+
+
 @dataclass(frozen=True, slots=True)
 class FlushReport:
     batch_id: str
@@ -453,6 +466,8 @@ async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
     if units:
         faults.point("flush_after_take")  # crash tests (workers/faults.py)
     written = await write(pool, units)
+    if written.statements:
+        await _count(redis, keys, written)
     credited = await credit(redis, keys, units)
     await drop(redis, keys, units)
     STATS.flushes += 1
