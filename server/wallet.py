@@ -451,7 +451,13 @@ class Wallet:
     ) -> BetResult | StakeProError | None:
         """The outcome of a reply other than SETTLED; None: recompute and send again."""
         if code == BetCode.REPLAY:
-            return _replayed(Minor(int(reply[1])), reply[2])
+            try:
+                return _replayed(Minor(int(reply[1])), reply[2])
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                # A record this version cannot read (a later version's format, say): this
+                # bet gets an error, and the rest of the call its own outcomes.
+                log.error("bet_record_unreadable", user_id=state.user_id, error=repr(exc))
+                return Unavailable("the stored result of this bet id could not be read")
         if code == BetCode.CONFLICT:
             return IdempotencyConflict("this bet id was already used with other fields")
         if code == BetCode.INSUFFICIENT_FUNDS:

@@ -106,6 +106,34 @@ async def test_a_record_of_an_older_server_replays(api: Api, settings: Settings)
     assert (await api.user(uid))["balances"]["USDT"] == new["balance"]
 
 
+async def test_an_unreadable_record_fails_only_its_own_bet(api: Api, settings: Settings) -> None:
+    """A record this version cannot read (another version's format) answers that bet id
+    with UNAVAILABLE; the other bets of the same call still settle, nothing moves for it."""
+    import redis.asyncio as aioredis
+
+    from server.keys import Keys
+
+    uid, token = await api.player(deposit="10.00")
+    fp = "USDT|100|5000|under"
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        key = Keys(settings.key_prefix, settings.buckets).bet_idem(uid, "odd")
+        await client.set(key, fp.encode() + b"\n777\n" + msgpack.packb([1, 2, 3]), px=60_000)
+        async with api.play(token) as p:
+            # Sent back to back: one call to Redis carries all three.
+            for i in ("a", "odd", "b"):
+                await p.send({"type": "bet", "id": i, "currency": "USDT", "amount": "1.00",
+                              "target": "50.00", "direction": "under"})
+            by_id = {r["id"]: r for r in [await p.recv() for _ in range(3)]}
+            after = await p.bet("1.00", "50.00", id="c")
+    finally:
+        await client.aclose()
+    first, odd, second = by_id["a"], by_id["odd"], by_id["b"]
+    assert odd["type"] == "error" and odd["code"] == "UNAVAILABLE" and odd["id"] == "odd"
+    assert first["nonce"] == 1 and second["nonce"] == 2 and after["nonce"] == 3
+    assert (await api.user(uid))["balances"]["USDT"] == after["balance"]
+
+
 async def test_pushes_reach_other_sockets_but_not_the_betting_one(api: Api) -> None:
     uid, token = await api.player(deposit="10.00")
     async with api.play(token) as a, api.play(token) as b:
