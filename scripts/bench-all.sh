@@ -5,6 +5,7 @@
 # min / median / max of each figure.
 #   DURATION (60) seconds per bets run; RUNS (3); SKIP="echo refecho two ..." to leave parts
 #   out (bets echo refecho two full spectators persist sockets).
+#   bash reads this file as it runs: do not edit it while a run is going (copy it first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/stakepro-bench-results}  # not under benchstack.sh's folder: start wipes it
