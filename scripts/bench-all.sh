@@ -4,7 +4,7 @@
 # run in $OUT (default /tmp/stakepro-bench-results), then scripts/bench_summary.py prints
 # min / median / max of each figure.
 #   DURATION (60) seconds per bets run; RUNS (3); SKIP="echo refecho two ..." to leave parts
-#   out (bets echo refecho two full spectators persist sockets).
+#   out (bets echo refecho two full spectators persist storm sockets).
 #   bash reads this file as it runs: do not edit it while a run is going (copy it first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +86,14 @@ if ! skip persist; then
         lt "persist-$i" storm --url "$URL" --players 1000 --masters 5 --agents 50 \
             --burst 1000 --sustained 30 --rate 5000 --lag-sample 100 --poll-interval 0.1 \
             --client picows --quiet
+    done
+fi
+if ! skip storm; then
+    # Scenario 2 at the issue's scale: 10,000 players under one super master, 500 betting in
+    # the same second, on make run's stack.
+    for i in $(seq "$RUNS"); do
+        scripts/benchstack.sh start full
+        lt "storm-$i" storm --url "$URL" --players 10000 --burst 500 --client picows --quiet
     done
 fi
 if ! skip sockets; then

@@ -94,6 +94,16 @@ def main(folder: Path) -> None:
         _line("lag max ms", persist, lambda r: r["persistence_lag_ms"]["max"])
         _line("commissions exact after s", persist,
               lambda r: r["commission"]["exact_after_s"], "{:,.2f}")
+    storm = _runs(folder, "storm")
+    if storm:
+        print(f"storm, 10,000 players ({len(storm)} runs, ok: {[r.get('ok') for r in storm]})")
+        _line("bets accepted", storm, lambda r: r["accepted"], "{:,.0f}")
+        _line("commissions exact after s", storm,
+              lambda r: r["commission"]["exact_after_s"], "{:,.2f}")
+        _line("flush statements", storm,
+              lambda r: r["flush_metrics"]["stakepro_commission_flush_statements_total"],
+              "{:,.0f}")
+        _line("lag p99 ms", storm, lambda r: r["persistence_lag_ms"]["p99"])
     sockets = _runs(folder, "sockets")
     if sockets:
         print(f"sockets ({len(sockets)} runs, ok: {[r.get('ok') for r in sockets]})")
