@@ -131,6 +131,19 @@ async def bet_view(request: Request) -> Response:
     return JSONResponse(view)
 
 
+@endpoint("/api/limits", "GET")
+async def limits(request: Request) -> Response:
+    """Every currency's decimals and per-bet limits, as amounts (public: the page shows them
+    and checks a bet against them before sending it)."""
+    currencies = services_of(request).settings.currencies
+    return JSONResponse({"currencies": {
+        code: {"decimals": c.decimals, "min_bet": format_amount(c.min_bet, c),
+               "max_bet": format_amount(c.max_bet, c),
+               "max_profit": format_amount(c.max_profit, c)}
+        for code, c in currencies.items()
+    }})
+
+
 @endpoint("/api/verify", "GET")
 async def verify(request: Request) -> Response:
     query = request.query_params
@@ -222,4 +235,4 @@ async def unknown(request: Request) -> Response:
 def routes(settings: Settings) -> list[BaseRoute]:
     """Every HTTP route; ``settings`` is read per request (services.settings) instead."""
     del settings
-    return [demo, bet_view, verify, healthz, metrics, *admin.ROUTES, unknown]
+    return [demo, bet_view, limits, verify, healthz, metrics, *admin.ROUTES, unknown]

@@ -372,6 +372,28 @@ async def test_a_played_bet_is_stored_then_revealed(api: Api, anon: httpx.AsyncC
     assert shown["server_seed"] == seed
 
 
+# -- limits -----------------------------------------------------------------------------------
+
+
+async def test_limits_are_the_ones_bets_are_held_to(
+    api: Api, anon: httpx.AsyncClient, settings: Settings
+) -> None:
+    r = await anon.get("/api/limits")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body["currencies"]) == set(settings.currencies)
+    assert body["currencies"]["USDT"] == {"decimals": 2, "min_bet": "0.01",
+                                          "max_bet": "10000.00", "max_profit": "100000.00"}
+    assert body["currencies"]["BTC"]["max_bet"] == "1.00000000"
+    usdt = body["currencies"]["USDT"]
+    _, token = await api.player(deposit="20000.00")
+    async with api.play(token) as p:
+        at_max = await p.bet(usdt["max_bet"], "50.00")
+        over = await p.bet("10000.01", "50.00")
+    assert at_max["type"] == "bet_result"
+    assert over["type"] == "error" and over["code"] == "BET_LIMIT"
+
+
 # -- verify -----------------------------------------------------------------------------------
 
 

@@ -454,6 +454,38 @@ async def test_phone_width_no_overflow(api: Api, open_page: Any) -> None:
     w.assert_clean()
 
 
+async def test_bet_limits_shown_and_checked_before_sending(api: Api, open_page: Any) -> None:
+    """The page reads GET /api/limits, shows the currency's limits under the amount, and a
+    bet outside them is explained and not sent (the server would answer BET_LIMIT)."""
+    w = await open_page(url(api))
+    page = w.page
+    await sign_in(page)
+    limits = page.locator("#amount-limits")
+    await limits.wait_for()
+    assert await limits.text_content() == (
+        "Min 0.01 · max 10000.00 · max profit 100000.00 USDT")
+    sent = await page.evaluate("window.stakepro.state.seed.nonce")
+
+    await set_bet(page, "10000.01", "50.00")
+    assert await page.text_content("#bet-error") == "Amount: at most 10000.00 USDT a bet."
+    assert "invalid" in (await page.get_attribute("#amount", "class") or "")
+    await page.click("#roll")
+    await set_bet(page, "1000.00", "0.50")  # profit 197,000 > 100,000
+    assert (await page.text_content("#bet-error") or "").startswith(
+        "Profit on win: at most 100000.00 USDT")
+    await page.click("#roll")
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("window.stakepro.state.history.length") == 0
+    assert await page.evaluate("window.stakepro.state.seed.nonce") == sent
+    assert await balance(page) == DEMO_USDT
+
+    await set_bet(page, "1.00", "50.00")  # within the limits again: it rolls
+    assert await page.text_content("#bet-error") == ""
+    bet = await roll(page)
+    assert bet["amount"] == "1.00"
+    w.assert_clean()
+
+
 # ---- 7. a dropped socket resends the unanswered bet with the same id ------------------------
 
 async def test_reconnect_resends_unanswered_bet_once(api: Api, open_page: Any) -> None:

@@ -16,6 +16,7 @@ const state = {
   userId: null,
   balances: new Map(),     // currency -> BigInt minor units
   decimals: new Map(),     // currency -> decimals
+  limits: new Map(),       // currency -> {min, max, maxProfit} in BigInt minor units (GET /api/limits)
   currency: localStorage.getItem(CUR_KEY) || "USDT",
   seed: { server_seed_hash: "", client_seed: "", nonce: 0 },
   direction: "under",
@@ -145,11 +146,20 @@ function updateBetPanel(from) {
     ? `linear-gradient(90deg, var(--green) ${pct}%, var(--red) ${pct}%)`
     : `linear-gradient(90deg, var(--red) ${pct}%, var(--green) ${pct}%)`;
   const amount = amountMinor();
-  $("amount").classList.toggle("invalid", amount === null);
   $("profit").value = amount !== null && mult !== null ? fmt(R.payout(amount, mult) - amount) : "—";
+  const lim = state.limits.get(state.currency);
+  $("amount-limits").textContent = lim
+    ? `Min ${fmt(lim.min)} · max ${fmt(lim.max)} · max profit ${fmt(lim.maxProfit)} ${state.currency}`
+    : "";
   let problem = "";
   if (amount === null) problem = `Amount: a number with at most ${dec()} decimals.`;
   else if (!valid) problem = `Target: ${R.formatHundredths(lo)} to ${R.formatHundredths(hi)} when rolling ${state.direction}.`;
+  else if (lim && amount < lim.min) problem = `Amount: at least ${fmt(lim.min)} ${state.currency}.`;
+  else if (lim && amount > lim.max) problem = `Amount: at most ${fmt(lim.max)} ${state.currency} a bet.`;
+  else if (lim && mult !== null && R.payout(amount, mult) - amount > lim.maxProfit) {
+    problem = `Profit on win: at most ${fmt(lim.maxProfit)} ${state.currency}; lower the amount or the multiplier.`;
+  }
+  $("amount").classList.toggle("invalid", problem.startsWith("Amount"));
   $("bet-error").textContent = problem;
   return !problem;
 }
@@ -175,6 +185,8 @@ function scaleAmount(kind) {
   if (kind === "double") a = a === 0n ? 1n : a * 2n;
   if (kind === "max") a = bal;
   if (kind !== "half" && a > bal) a = bal;
+  const lim = state.limits.get(state.currency);
+  if (lim && kind !== "half" && a > lim.max) a = lim.max;
   if (a < 1n && bal > 0n) a = 1n;
   $("amount").value = fmt(a);
   updateBetPanel();
@@ -711,6 +723,27 @@ function onKey(e) {
 
 // ---- start -------------------------------------------------------------------------------
 
+/** The per-bet limits of every currency (public, no sign-in): shown under the amount and
+ *  checked before a bet is sent. Without them the server's BET_LIMIT still says no. */
+async function loadLimits() {
+  try {
+    const r = await fetch("/api/limits");
+    if (!r.ok) return;
+    const body = await r.json();
+    for (const [code, c] of Object.entries(body.currencies)) {
+      state.limits.set(code, {
+        min: R.parseAmount(c.min_bet, c.decimals),
+        max: R.parseAmount(c.max_bet, c.decimals),
+        maxProfit: R.parseAmount(c.max_profit, c.decimals),
+      });
+      if (!state.decimals.has(code)) state.decimals.set(code, c.decimals);
+    }
+    updateBetPanel();
+  } catch {
+    // offline or an older server: the server's checks remain
+  }
+}
+
 function main() {
   wireBetPanel();
   wireAutobet();
@@ -721,6 +754,7 @@ function main() {
   $("currency").addEventListener("change", (e) => switchCurrency(e.target.value));
   document.addEventListener("keydown", onKey);
   updateBetPanel();
+  loadLimits();
   startFeed();
   if (state.token) connect();
   // For tests and the curious: the page's state and socket.
