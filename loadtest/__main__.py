@@ -118,9 +118,6 @@ def run_bets(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout, progress=None if args.quiet else sys.stderr,
         client=args.client, rate=args.rate,
     )
-    if args.client == "picows" and not picows_available():
-        print("--client picows: picows is not installed (pip install picows)", file=sys.stderr)
-        return 2
     return bets.main(options, args.json, args.report)
 
 
@@ -141,7 +138,8 @@ def add_double_spend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="the deposit and the stake of every bet (1.00)")
     p.add_argument("--target", default="0.01", help="under 0.01: a win is 1 in 10,001")
     p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
-    p.add_argument("--client", choices=CLIENTS, default="websockets")
+    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
+                   help=f"socket implementation: picows or websockets ({DEFAULT_CLIENT})")
     p.add_argument("--round-timeout", type=_positive_float, default=15.0,
                    help="seconds to wait for every reply of a round (15)")
     p.set_defaults(run=run_double_spend)
@@ -198,7 +196,8 @@ def add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--http-connections", type=_positive_int, default=32,
                    help="HTTP connections for the admin API (32)")
     p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
-    p.add_argument("--client", choices=CLIENTS, default="websockets")
+    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
+                   help=f"socket implementation: picows or websockets ({DEFAULT_CLIENT})")
     p.add_argument("--seed", type=int, default=None, help="seed of the random stakes")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run_storm)
@@ -248,9 +247,6 @@ def run_spectators(args: argparse.Namespace) -> int:
         inflight=args.inflight, duration=args.duration, grace=args.grace,
         client=args.client, progress=None if args.json else sys.stderr,
     )
-    if args.client == "picows" and not picows_available():
-        print("--client picows: picows is not installed (pip install picows)", file=sys.stderr)
-        return 2
     return common.cli_main(lambda: spectators.run_spectators(options), args.json)
 
 
@@ -269,7 +265,8 @@ def add_sockets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--source-addresses", type=_positive_int, default=None,
                    help="client addresses 127.0.0.1.. on loopback (default: 1 per 20,000)")
     p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
-    p.add_argument("--client", choices=CLIENTS, default="websockets")
+    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
+                   help=f"socket implementation: picows or websockets ({DEFAULT_CLIENT})")
     p.set_defaults(run=run_sockets)
 
 
@@ -321,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "client", None) == "picows" and not picows_available():
+        print("--client picows: picows is not installed (pip install picows)", file=sys.stderr)
+        return 2
     code: int = args.run(args)
     return code
 

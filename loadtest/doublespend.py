@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from loadtest import common
-from loadtest.client import ClientKind, Encoding, Socket, open_socket
+from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
 from loadtest.players import Admin, Player, SetupError
 
 #: A trial is redone at most this many times (a win has probability 1/10,001).
@@ -44,7 +44,7 @@ class DoubleSpendOptions:
     target: str = "0.01"
     direction: str = "under"
     encoding: Encoding = "msgpack"
-    client: ClientKind = "websockets"
+    client: ClientKind = DEFAULT_CLIENT
     round_timeout: float = 15.0
     connect_timeout: float = 10.0
     http_connections: int = 32

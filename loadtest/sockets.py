@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from loadtest import common
-from loadtest.client import ClientKind, Encoding, Socket, open_socket
+from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
 from loadtest.players import Admin, Player, SetupError
 
 SOCKETS_PER_ADDRESS = 20_000
@@ -44,7 +44,7 @@ class SocketsOptions:
     players: int = 1
     hold: float = 10.0
     encoding: Encoding = "msgpack"
-    client: ClientKind = "websockets"
+    client: ClientKind = DEFAULT_CLIENT
     server_pid: int | None = None
     connect_concurrency: int = 200
     connect_timeout: float = 10.0

@@ -41,7 +41,7 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from loadtest import common, serverstats
-from loadtest.client import ClientKind, Encoding, Socket, open_socket
+from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
 from loadtest.players import Admin, Player, SetupError
 
 
@@ -67,7 +67,7 @@ class StormOptions:
     direction: str = "under"
     deposit: str = "100000"
     encoding: Encoding = "msgpack"
-    client: ClientKind = "websockets"
+    client: ClientKind = DEFAULT_CLIENT
     lag_sample: int = 100
     poll_interval: float = 0.1
     persist_timeout: float = 30.0

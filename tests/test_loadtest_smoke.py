@@ -113,12 +113,13 @@ async def test_error_replies_fail_the_run(api: Api) -> None:
 # -- double-spend ----------------------------------------------------------------------------
 
 
-async def test_double_spend_smoke(api: Api) -> None:
+@pytest.mark.parametrize("client", ["picows", "websockets"])
+async def test_double_spend_smoke(api: Api, client: Any) -> None:
     from loadtest.doublespend import DoubleSpendOptions, run_double_spend
 
     report = await run_double_spend(DoubleSpendOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, players=3, rounds=3, sockets=3,
-        bets=8,
+        bets=8, client=client,
     ))
     assert report.ok, report.problems
     assert len(report.rounds) == 3
@@ -300,6 +301,7 @@ async def test_storm_sustained(api: Api) -> None:
     report = await run_storm(StormOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, players=12, masters=1, agents=3,
         burst=6, sustained=1.0, rate=30.0, lag_sample=3, seed=3, http_connections=4,
+        client="websockets",  # the fallback; the burst test above runs the default (picows)
     ))
     assert report.bets_sent == 30 and report.accepted == 30, report.errors
     assert report.commissions_exact and report.ok
@@ -333,13 +335,13 @@ async def test_spectators_see_every_bet(api: Api, encoding: str, client: Any) ->
 # -- sockets ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("players", [1, 3])
-async def test_sockets_held(api: Api, players: int) -> None:
+@pytest.mark.parametrize(("players", "client"), [(1, "picows"), (3, "websockets")])
+async def test_sockets_held(api: Api, players: int, client: Any) -> None:
     from loadtest.sockets import SocketsOptions, run_sockets
 
     report = await run_sockets(SocketsOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, count=40, players=players,
-        hold=0.5, settle=0.1,
+        hold=0.5, settle=0.1, client=client,
     ))
     print(report.table())
     assert report.opened == 40 and report.alive == 40, report.failures
