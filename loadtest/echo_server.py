@@ -24,15 +24,12 @@ Loopback only by default; it stops on SIGINT / SIGTERM.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
 
 from server.echo import EchoReplies
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from server.wslink import Receive, Send
 
 
 async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:

@@ -66,9 +66,10 @@
   HINCRBY's integer reply becomes a Lua double: below 2^53 it is exact and printed with
   '%d'; from 2^53 the balance is read back with HGET (a double would be inexact there, and
   "%.14g" when concatenated). The nonce (far below 2^53) is counted here and written with
-  one HSET at the end of the call; a currency's balance is read once per call (later bets
-  of the call compare against the previous one's result); a record is one string with its
-  expiry (SET PX). Redis time per bet is mostly the per-command cost of redis.call, so
+  HSET right after the balance moves (never deferred to the end of the call: should a later
+  command fail, the stored nonce must already cover every bet settled, or a nonce would be
+  used twice); a currency's balance is read once per call (later bets of the call compare
+  against the previous one's result); a record is one string with its expiry (SET PX). Redis time per bet is mostly the per-command cost of redis.call, so
   every call saved counts. The balance moves first and
   its HINCRBY runs protected (pcall), so one that fails (overflow) leaves nothing of that
   bet changed and the call goes on (a script error would end the call with the earlier
@@ -83,7 +84,6 @@ local listened = nil
 -- Balances as this call left them, by currency: a later bet of the call compares against
 -- its predecessor's result instead of reading the field again.
 local balances = {}
-local moved_nonce = false
 local out = {}
 for i = 1, #KEYS - 4 do
   local a = 4 + 7 * (i - 1)
@@ -133,7 +133,7 @@ for i = 1, #KEYS - 4 do
         balances[currency] = after
         nonce = nonce + 1
         n = string.format('%d', nonce)
-        moved_nonce = true
+        redis.call('HSET', KEYS[2], 'n', n)
         local event = ARGV[a + 6]
         redis.call('SET', idem, ARGV[a + 5] .. '\n' .. after .. '\n' .. event, 'PX', window)
         redis.call('XADD', KEYS[3], '*', 'k', 'bet', 'e', event, 'b', after)
@@ -147,9 +147,5 @@ for i = 1, #KEYS - 4 do
       end
     end
   end
-end
-if moved_nonce then
-  -- Once per call: nothing in between reads the stored nonce (the script is atomic).
-  redis.call('HSET', KEYS[2], 'n', n)
 end
 return out

@@ -453,7 +453,7 @@ class Wallet:
         if code == BetCode.REPLAY:
             try:
                 return _replayed(Minor(int(reply[1])), reply[2])
-            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            except (ValueError, TypeError) as exc:  # msgpack's unpack errors are ValueErrors
                 # A record this version cannot read (a later version's format, say): this
                 # bet gets an error, and the rest of the call its own outcomes.
                 log.error("bet_record_unreadable", user_id=state.user_id, error=repr(exc))
