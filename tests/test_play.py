@@ -8,10 +8,12 @@ from typing import Any
 
 import msgpack
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from games import dice, seeds
+from server.keys import Keys
 from server.settings import Settings
 from tests.helpers import Api
 
@@ -76,27 +78,28 @@ async def test_same_id_replays_the_result_on_any_socket_and_moves_no_money(api: 
         assert conflict["code"] == "IDEMPOTENCY_CONFLICT" and conflict["id"] == "abc"
 
 
+async def put_bet_record(settings: Settings, user_id: int, bet_id: str, blob: bytes) -> None:
+    """Store an idempotency record for a 1.00 USDT bet under 50.00 with balance-after 7.77,
+    as bet-n.lua lays it out, with ``blob`` as its answer."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        key = Keys(settings.key_prefix, settings.buckets).bet_idem(user_id, bet_id)
+        await client.set(key, b"USDT|100|5000|under\n777\n" + blob, px=60_000)
+    finally:
+        await client.aclose()
+
+
 async def test_a_record_of_an_older_server_replays(api: Api, settings: Settings) -> None:
     """Records hold the bet's outbox event now; one an older server wrote (its own 8-field
     result list) is still answered from, within its window after an upgrade."""
-    import redis.asyncio as aioredis
-
-    from server.keys import Keys
-
     uid, token = await api.player(deposit="10.00")
     sh = "ab" * 32
-    old = msgpack.packb(["9-42", 1234, True, 19800, 198, 42, sh, "cs-old"])
-    fp = "USDT|100|5000|under"
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        key = Keys(settings.key_prefix, settings.buckets).bet_idem(uid, "old")
-        await client.set(key, fp.encode() + b"\n777\n" + old, px=60_000)
-        async with api.play(token) as p:
-            r = await p.bet("1.00", "50.00", id="old")
-            new = await p.bet("1.00", "50.00", id="new")
-            again = await p.bet("1.00", "50.00", id="new")
-    finally:
-        await client.aclose()
+    await put_bet_record(settings, uid, "old", msgpack.packb(
+        ["9-42", 1234, True, 19800, 198, 42, sh, "cs-old"]))
+    async with api.play(token) as p:
+        r = await p.bet("1.00", "50.00", id="old")
+        new = await p.bet("1.00", "50.00", id="new")
+        again = await p.bet("1.00", "50.00", id="new")
     assert r == {
         "type": "bet_result", "id": "old", "bet_id": "9-42", "roll": "12.34", "win": True,
         "multiplier": "1.9800", "payout": "1.98", "balance": "7.77", "nonce": 42,
@@ -109,25 +112,15 @@ async def test_a_record_of_an_older_server_replays(api: Api, settings: Settings)
 async def test_an_unreadable_record_fails_only_its_own_bet(api: Api, settings: Settings) -> None:
     """A record this version cannot read (another version's format) answers that bet id
     with UNAVAILABLE; the other bets of the same call still settle, nothing moves for it."""
-    import redis.asyncio as aioredis
-
-    from server.keys import Keys
-
     uid, token = await api.player(deposit="10.00")
-    fp = "USDT|100|5000|under"
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        key = Keys(settings.key_prefix, settings.buckets).bet_idem(uid, "odd")
-        await client.set(key, fp.encode() + b"\n777\n" + msgpack.packb([1, 2, 3]), px=60_000)
-        async with api.play(token) as p:
-            # Sent back to back: one call to Redis carries all three.
-            for i in ("a", "odd", "b"):
-                await p.send({"type": "bet", "id": i, "currency": "USDT", "amount": "1.00",
-                              "target": "50.00", "direction": "under"})
-            by_id = {r["id"]: r for r in [await p.recv() for _ in range(3)]}
-            after = await p.bet("1.00", "50.00", id="c")
-    finally:
-        await client.aclose()
+    await put_bet_record(settings, uid, "odd", msgpack.packb([1, 2, 3]))
+    async with api.play(token) as p:
+        # Sent back to back: one call to Redis carries all three.
+        for i in ("a", "odd", "b"):
+            await p.send({"type": "bet", "id": i, "currency": "USDT", "amount": "1.00",
+                          "target": "50.00", "direction": "under"})
+        by_id = {r["id"]: r for r in [await p.recv() for _ in range(3)]}
+        after = await p.bet("1.00", "50.00", id="c")
     first, odd, second = by_id["a"], by_id["odd"], by_id["b"]
     assert odd["type"] == "error" and odd["code"] == "UNAVAILABLE" and odd["id"] == "odd"
     assert first["nonce"] == 1 and second["nonce"] == 2 and after["nonce"] == 3
