@@ -20,10 +20,10 @@ export REDIS_URL DATABASE_URL
 $(foreach v,HOST PORT ADMIN_TOKEN,$(if $(filter undefined,$(origin $(v))),,$(eval export $(v))))
 PYTEST_ARGS ?=
 
-.PHONY: help venv services setup run test lint audit rebuild-balances stop clean
+.PHONY: help venv services setup run test lint audit rebuild-balances stop clean lock update-deps
 
 help:
-	@echo "make run | test | lint | audit | rebuild-balances | setup | stop | clean"
+	@echo "make run | test | lint | audit | rebuild-balances | setup | stop | clean | lock | update-deps"
 
 venv:
 	@$(DEVENV) venv
@@ -62,3 +62,20 @@ stop:
 
 clean: stop
 	rm -rf .data
+
+# requirements.lock pins every package (main and dev) with its hashes; `make venv` installs
+# exactly that. `make lock` re-resolves after pyproject.toml changed and keeps every pin it
+# can; `make update-deps` moves every package to its newest release that the ranges allow.
+UV_VERSION := 0.13.9
+LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes \
+	--universal --python-version 3.11 -o requirements.lock -q
+
+$(VENV)/bin/uv: | venv
+	$(PY) -m pip install -q --disable-pip-version-check 'uv==$(UV_VERSION)'
+
+lock: $(VENV)/bin/uv
+	$(LOCK_CMD)
+
+update-deps: $(VENV)/bin/uv
+	$(LOCK_CMD) --upgrade
+	@$(DEVENV) venv

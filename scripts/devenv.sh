@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Development environment for StakePro: the virtualenv, Redis and PostgreSQL.
 #
-#   scripts/devenv.sh venv       create .venv and install '.[dev]' when pyproject.toml changed
+#   scripts/devenv.sh venv       create .venv and install requirements.lock when it changed
 #   scripts/devenv.sh browser    install Debian chromium (Playwright browsers are not downloaded)
 #   scripts/devenv.sh redis-bin  make sure the redis-server binary exists (the tests start one)
 #   scripts/devenv.sh redis      reuse the Redis at REDIS_URL, or start our own in .data/redis
@@ -111,7 +111,7 @@ ensure_python() {
 }
 
 cmd_venv() {
-    local venv="$REPO_ROOT/.venv" stamp="$REPO_ROOT/.venv/.installed" out
+    local venv="$REPO_ROOT/.venv" stamp="$REPO_ROOT/.venv/.installed" out site
     if [[ ! -x $venv/bin/python ]]; then
         ensure_python
         if ! python3 -m venv "$venv" >/dev/null 2>&1; then
@@ -120,11 +120,18 @@ cmd_venv() {
             python3 -m venv "$venv" || die "python3 -m venv $venv failed"
         fi
     fi
-    [[ $REPO_ROOT/pyproject.toml -nt $stamp ]] || return 0
+    [[ $REPO_ROOT/requirements.lock -nt $stamp ]] || return 0
     out="$venv/pip-install.log"
-    (cd "$REPO_ROOT" && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-        -e '.[dev]') >"$out" 2>&1 \
-        || { tail -n 40 "$out" >&2; die "pip install -e '.[dev]' failed (full log: $out)"; }
+    # Exactly what the lock file names, each file checked against its hash: a fresh clone
+    # builds the same today and next year. `make update-deps` refreshes the lock on purpose.
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --require-hashes \
+        --no-deps -r "$REPO_ROOT/requirements.lock" >"$out" 2>&1 \
+        || { tail -n 40 "$out" >&2; die "pip install -r requirements.lock failed (full log: $out)"; }
+    # The project itself runs from the checkout: a .pth file puts it on the path (no build
+    # step, no unpinned build dependencies). An older editable install is removed first.
+    "$venv/bin/python" -m pip uninstall -q -y stakepro >/dev/null 2>&1 || true
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+    printf '%s\n' "$REPO_ROOT" >"$site/stakepro.pth"
     touch "$stamp"
 }
 

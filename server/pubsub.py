@@ -42,7 +42,7 @@ class Hub:
             # Bounded: redis-py can swallow a cancellation raised inside a command.
             await asyncio.wait({self._task}, timeout=2.0)
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
 
     async def subscribe(self, channel: str, handler: Handler) -> None:
         """Subscribe, retrying through a reconnect (a restarted Redis); raises Unavailable
