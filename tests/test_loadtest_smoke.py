@@ -20,6 +20,9 @@ async def test_bets_smoke(api: Api) -> None:
     options = BetsOptions(
         url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
         duration=2.0, ramp_up=0.2, encoding="msgpack",
+        # Paced well under the server's per-socket message limit (RATE_PER_SOCKET): an
+        # unpaced socket on a fast machine passes it and is rightly answered RATE_LIMITED.
+        rate=2000.0,
     )
     report = await run_bets(options)
     assert report.bets > 0
