@@ -16,7 +16,7 @@ Before the runs it checks design A's rolls against games.dice (the shared vector
 hundred nonces) and B's recovery sweep; ``--verify`` does only that. Loopback Redis only; it
 FLUSHes the selected database, so give it a Redis of its own::
 
-    python -m loadtest.prototypes.bench --redis-url redis://127.0.0.1:6395/0 \\
+    python -m bench.prototypes.bench --redis-url redis://127.0.0.1:6395/0 \\
         --bets 200000 --concurrency 100
 """
 
