@@ -15,7 +15,8 @@ from typing import Any, Literal, Protocol
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
-Encoding = Literal["json", "msgpack"]
+from loadtest.wire import Encoding, decode
+
 ClientKind = Literal["websockets", "picows"]
 CLIENTS: tuple[ClientKind, ...] = ("websockets", "picows")
 
@@ -30,13 +31,6 @@ class Socket(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def decode(frame: str | bytes) -> dict[str, Any]:
-    decoded = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
-    if not isinstance(decoded, dict):
-        raise ValueError(f"a frame that is not a map: {decoded!r:.80}")
-    return decoded
 
 
 class WebsocketsSocket:

@@ -97,6 +97,9 @@ class Report(Protocol):
     def table(self) -> str: ...
 
 
+R = TypeVar("R", bound=Report)
+
+
 def run_loop(factory: Callable[[], Awaitable[T]]) -> T:
     """Run ``factory()`` to completion on uvloop when installed, else asyncio."""
 
@@ -110,9 +113,11 @@ def run_loop(factory: Callable[[], Awaitable[T]]) -> T:
     return uvloop.run(go())
 
 
-def cli_main(factory: Callable[[], Awaitable[Report]], as_json: bool) -> int:
-    """Run a command, print its table (or one JSON object) on stdout: exit 0 when it
-    passed, 1 when it failed, 2 when setup failed or the server cannot be reached."""
+def cli_main(factory: Callable[[], Awaitable[R]], as_json: bool,
+             done: Callable[[R], None] | None = None) -> int:
+    """Run a command, hand its report to ``done`` (when given), print its table (or one
+    JSON object) on stdout: exit 0 when it passed, 1 when it failed, 2 when setup failed or
+    the server cannot be reached."""
     import json
 
     try:
@@ -123,6 +128,8 @@ def cli_main(factory: Callable[[], Awaitable[Report]], as_json: bool) -> int:
     except (OSError, httpx.HTTPError) as exc:
         print(f"cannot reach the server: {exc}", file=sys.stderr)
         return 2
+    if done is not None:
+        done(report)
     print(json.dumps(report.to_dict()) if as_json else report.table())
     return 0 if report.ok else 1
 

@@ -41,15 +41,13 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from loadtest import common, serverstats
-from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
+from loadtest.client import Socket, open_socket
+from loadtest.options import BetOptions
 from loadtest.players import Admin, Player, SetupError
 
 
 @dataclass
-class StormOptions:
-    url: str = "ws://127.0.0.1:8000"
-    http: str | None = None
-    admin_token: str = "dev-admin-token"
+class StormOptions(BetOptions):
     players: int = 10_000
     masters: int = 10
     agents: int = 100
@@ -60,20 +58,14 @@ class StormOptions:
     #: Seconds of sustained betting at ``rate``; None: one burst.
     sustained: float | None = None
     rate: float = 500.0
-    currency: str = "USDT"
     min_amount: str = "1.00"
     max_amount: str = "50.00"
-    target: str = "50.00"
-    direction: str = "under"
     deposit: str = "100000"
-    encoding: Encoding = "msgpack"
-    client: ClientKind = DEFAULT_CLIENT
     lag_sample: int = 100
     poll_interval: float = 0.1
     persist_timeout: float = 30.0
     commission_timeout: float = 30.0
     reply_timeout: float = 15.0
-    connect_timeout: float = 10.0
     http_connections: int = 32
     seed: int | None = None
     progress: TextIO | None = field(default=None, repr=False)
@@ -256,7 +248,7 @@ def _format(minor: int, decimals: int) -> str:
 
 async def _sign_in(options: StormOptions, player: Player, gate: asyncio.Semaphore) -> Socket:
     async with gate:
-        sock = await open_socket(common.ws_endpoint(options.url, "/ws/play"), options.encoding,
+        sock = await open_socket(options.play_url, options.encoding,
                                  options.connect_timeout, options.client)
         await sock.send({"type": "auth", "token": player.token})
         async with asyncio.timeout(options.connect_timeout):
@@ -294,7 +286,7 @@ async def run_storm(options: StormOptions) -> StormReport:
         raise ValueError("players, burst, masters and agents must be positive")
     clock = common.CpuClock()
     rng = random.Random(options.seed)
-    http_url = common.http_base(options.url, options.http)
+    http_url = options.http_url
     async with Admin(http_url, options.admin_token, options.http_connections) as admin, \
             Admin(http_url, options.admin_token, min(8, options.http_connections)) as poller:
         _say(options, f"creating 1 + {options.masters} + {options.agents} + {options.players:,}"

@@ -44,7 +44,8 @@ async def test_reference_echo_process(api: Api, encoding: str) -> None:
     import signal
     import sys
 
-    from loadtest.bets import BetsOptions, run_bets
+    from loadtest.bets import run_bets
+    from loadtest.options import BetsOptions
     from tests.conftest import ADMIN_TOKEN, free_port
 
     port = free_port()

@@ -11,7 +11,8 @@ import pytest
 
 from loadtest import serverstats
 from loadtest.__main__ import parser
-from loadtest.bets import BetsOptions, run_bets
+from loadtest.bets import run_bets
+from loadtest.options import BetsOptions
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import Api
 
@@ -202,7 +203,7 @@ def test_tally_folds_like_recording_every_value() -> None:
 
     from hdrh.histogram import HdrHistogram
 
-    from loadtest.bets import HIST_MAX_US, SERIES_DIGITS, Tally
+    from loadtest.tally import HIST_MAX_US, SERIES_DIGITS, Tally
 
     rng = random.Random(5)
     t0 = 1000.0
