@@ -29,6 +29,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loadtest import bets, common, doublespend, page, sockets, spectators, storm
@@ -76,6 +77,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object instead of the table")
 
 
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                help: str, module: ModuleType, server: bool = True) -> argparse.ArgumentParser:
+    """The parser of one command: its help line, its module's docstring as description,
+    and (``server``) the arguments every server command shares."""
+    p = sub.add_parser(name, help=help, description=module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    if server:
+        add_server_arguments(p)
+    return p
+
+
 def add_encoding(parser: argparse.ArgumentParser, default: str = "msgpack",
                  help: str | None = None) -> None:
     parser.add_argument("--encoding", choices=("json", "msgpack"), default=default, help=help)
@@ -96,10 +108,7 @@ def options_from(cls: type[Opts], args: argparse.Namespace, **extra: Any) -> Opt
 
 
 def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bets", help="closed-loop bets over many player sockets",
-                       description=bets.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "bets", "closed-loop bets over many player sockets", bets)
     p.add_argument("--connections", type=_positive_int, default=100, help="sockets (100)")
     p.add_argument("--inflight", type=_positive_int, default=4,
                    help="bets in flight on each socket (4)")
@@ -138,11 +147,8 @@ def run_bets(args: argparse.Namespace) -> int:
 
 
 def add_double_spend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("double-spend",
-                       help="simultaneous full-balance bets: exactly one accepted",
-                       description=doublespend.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "double-spend",
+                    "simultaneous full-balance bets: exactly one accepted", doublespend)
     p.add_argument("--players", type=_positive_int, default=20,
                    help="players betting at once in every round (20)")
     p.add_argument("--rounds", type=_positive_int, default=10, help="rounds (10)")
@@ -174,11 +180,8 @@ def _bps(text: str) -> tuple[int, int, int]:
 
 
 def add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("storm", help="10,000 players under one super master, 500 betting in"
-                                     " one second: commissions exact, persistence lag",
-                       description=storm.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "storm", "10,000 players under one super master, 500 betting in"
+                                  " one second: commissions exact, persistence lag", storm)
     p.add_argument("--players", type=_positive_int, default=10_000,
                    help="players in the tree (10000)")
     p.add_argument("--masters", type=_positive_int, default=10, help="masters (10)")
@@ -219,11 +222,8 @@ def run_storm(args: argparse.Namespace) -> int:
 
 
 def add_spectators(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("spectators", help="many /ws/feed sockets while bets run: batches/s,"
-                                          " feed lag, every bet seen",
-                       description=spectators.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "spectators", "many /ws/feed sockets while bets run: batches/s,"
+                                       " feed lag, every bet seen", spectators)
     p.add_argument("--count", type=_positive_int, default=100, help="spectator sockets (100)")
     add_encoding(p, "json", "feed frames (json)")
     p.add_argument("--bet-rate", type=_positive_float, default=200.0,
@@ -247,10 +247,8 @@ def run_spectators(args: argparse.Namespace) -> int:
 
 
 def add_sockets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("sockets", help="hold N authenticated idle sockets: server RSS per socket",
-                       description=sockets.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "sockets",
+                    "hold N authenticated idle sockets: server RSS per socket", sockets)
     p.add_argument("--count", type=_positive_int, default=1000, help="sockets (1000)")
     p.add_argument("--players", type=_positive_int, default=1,
                    help="players the sockets sign in as (1: one token for all)")
@@ -272,9 +270,8 @@ def run_sockets(args: argparse.Namespace) -> int:
 
 
 def add_page(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("page", help="the browser page: weight and load-to-first-bet time",
-                       description=page.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "page", "the browser page: weight and load-to-first-bet time", page,
+                    server=False)
     p.add_argument("--url", default="http://127.0.0.1:8000/",
                    help="the page (default http://127.0.0.1:8000/; demo mode must be on)")
     p.add_argument("--runs", type=_positive_int, default=3, help="fresh browser contexts (3)")

@@ -23,9 +23,9 @@ from decimal import Decimal
 from typing import Any
 
 from loadtest import common
-from loadtest.client import Socket, open_socket
+from loadtest.client import Socket
 from loadtest.options import BetOptions
-from loadtest.players import Admin, Player, SetupError
+from loadtest.players import Admin, Player
 
 #: A trial is redone at most this many times (a win has probability 1/10,001).
 MAX_REDO = 5
@@ -116,22 +116,9 @@ class Slot:
         await asyncio.gather(*(s.close() for s in self.sockets))
 
 
-async def _signed_in(options: DoubleSpendOptions, player: Player) -> Socket:
-    sock = await open_socket(options.play_url, options.encoding,
-                             options.connect_timeout, options.client)
-    await sock.send({"type": "auth", "token": player.token})
-    async with asyncio.timeout(options.connect_timeout):
-        while True:
-            message = await sock.recv()
-            if message.get("type") == "welcome":
-                return sock
-            if message.get("type") == "error":
-                raise SetupError(f"auth refused: {message}")
-
-
 async def _new_slot(admin: Admin, options: DoubleSpendOptions, name: str) -> Slot:
     player = await admin.create_user("player", name)
-    sockets = await asyncio.gather(*(_signed_in(options, player)
+    sockets = await asyncio.gather(*(common.signed_in(options, player.token)
                                      for _ in range(options.sockets)))
     return Slot(player, list(sockets))
 

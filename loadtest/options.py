@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
-from loadtest import common
 from loadtest.client import DEFAULT_CLIENT, ClientKind
 from loadtest.wire import Encoding
 
@@ -30,11 +30,25 @@ class ServerOptions:
 
     @property
     def http_url(self) -> str:
-        return common.http_base(self.url, self.http)
+        """The HTTP base of the admin API and /metrics: ``http`` if given, else from ``url``."""
+        if self.http:
+            return self.http.rstrip("/")
+        parts = urlsplit(self.url)
+        scheme = "https" if parts.scheme == "wss" else "http"
+        return f"{scheme}://{parts.netloc}"
 
     @property
     def play_url(self) -> str:
-        return common.ws_endpoint(self.url, "/ws/play")
+        return self.ws_url("/ws/play")
+
+    def ws_url(self, path: str) -> str:
+        """``url`` with its path set to ``path`` (``/ws/play`` or ``/ws/feed``)."""
+        parts = urlsplit(self.url)
+        base = parts.path.rstrip("/")
+        for known in ("/ws/play", "/ws/feed"):
+            if base.endswith(known):
+                base = base[: -len(known)]
+        return f"{parts.scheme}://{parts.netloc}{base}{path}"
 
 
 @dataclass

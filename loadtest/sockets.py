@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from loadtest import common
-from loadtest.client import Socket, open_socket
+from loadtest.client import Socket, authenticate, open_socket
 from loadtest.options import ServerOptions
 from loadtest.players import Admin, Player, SetupError
 
@@ -146,15 +146,10 @@ async def _hold_one(options: SocketsOptions, url: str, player: Player, local: st
             failures[f"CONNECT_{type(exc).__name__}"] += 1
             return None
         try:
-            await sock.send({"type": "auth", "token": player.token})
-            async with asyncio.timeout(options.connect_timeout):
-                while True:
-                    message = await sock.recv()
-                    if message.get("type") == "welcome":
-                        return sock
-                    if message.get("type") == "error":
-                        failures[f"AUTH_{message.get('code')}"] += 1
-                        break
+            reply = await authenticate(sock, player.token, options.connect_timeout)
+            if reply.get("type") == "welcome":
+                return sock
+            failures[f"AUTH_{reply.get('code')}"] += 1
         except Exception as exc:
             failures[f"AUTH_{type(exc).__name__}"] += 1
         await sock.close()

@@ -159,7 +159,7 @@ class Shared:
 
 def _feed_url(options: SpectatorsOptions) -> str:
     suffix = "?format=msgpack" if options.encoding == "msgpack" else ""
-    return common.ws_endpoint(options.url, "/ws/feed") + suffix
+    return options.ws_url("/ws/feed") + suffix
 
 
 def _opened(options: SpectatorsOptions, shared: Shared, opened: asyncio.Event) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import ipaddress
 import json
 import os
 import random
@@ -46,6 +45,7 @@ from games import dice, seeds
 from games.bets import BetSpec, fingerprint, settle, validate_bet
 from games.money import DEFAULT_CURRENCIES
 from games.types import Direction, Hundredths, Minor, MultiplierBp
+from loadtest.serverstats import is_loopback
 from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
@@ -491,13 +491,7 @@ async def micro(client: aioredis.Redis) -> tuple[float, float, float]:
 
 
 def _loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlparse(url).hostname or "")
 
 
 def _summary(values: list[float], fmt: str) -> str:
