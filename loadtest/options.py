@@ -1,6 +1,8 @@
 """The options every load command shares: where the server is, how to sign in to its admin
 API, and which sockets to open. Each command's options class adds its own fields; the
-command line (``loadtest/__main__.py``) fills them by name."""
+command line (``loadtest/__main__.py``) fills them from the flags of the same name.
+:class:`BetsOptions` lives here rather than in loadtest/bets.py because its two socket
+drivers and the spectators' bets load all take it."""
 
 from __future__ import annotations
 
