@@ -25,14 +25,21 @@ bounded in time and stops by itself; point it at loopback or a test host only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loadtest import bets, common, doublespend, page, sockets, spectators, storm
 from loadtest.client import CLIENTS, DEFAULT_CLIENT, picows_available
+from loadtest.options import DEFAULT_URL, BetsOptions
 
-DEFAULT_URL = "ws://127.0.0.1:8000"
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Opts = TypeVar("Opts", bound="DataclassInstance")
 
 
 def _positive_int(text: str) -> int:
@@ -70,11 +77,38 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object instead of the table")
 
 
-def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bets", help="closed-loop bets over many player sockets",
-                       description=bets.__doc__,
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                help: str, module: ModuleType, server: bool = True) -> argparse.ArgumentParser:
+    """The parser of one command: its help line, its module's docstring as description,
+    and (``server``) the arguments every server command shares."""
+    p = sub.add_parser(name, help=help, description=module.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    if server:
+        add_server_arguments(p)
+    return p
+
+
+def add_encoding(parser: argparse.ArgumentParser, default: str = "msgpack",
+                 help: str | None = None) -> None:
+    parser.add_argument("--encoding", choices=("json", "msgpack"), default=default, help=help)
+
+
+def add_client(parser: argparse.ArgumentParser,
+               help: str = f"socket implementation: picows or websockets ({DEFAULT_CLIENT})",
+               ) -> None:
+    parser.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT, help=help)
+
+
+def options_from(cls: type[Opts], args: argparse.Namespace, **extra: Any) -> Opts:
+    """``cls`` (an options dataclass) with every field that has a command-line argument of
+    the same name taken from ``args``, then ``extra``; the others keep their defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if f.init and hasattr(args, f.name)}
+    return cls(**given, **extra)
+
+
+def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = add_command(sub, "bets", "closed-loop bets over many player sockets", bets)
     p.add_argument("--connections", type=_positive_int, default=100, help="sockets (100)")
     p.add_argument("--inflight", type=_positive_int, default=4,
                    help="bets in flight on each socket (4)")
@@ -90,14 +124,13 @@ def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="distinct players (default: one per socket)")
     p.add_argument("--deposit", default="1000000",
                    help="credited to each player before the run (1000000)")
-    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
+    add_encoding(p)
     p.add_argument("--max-error-rate", type=float, default=0.01,
                    help="exit 1 above this fraction of errors (0.01)")
     p.add_argument("--drain-timeout", type=_positive_float, default=5.0,
                    help="seconds to wait for the last replies (5)")
-    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
-                   help="socket implementation: picows (the cheaper, when installed) or"
-                        f" websockets ({DEFAULT_CLIENT})")
+    add_client(p, "socket implementation: picows (the cheaper, when installed) or"
+                  f" websockets ({DEFAULT_CLIENT})")
     p.add_argument("--rate", type=_positive_float, default=None,
                    help="paced: at most this many bets/s over all sockets (default: closed"
                         " loop)")
@@ -109,24 +142,13 @@ def add_bets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_bets(args: argparse.Namespace) -> int:
-    options = bets.BetsOptions(
-        url=args.url, http=args.http, admin_token=args.admin_token,
-        connections=args.connections, inflight=args.inflight, duration=args.duration,
-        ramp_up=args.ramp_up, currency=args.currency, amount=args.amount, target=args.target,
-        direction=args.direction, players=args.players, encoding=args.encoding,
-        max_error_rate=args.max_error_rate, deposit=args.deposit, server_pid=args.server_pid,
-        drain_timeout=args.drain_timeout, progress=None if args.quiet else sys.stderr,
-        client=args.client, rate=args.rate,
-    )
+    options = options_from(BetsOptions, args, progress=None if args.quiet else sys.stderr)
     return bets.main(options, args.json, args.report)
 
 
 def add_double_spend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("double-spend",
-                       help="simultaneous full-balance bets: exactly one accepted",
-                       description=doublespend.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "double-spend",
+                    "simultaneous full-balance bets: exactly one accepted", doublespend)
     p.add_argument("--players", type=_positive_int, default=20,
                    help="players betting at once in every round (20)")
     p.add_argument("--rounds", type=_positive_int, default=10, help="rounds (10)")
@@ -137,21 +159,15 @@ def add_double_spend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--amount", default="1.00",
                    help="the deposit and the stake of every bet (1.00)")
     p.add_argument("--target", default="0.01", help="under 0.01: a win is 1 in 10,001")
-    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
-    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
-                   help=f"socket implementation: picows or websockets ({DEFAULT_CLIENT})")
+    add_encoding(p)
+    add_client(p)
     p.add_argument("--round-timeout", type=_positive_float, default=15.0,
                    help="seconds to wait for every reply of a round (15)")
     p.set_defaults(run=run_double_spend)
 
 
 def run_double_spend(args: argparse.Namespace) -> int:
-    options = doublespend.DoubleSpendOptions(
-        url=args.url, http=args.http, admin_token=args.admin_token, players=args.players,
-        rounds=args.rounds, sockets=args.sockets, bets=args.bets, currency=args.currency,
-        amount=args.amount, target=args.target, encoding=args.encoding, client=args.client,
-        round_timeout=args.round_timeout,
-    )
+    options = options_from(doublespend.DoubleSpendOptions, args)
     return common.cli_main(lambda: doublespend.run_double_spend(options), args.json)
 
 
@@ -164,11 +180,8 @@ def _bps(text: str) -> tuple[int, int, int]:
 
 
 def add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("storm", help="10,000 players under one super master, 500 betting in"
-                                     " one second: commissions exact, persistence lag",
-                       description=storm.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "storm", "10,000 players under one super master, 500 betting in"
+                                  " one second: commissions exact, persistence lag", storm)
     p.add_argument("--players", type=_positive_int, default=10_000,
                    help="players in the tree (10000)")
     p.add_argument("--masters", type=_positive_int, default=10, help="masters (10)")
@@ -195,36 +208,24 @@ def add_storm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds to wait for exact commissions (30)")
     p.add_argument("--http-connections", type=_positive_int, default=32,
                    help="HTTP connections for the admin API (32)")
-    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
-    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
-                   help=f"socket implementation: picows or websockets ({DEFAULT_CLIENT})")
+    add_encoding(p)
+    add_client(p)
     p.add_argument("--seed", type=int, default=None, help="seed of the random stakes")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run_storm)
 
 
 def run_storm(args: argparse.Namespace) -> int:
-    options = storm.StormOptions(
-        url=args.url, http=args.http, admin_token=args.admin_token, players=args.players,
-        masters=args.masters, agents=args.agents, bps=args.bps, burst=args.burst,
-        window=args.window, sustained=args.sustained, rate=args.rate, currency=args.currency,
-        min_amount=args.min_amount, max_amount=args.max_amount, lag_sample=args.lag_sample,
-        poll_interval=args.poll_interval, commission_timeout=args.commission_timeout,
-        http_connections=args.http_connections, encoding=args.encoding, client=args.client,
-        seed=args.seed, progress=storm.progress_stream(args.quiet),
-    )
+    options = options_from(storm.StormOptions, args,
+                           progress=storm.progress_stream(args.quiet))
     return common.cli_main(lambda: storm.run_storm(options), args.json)
 
 
 def add_spectators(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("spectators", help="many /ws/feed sockets while bets run: batches/s,"
-                                          " feed lag, every bet seen",
-                       description=spectators.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "spectators", "many /ws/feed sockets while bets run: batches/s,"
+                                       " feed lag, every bet seen", spectators)
     p.add_argument("--count", type=_positive_int, default=100, help="spectator sockets (100)")
-    p.add_argument("--encoding", choices=("json", "msgpack"), default="json",
-                   help="feed frames (json)")
+    add_encoding(p, "json", "feed frames (json)")
     p.add_argument("--bet-rate", type=_positive_float, default=200.0,
                    help="bets/s of the bets load running meanwhile (200)")
     p.add_argument("--connections", type=_positive_int, default=20,
@@ -235,26 +236,19 @@ def add_spectators(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="seconds of betting (10)")
     p.add_argument("--grace", type=_non_negative_float, default=5.0,
                    help="seconds to wait for the last batches (5)")
-    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
-                   help=f"feed and player sockets: picows or websockets ({DEFAULT_CLIENT})")
+    add_client(p, f"feed and player sockets: picows or websockets ({DEFAULT_CLIENT})")
     p.set_defaults(run=run_spectators)
 
 
 def run_spectators(args: argparse.Namespace) -> int:
-    options = spectators.SpectatorsOptions(
-        url=args.url, http=args.http, admin_token=args.admin_token, count=args.count,
-        encoding=args.encoding, bet_rate=args.bet_rate, connections=args.connections,
-        inflight=args.inflight, duration=args.duration, grace=args.grace,
-        client=args.client, progress=None if args.json else sys.stderr,
-    )
+    options = options_from(spectators.SpectatorsOptions, args,
+                           progress=None if args.json else sys.stderr)
     return common.cli_main(lambda: spectators.run_spectators(options), args.json)
 
 
 def add_sockets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("sockets", help="hold N authenticated idle sockets: server RSS per socket",
-                       description=sockets.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(p)
+    p = add_command(sub, "sockets",
+                    "hold N authenticated idle sockets: server RSS per socket", sockets)
     p.add_argument("--count", type=_positive_int, default=1000, help="sockets (1000)")
     p.add_argument("--players", type=_positive_int, default=1,
                    help="players the sockets sign in as (1: one token for all)")
@@ -264,26 +258,20 @@ def add_sockets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="handshakes at a time (200)")
     p.add_argument("--source-addresses", type=_positive_int, default=None,
                    help="client addresses 127.0.0.1.. on loopback (default: 1 per 20,000)")
-    p.add_argument("--encoding", choices=("json", "msgpack"), default="msgpack")
-    p.add_argument("--client", choices=CLIENTS, default=DEFAULT_CLIENT,
-                   help=f"socket implementation: picows or websockets ({DEFAULT_CLIENT})")
+    add_encoding(p)
+    add_client(p)
     p.set_defaults(run=run_sockets)
 
 
 def run_sockets(args: argparse.Namespace) -> int:
-    options = sockets.SocketsOptions(
-        url=args.url, http=args.http, admin_token=args.admin_token, count=args.count,
-        players=args.players, hold=args.hold, connect_concurrency=args.connect_concurrency,
-        source_addresses=args.source_addresses, encoding=args.encoding, client=args.client,
-        server_pid=args.server_pid, progress=None if args.json else sys.stderr,
-    )
+    options = options_from(sockets.SocketsOptions, args,
+                           progress=None if args.json else sys.stderr)
     return common.cli_main(lambda: sockets.run_sockets(options), args.json)
 
 
 def add_page(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("page", help="the browser page: weight and load-to-first-bet time",
-                       description=page.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "page", "the browser page: weight and load-to-first-bet time", page,
+                    server=False)
     p.add_argument("--url", default="http://127.0.0.1:8000/",
                    help="the page (default http://127.0.0.1:8000/; demo mode must be on)")
     p.add_argument("--runs", type=_positive_int, default=3, help="fresh browser contexts (3)")
@@ -293,7 +281,7 @@ def add_page(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_page(args: argparse.Namespace) -> int:
-    options = page.PageOptions(url=args.url, runs=args.runs, chromium=args.chromium)
+    options = options_from(page.PageOptions, args)
     return common.cli_main(lambda: page.run_page(options), args.json)
 
 

@@ -23,194 +23,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
-import httpx
 from hdrh.histogram import HdrHistogram
 
-from loadtest import serverstats
-from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
-from loadtest.players import Player, SetupError, create_players
+from loadtest import common, serverstats
+from loadtest.client import Socket, open_socket
+from loadtest.options import BetsOptions
+from loadtest.players import Player, create_players
+from loadtest.report import write_html
+from loadtest.tally import Tally, take_reply
 
-#: Latencies are recorded in microseconds, from 1 µs to 60 s, 3 significant digits.
-HIST_MAX_US = 60_000_000
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
-#: Per-second histograms (the report's series) keep 2 significant digits.
-SERIES_DIGITS = 2
 SHARED_ID_BITS = 32
-
-
-@dataclass
-class BetsOptions:
-    url: str = "ws://127.0.0.1:8000"
-    #: HTTP base of the admin API and /metrics; None derives it from ``url``.
-    http: str | None = None
-    admin_token: str = "dev-admin-token"
-    connections: int = 100
-    inflight: int = 4
-    duration: float = 10.0
-    ramp_up: float = 1.0
-    currency: str = "USDT"
-    amount: str = "0.01"
-    target: str = "50.00"
-    direction: str = "under"
-    #: Distinct players; None means one per socket.
-    players: int | None = None
-    encoding: Encoding = "msgpack"
-    max_error_rate: float = 0.01
-    #: Credited to every player before the run (in the run's currency).
-    deposit: str = "1000000"
-    server_pid: int | None = None
-    drain_timeout: float = 5.0
-    connect_timeout: float = 10.0
-    #: Socket implementation (loadtest/client.py): picows when it is installed.
-    client: ClientKind = DEFAULT_CLIENT
-    #: Bets per second over all sockets (paced, a ceiling); None: closed loop.
-    rate: float | None = None
-    #: Where the per-second progress line goes (None: nowhere).
-    progress: TextIO | None = field(default=None, repr=False)
-    #: Display names of the run's players start with this (None: ``load-<random>-``).
-    name_prefix: str | None = None
-    #: Called with every ``bet_result`` and its receive time (``time.time_ns()``).
-    on_result: Callable[[dict[str, Any], int], None] | None = field(default=None, repr=False)
-
-    @property
-    def http_url(self) -> str:
-        if self.http:
-            return self.http.rstrip("/")
-        parts = urlsplit(self.url)
-        scheme = "https" if parts.scheme == "wss" else "http"
-        return f"{scheme}://{parts.netloc}"
-
-    @property
-    def play_url(self) -> str:
-        parts = urlsplit(self.url)
-        path = parts.path.rstrip("/")
-        if not path.endswith("/ws/play"):
-            path += "/ws/play"
-        return f"{parts.scheme}://{parts.netloc}{path}"
-
-    def public(self) -> dict[str, Any]:
-        """The options as they go into the JSON report (no token)."""
-        return {
-            "url": self.url, "http": self.http_url, "connections": self.connections,
-            "inflight": self.inflight, "duration_s": self.duration, "ramp_up_s": self.ramp_up,
-            "currency": self.currency, "amount": self.amount, "target": self.target,
-            "direction": self.direction, "players": self.players or self.connections,
-            "encoding": self.encoding, "max_error_rate": self.max_error_rate,
-            "client": self.client, "rate": self.rate,
-        }
-
-
-class Tally:
-    """Counts shared by the sockets of one run (one event loop: no locks).
-
-    Latencies are not recorded into the HDR histograms one reply at a time (``record_value``
-    is pure Python, ~1.6 us): :meth:`reply` rounds each one down to the lowest value of its
-    HDR bucket and counts it in a dict, and :meth:`fold` records every distinct value once
-    with its count. The histograms come out identical to recording every value (same
-    buckets, and min / max / mean / percentiles are read per bucket; the per-second ones
-    have coarser buckets that contain whole buckets of the fine grid). The dict covers one
-    segment of time: a whole second of the series, cut at the measured window's ends."""
-
-    def __init__(self, measure_start: float, measure_end: float, t0: float = 0.0) -> None:
-        self.hist = HdrHistogram(1, HIST_MAX_US, 3)
-        self.t0 = t0
-        #: Per whole second since ``t0``: replies, and a latency histogram.
-        self.second_counts: list[int] = []
-        self.second_hists: list[HdrHistogram] = []
-        self.measure_start = measure_start
-        self.measure_end = measure_end
-        self.stop_at = measure_end
-        self.bets_all = 0
-        self.errors: Counter[str] = Counter()
-        self.open_sockets = 0
-        self.pending: list[dict[int, int]] = []
-        # perf_counter_ns bounds of the measured window, and the series' start.
-        self._window_ns = (int(measure_start * 1e9), int(measure_end * 1e9))
-        self._t0_ns = int(t0 * 1e9)
-        #: The current segment: its second (-1: before t0), whether it is in the window,
-        #: where it ends, and its counts (quantized latency in us -> replies).
-        self._second = -1
-        self._in_window = False
-        self._segment_end_ns = -1
-        self._counts: dict[int, int] = {}
-        self._bits = _sub_bucket_bits(self.hist)
-        self._exact_below = 1 << self._bits
-        assert self._bits >= _sub_bucket_bits(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
-
-    def reply(self, sent_ns: int, now_ns: int) -> None:
-        """One answered bet, sent and answered at these ``perf_counter_ns`` times."""
-        self.bets_all += 1
-        if now_ns >= self._segment_end_ns:
-            self._next_segment(now_ns)
-        micros = (now_ns - sent_ns) // 1000
-        if micros >= self._exact_below:
-            if micros > HIST_MAX_US:
-                micros = HIST_MAX_US
-            shift = micros.bit_length() - self._bits
-            micros = micros >> shift << shift
-        elif micros < 1:
-            micros = 1
-        counts = self._counts
-        counts[micros] = counts.get(micros, 0) + 1
-
-    def _next_segment(self, now_ns: int) -> None:
-        self.fold()
-        start, end = self._window_ns
-        self._in_window = start <= now_ns < end
-        second = (now_ns - self._t0_ns) // 1_000_000_000
-        if second < 0:  # before the series starts: counted in bets_all only
-            self._second = -1
-            ends = [self._t0_ns]
-        else:
-            self._second = second
-            while len(self.second_counts) <= second:
-                self.second_counts.append(0)
-                self.second_hists.append(HdrHistogram(1, HIST_MAX_US, SERIES_DIGITS))
-            ends = [self._t0_ns + (second + 1) * 1_000_000_000]
-        ends += [t for t in (start, end) if t > now_ns]
-        self._segment_end_ns = min(ends)
-
-    def fold(self) -> None:
-        """Record what :meth:`reply` counted into ``hist`` and the per-second histograms."""
-        counts, self._counts = self._counts, {}
-        if not counts or self._second < 0:
-            return
-        second = self.second_hists[self._second]
-        self.second_counts[self._second] += sum(counts.values())
-        hist = self.hist if self._in_window else None
-        for value, n in counts.items():
-            second.record_value(value, n)
-            if hist is not None:
-                hist.record_value(value, n)
-
-    def series(self) -> list[dict[str, float | int | None]]:
-        """Per second since the start: ``{"t", "bets", "p99_ms"}``."""
-        self.fold()
-        return [
-            {"t": i, "bets": n,
-             "p99_ms": (h.get_value_at_percentile(99.0) / 1000 if n else None)}
-            for i, (n, h) in enumerate(zip(self.second_counts, self.second_hists, strict=True))
-        ]
-
-    def unanswered(self) -> int:
-        return sum(len(p) for p in self.pending)
-
-
-def _sub_bucket_bits(hist: HdrHistogram) -> int:
-    """log2 of the histogram's sub-bucket count: a value needs rounding (to a multiple of
-    ``2 ** (bit_length - bits)``) once its bit length exceeds it (lowest value 1)."""
-    bits: int = int(hist.sub_bucket_count).bit_length() - 1
-    assert hist.unit_magnitude == 0 and 1 << bits == hist.sub_bucket_count
-    return bits
 
 
 async def drive(
@@ -287,32 +116,11 @@ async def _bet_loop(
             while pending:
                 message = await sock.recv()
                 now_ns = clock()
-                if _take_reply(message, now_ns, pending, tally, options) and now_ns < stop_ns:
+                if take_reply(message, now_ns, pending, tally, options) and now_ns < stop_ns:
                     await send_one()
     except TimeoutError:
         tally.errors["UNANSWERED"] += len(pending)
         pending.clear()
-
-
-def _take_reply(
-    message: dict[str, Any], now_ns: int, pending: dict[int, int], tally: Tally,
-    options: BetsOptions,
-) -> bool:
-    """Account one received frame; True when it answered a bet in flight."""
-    kind = message.get("type")
-    if kind == "bet_result":
-        sent_ns = pending.pop(message.get("id", 0), None)
-        if sent_ns is None:
-            tally.errors["UNKNOWN_ID"] += 1
-            return False
-        tally.reply(sent_ns, now_ns)
-        if options.on_result is not None:
-            options.on_result(message, time.time_ns())
-        return True
-    if kind == "error":
-        tally.errors[str(message.get("code"))] += 1
-        return pending.pop(message.get("id", 0), None) is not None
-    return False  # balance pushes (sockets sharing a player), anything new
 
 
 async def _paced_loop(
@@ -331,7 +139,7 @@ async def _paced_loop(
     async def receive() -> None:
         while True:
             message = await sock.recv()
-            answered = _take_reply(message, clock(), pending, tally, options)
+            answered = take_reply(message, clock(), pending, tally, options)
             if answered and len(pending) < options.inflight:
                 slot.set()
 
@@ -560,23 +368,6 @@ def _per_1000(cpu_s: float, bets: int) -> float | None:
     return round(cpu_s / bets * 1e6, 3) if bets else None
 
 
-def _server_pids(options: BetsOptions) -> list[int]:
-    if options.server_pid is not None:
-        return [options.server_pid]
-    parts = urlsplit(options.url)
-    if parts.hostname is None or not serverstats.is_loopback(parts.hostname):
-        return []
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
-    return serverstats.find_listening_pids(port)
-
-
-def _cpu(pids: list[int]) -> tuple[float | None, int | None]:
-    samples = [s for s in map(serverstats.sample_process, pids) if s is not None]
-    if not samples:
-        return None, None
-    return sum(s.cpu_s for s in samples), sum(s.rss_bytes for s in samples)
-
-
 async def run_bets(options: BetsOptions) -> BetsReport:
     """The whole run; raises :class:`SetupError` when the players cannot be created."""
     if options.connections < 1 or options.inflight < 1 or options.duration <= 0:
@@ -587,9 +378,7 @@ async def run_bets(options: BetsOptions) -> BetsReport:
         options.currency, options.deposit, name_prefix=options.name_prefix,
     )
     setup_s = time.perf_counter() - setup_started
-    pids = _server_pids(options)
-    server_in_client = os.getpid() in pids
-    pids = [p for p in pids if p != os.getpid()]
+    pids, server_in_client = common.server_pids(options.url, options.server_pid)
     before = await serverstats.scrape(options.http_url)
 
     t0 = time.perf_counter()
@@ -621,9 +410,9 @@ async def run_bets(options: BetsOptions) -> BetsReport:
     async def window() -> tuple[float, float | None]:
         """Client and server CPU over the measured window."""
         await asyncio.sleep(max(0.0, tally.measure_start - time.perf_counter()))
-        c0, s0 = time.process_time(), _cpu(pids)[0]
+        c0, s0 = time.process_time(), common.process_totals(pids)[0]
         await asyncio.sleep(max(0.0, tally.measure_end - time.perf_counter()))
-        c1, s1 = time.process_time(), _cpu(pids)[0]
+        c1, s1 = time.process_time(), common.process_totals(pids)[0]
         return c1 - c0, (s1 - s0 if s0 is not None and s1 is not None else None)
 
     meter = asyncio.create_task(window())
@@ -652,7 +441,7 @@ async def run_bets(options: BetsOptions) -> BetsReport:
     client_cpu_all = time.process_time() - cpu_all0
     tally.fold()
     after = await serverstats.scrape(options.http_url)
-    _, rss = _cpu(pids)
+    _, rss = common.process_totals(pids)
     return BetsReport(
         options=options,
         measured_s=max(0.0, min(tally.measure_end, time.perf_counter()) - tally.measure_start),
@@ -675,32 +464,12 @@ async def run_bets(options: BetsOptions) -> BetsReport:
 
 
 def main(options: BetsOptions, as_json: bool, report_path: str | None = None) -> int:
-    """Run, print the table (or one JSON object) to stdout; 0 when the run passed."""
-    import json
+    """Run, print the table (or one JSON object) to stdout; 0 when the run passed. With
+    ``report_path``, also write the HTML report there."""
 
-    async def go() -> BetsReport:
-        return await run_bets(options)
+    def write(report: BetsReport) -> None:
+        if report_path is not None:
+            write_html(report, report_path)
+            print(f"report written to {report_path}", file=sys.stderr)
 
-    try:
-        try:
-            import uvloop
-        except ImportError:
-            report = asyncio.run(go())
-        else:
-            report = uvloop.run(go())
-    except SetupError as exc:
-        print(f"setup failed: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, httpx.HTTPError) as exc:
-        print(f"cannot reach the server: {exc}", file=sys.stderr)
-        return 2
-    if report_path is not None:
-        from loadtest.report import write_html
-
-        write_html(report, report_path)
-        print(f"report written to {report_path}", file=sys.stderr)
-    if as_json:
-        print(json.dumps(report.to_dict()))
-    else:
-        print(report.table())
-    return 0 if report.ok else 1
+    return common.cli_main(lambda: run_bets(options), as_json, write)

@@ -9,13 +9,15 @@ rather than through :class:`Socket` (loadtest/picows_bets.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal, Protocol
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
-Encoding = Literal["json", "msgpack"]
+from loadtest.wire import Encoding, decode
+
 ClientKind = Literal["websockets", "picows"]
 CLIENTS: tuple[ClientKind, ...] = ("websockets", "picows")
 
@@ -30,13 +32,6 @@ class Socket(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def decode(frame: str | bytes) -> dict[str, Any]:
-    decoded = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
-    if not isinstance(decoded, dict):
-        raise ValueError(f"a frame that is not a map: {decoded!r:.80}")
-    return decoded
 
 
 class WebsocketsSocket:
@@ -86,6 +81,22 @@ async def open_socket(
         ping_interval=None, **extra,
     )
     return WebsocketsSocket(ws, encoding)
+
+
+async def authenticate(sock: Socket, token: str, within_s: float) -> dict[str, Any]:
+    """Send ``auth`` with ``token`` and return its answer: the ``welcome``, or the ``error``
+    that refuses it (other frames before it, such as balance pushes, are skipped).
+
+    Raises:
+        TimeoutError: no answer within ``within_s`` seconds.
+        ConnectionError: the socket closed first.
+    """
+    await sock.send({"type": "auth", "token": token})
+    async with asyncio.timeout(within_s):
+        while True:
+            message = await sock.recv()
+            if message.get("type") in ("welcome", "error"):
+                return message
 
 
 def picows_available() -> bool:

@@ -1,5 +1,5 @@
-"""What every command shares: URLs derived from ``--url``, the server process, exact
-quantiles of small samples, the event loop, and the common exit codes."""
+"""What every command shares: signing a socket in, the server process, exact quantiles of
+small samples, the event loop, and the common exit codes."""
 
 from __future__ import annotations
 
@@ -17,28 +17,30 @@ from urllib.parse import urlsplit
 import httpx
 
 from loadtest import serverstats
+from loadtest.client import Socket, authenticate, open_socket
+from loadtest.options import ServerOptions
 from loadtest.players import SetupError
 
 T = TypeVar("T")
 
 
-def http_base(url: str, http: str | None) -> str:
-    """The HTTP base of the admin API and /metrics: ``http`` if given, else from ``url``."""
-    if http:
-        return http.rstrip("/")
-    parts = urlsplit(url)
-    scheme = "https" if parts.scheme == "wss" else "http"
-    return f"{scheme}://{parts.netloc}"
+async def signed_in(options: ServerOptions, token: str) -> Socket:
+    """A player socket to ``options.play_url``, signed in with ``token``.
 
-
-def ws_endpoint(url: str, path: str) -> str:
-    """``url`` with its path set to ``path`` (``/ws/play`` or ``/ws/feed``)."""
-    parts = urlsplit(url)
-    base = parts.path.rstrip("/")
-    for known in ("/ws/play", "/ws/feed"):
-        if base.endswith(known):
-            base = base[: -len(known)]
-    return f"{parts.scheme}://{parts.netloc}{base}{path}"
+    Raises:
+        SetupError: the server refused the token.
+    """
+    sock = await open_socket(options.play_url, options.encoding, options.connect_timeout,
+                             options.client)
+    try:
+        reply = await authenticate(sock, token, options.connect_timeout)
+    except BaseException:
+        await sock.close()
+        raise
+    if reply.get("type") != "welcome":
+        await sock.close()
+        raise SetupError(f"auth refused: {reply}")
+    return sock
 
 
 def server_pids(url: str, server_pid: int | None) -> tuple[list[int], bool]:
@@ -97,6 +99,9 @@ class Report(Protocol):
     def table(self) -> str: ...
 
 
+R = TypeVar("R", bound=Report)
+
+
 def run_loop(factory: Callable[[], Awaitable[T]]) -> T:
     """Run ``factory()`` to completion on uvloop when installed, else asyncio."""
 
@@ -110,9 +115,11 @@ def run_loop(factory: Callable[[], Awaitable[T]]) -> T:
     return uvloop.run(go())
 
 
-def cli_main(factory: Callable[[], Awaitable[Report]], as_json: bool) -> int:
-    """Run a command, print its table (or one JSON object) on stdout: exit 0 when it
-    passed, 1 when it failed, 2 when setup failed or the server cannot be reached."""
+def cli_main(factory: Callable[[], Awaitable[R]], as_json: bool,
+             done: Callable[[R], None] | None = None) -> int:
+    """Run a command, hand its report to ``done`` (when given), print its table (or one
+    JSON object) on stdout: exit 0 when it passed, 1 when it failed, 2 when setup failed or
+    the server cannot be reached."""
     import json
 
     try:
@@ -123,6 +130,8 @@ def cli_main(factory: Callable[[], Awaitable[Report]], as_json: bool) -> int:
     except (OSError, httpx.HTTPError) as exc:
         print(f"cannot reach the server: {exc}", file=sys.stderr)
         return 2
+    if done is not None:
+        done(report)
     print(json.dumps(report.to_dict()) if as_json else report.table())
     return 0 if report.ok else 1
 

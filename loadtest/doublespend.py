@@ -23,30 +23,24 @@ from decimal import Decimal
 from typing import Any
 
 from loadtest import common
-from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
-from loadtest.players import Admin, Player, SetupError
+from loadtest.client import Socket
+from loadtest.options import BetOptions
+from loadtest.players import Admin, Player
 
 #: A trial is redone at most this many times (a win has probability 1/10,001).
 MAX_REDO = 5
 
 
 @dataclass
-class DoubleSpendOptions:
-    url: str = "ws://127.0.0.1:8000"
-    http: str | None = None
-    admin_token: str = "dev-admin-token"
+class DoubleSpendOptions(BetOptions):
     players: int = 20
     rounds: int = 10
     sockets: int = 4
     bets: int = 16
-    currency: str = "USDT"
+    #: The deposit and the stake of every bet.
     amount: str = "1.00"
     target: str = "0.01"
-    direction: str = "under"
-    encoding: Encoding = "msgpack"
-    client: ClientKind = DEFAULT_CLIENT
     round_timeout: float = 15.0
-    connect_timeout: float = 10.0
     http_connections: int = 32
 
     def public(self) -> dict[str, Any]:
@@ -122,22 +116,9 @@ class Slot:
         await asyncio.gather(*(s.close() for s in self.sockets))
 
 
-async def _signed_in(options: DoubleSpendOptions, player: Player) -> Socket:
-    sock = await open_socket(common.ws_endpoint(options.url, "/ws/play"), options.encoding,
-                             options.connect_timeout, options.client)
-    await sock.send({"type": "auth", "token": player.token})
-    async with asyncio.timeout(options.connect_timeout):
-        while True:
-            message = await sock.recv()
-            if message.get("type") == "welcome":
-                return sock
-            if message.get("type") == "error":
-                raise SetupError(f"auth refused: {message}")
-
-
 async def _new_slot(admin: Admin, options: DoubleSpendOptions, name: str) -> Slot:
     player = await admin.create_user("player", name)
-    sockets = await asyncio.gather(*(_signed_in(options, player)
+    sockets = await asyncio.gather(*(common.signed_in(options, player.token)
                                      for _ in range(options.sockets)))
     return Slot(player, list(sockets))
 
@@ -241,7 +222,7 @@ async def run_double_spend(options: DoubleSpendOptions) -> DoubleSpendReport:
     clock = common.CpuClock()
     problems: list[str] = []
     results: list[RoundResult] = []
-    async with Admin(common.http_base(options.url, options.http), options.admin_token,
+    async with Admin(options.http_url, options.admin_token,
                      options.http_connections) as admin:
         fresh = 0
 

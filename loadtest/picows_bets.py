@@ -6,7 +6,7 @@ One :class:`BetListener` per socket. After the welcome, every received frame is 
 
 - a ``bet_result`` is recognised by its first bytes (``type`` then ``id``, as the server
   writes them; anything else is decoded whole and handled like the generic client does),
-  its id taken from its fixed offset, its latency tallied (:meth:`loadtest.bets.Tally.reply`);
+  its id taken from its fixed offset, its latency tallied (:meth:`loadtest.tally.Tally.reply`);
 - closed loop: each answered bet makes one more bet due, and the due bets are written when
   the frame is the last one of the bytes read (``frame.last_in_buffer``), all in one write:
   several replies read at once cost one ``send`` system call, not several;
@@ -28,15 +28,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import picows  # type: ignore[import-not-found,unused-ignore]
 
-from loadtest.client import decode
-
-if TYPE_CHECKING:
-    from loadtest.bets import BetsOptions, Tally
+from loadtest.options import BetsOptions
+from loadtest.tally import Tally, take_reply
+from loadtest.wire import decode
 
 BINARY = picows.WSMsgType.BINARY
 TEXT = picows.WSMsgType.TEXT
@@ -272,8 +271,6 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
 
     def _other(self, payload: bytes, now: int) -> bool:
         """A frame that is not a plain ``bet_result``: decoded whole."""
-        from loadtest.bets import _take_reply
-
         try:
             message = _decode(payload, self.template.binary)
         except ValueError as exc:
@@ -281,7 +278,7 @@ class BetListener(picows.WSListener):  # type: ignore[misc,unused-ignore]
             if self.transport is not None:
                 self.transport.disconnect()
             return False
-        return _take_reply(message, now, self.pending, self.tally, self.options)
+        return take_reply(message, now, self.pending, self.tally, self.options)
 
     def _before_start(self, payload: bytes) -> None:
         """The answer to ``auth``: a balance push (another socket of the same player

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import picows  # type: ignore[import-not-found,unused-ignore]
 
-from loadtest.client import Encoding, decode
+from loadtest.wire import Encoding, decode
 
 
 class _Listener(picows.WSListener):  # type: ignore[misc,unused-ignore]

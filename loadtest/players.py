@@ -10,6 +10,10 @@ from typing import Any
 
 import httpx
 
+from games.errors import StakeProError
+from games.money import Currency, parse_amount
+from games.types import Minor
+
 
 @dataclass(frozen=True)
 class Player:
@@ -137,6 +141,25 @@ class Admin:
             raise SetupError(f"GET /api/admin/users/{user_id}: {r.status_code} {r.text[:200]}")
         body: dict[str, Any] = r.json()
         return body
+
+    async def currency(self, code: str) -> Currency:
+        """``code``'s decimals and bet limits as the server announces them
+        (``GET /api/limits``)."""
+        r = await self._request("GET", "/api/limits")
+        if r.status_code != 200:
+            raise SetupError(f"GET /api/limits: {r.status_code} {r.text[:200]}")
+        known: dict[str, dict[str, Any]] = r.json()["currencies"]
+        if code not in known:
+            raise SetupError(f"the server has no currency {code}; it has {', '.join(known)}")
+        limits = known[code]
+        # parse_amount reads only the decimals: the limits are parsed with a stand-in
+        unit = Currency(code, int(limits["decimals"]), Minor(1), Minor(1), Minor(1))
+        try:
+            return Currency(code, unit.decimals, parse_amount(limits["min_bet"], unit),
+                            parse_amount(limits["max_bet"], unit),
+                            parse_amount(limits["max_profit"], unit))
+        except StakeProError as exc:
+            raise SetupError(f"GET /api/limits: {code}: {exc}") from None
 
     async def bet_status(self, bet_id: int | str) -> int:
         """Status of ``GET /api/bets/{bet_id}`` (200 once stored, 404 before)."""

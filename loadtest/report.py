@@ -7,10 +7,19 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from loadtest.bets import BetsReport
+
+class SeriesReport(Protocol):
+    """What the page shows of a ``bets`` report (:class:`loadtest.bets.BetsReport`)."""
+
+    @property
+    def series(self) -> Sequence[dict[str, float | int | None]]: ...
+
+    @property
+    def window(self) -> tuple[float, float]: ...
+
+    def table(self) -> str: ...
 
 WIDTH, HEIGHT = 760, 240
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 20, 40
@@ -92,7 +101,7 @@ def svg_chart(
     return f"<figure><figcaption>{html.escape(title)}</figcaption>{''.join(parts)}</figure>"
 
 
-def render_html(report: BetsReport) -> str:
+def render_html(report: SeriesReport) -> str:
     series = report.series
     throughput = [(float(p["t"] or 0), float(p["bets"] or 0)) for p in series]
     p99 = [(float(p["t"] or 0),
@@ -115,5 +124,5 @@ measured window; the summary below counts only replies inside it.</p>
 """
 
 
-def write_html(report: BetsReport, path: str) -> None:
+def write_html(report: SeriesReport, path: str) -> None:
     Path(path).write_text(render_html(report), encoding="utf-8")

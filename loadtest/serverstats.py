@@ -44,16 +44,20 @@ def parse_metrics(text: str) -> Scrape:
     return scrape
 
 
-async def scrape(http_url: str, request_timeout: float = 10.0) -> Scrape | None:
-    """``GET /metrics``, or None when the server does not serve it to us."""
+async def metrics_text(http_url: str, request_timeout: float = 10.0) -> str | None:
+    """The body of ``GET /metrics``, or None when the server does not serve it to us."""
     try:
         async with httpx.AsyncClient(base_url=http_url, timeout=request_timeout) as http:
             r = await http.get("/metrics")
     except httpx.HTTPError:
         return None
-    if r.status_code != 200:
-        return None
-    return parse_metrics(r.text)
+    return r.text if r.status_code == 200 else None
+
+
+async def scrape(http_url: str, request_timeout: float = 10.0) -> Scrape | None:
+    """``GET /metrics``, or None when the server does not serve it to us."""
+    text = await metrics_text(http_url, request_timeout)
+    return None if text is None else parse_metrics(text)
 
 
 @dataclass(frozen=True)
@@ -195,11 +199,5 @@ def parse_samples(text: str, containing: str) -> dict[str, float]:
 async def scrape_samples(http_url: str, containing: str,
                          request_timeout: float = 10.0) -> dict[str, float] | None:
     """:func:`parse_samples` of ``GET /metrics``; None when it cannot be read."""
-    try:
-        async with httpx.AsyncClient(base_url=http_url, timeout=request_timeout) as http:
-            r = await http.get("/metrics")
-    except httpx.HTTPError:
-        return None
-    if r.status_code != 200:
-        return None
-    return parse_samples(r.text, containing)
+    text = await metrics_text(http_url, request_timeout)
+    return None if text is None else parse_samples(text, containing)

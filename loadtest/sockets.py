@@ -29,25 +29,19 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from loadtest import common
-from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
+from loadtest.client import Socket, authenticate, open_socket
+from loadtest.options import ServerOptions
 from loadtest.players import Admin, Player, SetupError
 
 SOCKETS_PER_ADDRESS = 20_000
 
 
 @dataclass
-class SocketsOptions:
-    url: str = "ws://127.0.0.1:8000"
-    http: str | None = None
-    admin_token: str = "dev-admin-token"
+class SocketsOptions(ServerOptions):
     count: int = 1000
     players: int = 1
     hold: float = 10.0
-    encoding: Encoding = "msgpack"
-    client: ClientKind = DEFAULT_CLIENT
-    server_pid: int | None = None
     connect_concurrency: int = 200
-    connect_timeout: float = 10.0
     #: Client addresses on loopback (127.0.0.1 ...); None: one per 20,000 sockets.
     source_addresses: int | None = None
     settle: float = 1.0
@@ -152,15 +146,10 @@ async def _hold_one(options: SocketsOptions, url: str, player: Player, local: st
             failures[f"CONNECT_{type(exc).__name__}"] += 1
             return None
         try:
-            await sock.send({"type": "auth", "token": player.token})
-            async with asyncio.timeout(options.connect_timeout):
-                while True:
-                    message = await sock.recv()
-                    if message.get("type") == "welcome":
-                        return sock
-                    if message.get("type") == "error":
-                        failures[f"AUTH_{message.get('code')}"] += 1
-                        break
+            reply = await authenticate(sock, player.token, options.connect_timeout)
+            if reply.get("type") == "welcome":
+                return sock
+            failures[f"AUTH_{reply.get('code')}"] += 1
         except Exception as exc:
             failures[f"AUTH_{type(exc).__name__}"] += 1
         await sock.close()
@@ -204,11 +193,11 @@ async def run_sockets(options: SocketsOptions) -> SocketsReport:
             1, math.ceil(options.count / SOCKETS_PER_ADDRESS))
     locals_ = [f"127.0.0.{1 + i}" for i in range(addresses)] if addresses > 1 else [None]
 
-    async with Admin(common.http_base(options.url, options.http), options.admin_token) as admin:
+    async with Admin(options.http_url, options.admin_token) as admin:
         players = list(await asyncio.gather(*(
             admin.create_user("player", f"sockets-{admin.run}-{i}")
             for i in range(options.players))))
-    url = common.ws_endpoint(options.url, "/ws/play")
+    url = options.play_url
     failures: Counter[str] = Counter()
     rss_before = server_rss()
     client_before = common.own_rss()

@@ -40,7 +40,8 @@ from hdrh.histogram import HdrHistogram
 from websockets.asyncio.client import connect
 
 from loadtest import bets, common
-from loadtest.client import DEFAULT_CLIENT, ClientKind
+from loadtest.options import BetsOptions, ServerOptions
+from loadtest.wire import Encoding
 
 HIST_MAX_US = 3_600_000_000
 #: Distinct frames kept decoded (sockets lag each other by at most the server's queue).
@@ -50,21 +51,18 @@ KEY_TAIL = 1024
 
 
 @dataclass
-class SpectatorsOptions:
-    url: str = "ws://127.0.0.1:8000"
-    http: str | None = None
-    admin_token: str = "dev-admin-token"
+class SpectatorsOptions(ServerOptions):
+    """``client`` opens the feed sockets and the player sockets of the bets load."""
+
     count: int = 100
-    encoding: str = "json"
+    #: Of the feed frames (the bets load sends msgpack).
+    encoding: Encoding = "json"
     bet_rate: float = 200.0
     connections: int = 20
     inflight: int = 4
     duration: float = 10.0
     grace: float = 5.0
-    connect_timeout: float = 10.0
     connect_concurrency: int = 100
-    #: Feed and player sockets: picows when installed (see loadtest/client.py).
-    client: ClientKind = DEFAULT_CLIENT
     progress: TextIO | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -161,7 +159,7 @@ class Shared:
 
 def _feed_url(options: SpectatorsOptions) -> str:
     suffix = "?format=msgpack" if options.encoding == "msgpack" else ""
-    return common.ws_endpoint(options.url, "/ws/feed") + suffix
+    return options.ws_url("/ws/feed") + suffix
 
 
 def _opened(options: SpectatorsOptions, shared: Shared, opened: asyncio.Event) -> None:
@@ -358,7 +356,7 @@ async def run_spectators(options: SpectatorsOptions) -> SpectatorsReport:
         if options.progress is not None:
             print(f"{shared.open:,} spectators open; betting ...", file=options.progress,
                   flush=True)
-        bet_options = bets.BetsOptions(
+        bet_options = BetsOptions(
             url=options.url, http=options.http, admin_token=options.admin_token,
             connections=options.connections, inflight=options.inflight,
             duration=options.duration, ramp_up=0.0, rate=options.bet_rate,

@@ -37,19 +37,20 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, TextIO
 
+from games.commission import commission
+from games.errors import StakeProError
+from games.money import Currency, format_amount, parse_amount
+from games.types import Minor
 from loadtest import common, serverstats
-from loadtest.client import DEFAULT_CLIENT, ClientKind, Encoding, Socket, open_socket
+from loadtest.client import Socket
+from loadtest.options import BetOptions
 from loadtest.players import Admin, Player, SetupError
 
 
 @dataclass
-class StormOptions:
-    url: str = "ws://127.0.0.1:8000"
-    http: str | None = None
-    admin_token: str = "dev-admin-token"
+class StormOptions(BetOptions):
     players: int = 10_000
     masters: int = 10
     agents: int = 100
@@ -60,20 +61,14 @@ class StormOptions:
     #: Seconds of sustained betting at ``rate``; None: one burst.
     sustained: float | None = None
     rate: float = 500.0
-    currency: str = "USDT"
     min_amount: str = "1.00"
     max_amount: str = "50.00"
-    target: str = "50.00"
-    direction: str = "under"
     deposit: str = "100000"
-    encoding: Encoding = "msgpack"
-    client: ClientKind = DEFAULT_CLIENT
     lag_sample: int = 100
     poll_interval: float = 0.1
     persist_timeout: float = 30.0
     commission_timeout: float = 30.0
     reply_timeout: float = 15.0
-    connect_timeout: float = 10.0
     http_connections: int = 32
     seed: int | None = None
     progress: TextIO | None = field(default=None, repr=False)
@@ -242,30 +237,21 @@ async def build_tree(admin: Admin, options: StormOptions) -> Tree:
     return Tree(top, masters, agents, players)
 
 
-def _decimals(formatted: str) -> int:
-    return len(formatted.split(".", 1)[1]) if "." in formatted else 0
+def _stake(text: str, currency: Currency, flag: str) -> Minor:
+    try:
+        return parse_amount(text, currency)
+    except StakeProError as exc:
+        raise SetupError(f"{flag} {text}: {exc}") from None
 
 
-def _to_minor(text: str, decimals: int) -> int:
-    return int(Decimal(text).scaleb(decimals))
-
-
-def _format(minor: int, decimals: int) -> str:
-    return f"{Decimal(minor).scaleb(-decimals):.{decimals}f}"
+def _earned(text: str, currency: Currency) -> int:
+    """A ``commission_earned`` amount in minor units (zero too, which is no stake)."""
+    return 0 if text.strip("0.") == "" else parse_amount(text, currency)
 
 
 async def _sign_in(options: StormOptions, player: Player, gate: asyncio.Semaphore) -> Socket:
     async with gate:
-        sock = await open_socket(common.ws_endpoint(options.url, "/ws/play"), options.encoding,
-                                 options.connect_timeout, options.client)
-        await sock.send({"type": "auth", "token": player.token})
-        async with asyncio.timeout(options.connect_timeout):
-            while True:
-                message = await sock.recv()
-                if message.get("type") == "welcome":
-                    return sock
-                if message.get("type") == "error":
-                    raise SetupError(f"auth refused: {message}")
+        return await common.signed_in(options, player.token)
 
 
 #: The /metrics sample of the commission flush's statements (server/metrics.py).
@@ -294,15 +280,19 @@ async def run_storm(options: StormOptions) -> StormReport:
         raise ValueError("players, burst, masters and agents must be positive")
     clock = common.CpuClock()
     rng = random.Random(options.seed)
-    http_url = common.http_base(options.url, options.http)
+    http_url = options.http_url
     async with Admin(http_url, options.admin_token, options.http_connections) as admin, \
             Admin(http_url, options.admin_token, min(8, options.http_connections)) as poller:
+        currency = await admin.currency(options.currency)
+        lo = _stake(options.min_amount, currency, "--min-amount")
+        hi = _stake(options.max_amount, currency, "--max-amount")
+        if lo > hi:
+            raise SetupError(f"--min-amount {options.min_amount} is above --max-amount"
+                             f" {options.max_amount}")
         _say(options, f"creating 1 + {options.masters} + {options.agents} + {options.players:,}"
                       " users ...")
         tree = await build_tree(admin, options)
         users_created = 1 + len(tree.masters) + len(tree.agents) + len(tree.players)
-        decimals = _decimals(str((await admin.user(tree.super_master.user_id))
-                                 ["commission_earned"][options.currency]))
         betters = tree.players[:min(options.burst, len(tree.players))]
         await asyncio.gather(*(admin.deposit(p.user_id, options.currency, options.deposit)
                                for p in betters))
@@ -312,7 +302,6 @@ async def run_storm(options: StormOptions) -> StormReport:
         _say(options, f"setup done in {setup_s:.1f} s; {len(sockets)} sockets open")
 
         # the plan: (seconds from start, better index, amount in minor units)
-        lo, hi = _to_minor(options.min_amount, decimals), _to_minor(options.max_amount, decimals)
         if options.sustained:
             total = max(1, int(options.rate * options.sustained))
             plan = [(k / options.rate, k % len(betters), rng.randint(lo, hi))
@@ -350,9 +339,10 @@ async def run_storm(options: StormOptions) -> StormReport:
         def settled(who: int, minor: int) -> None:
             nonlocal share_super
             agent = tree.agent_of(who)
-            shares_agent[agent] += minor * bps_agent // 10000
-            shares_master[tree.master_of(agent)] += minor * bps_master // 10000
-            share_super += minor * bps_super // 10000
+            stake = Minor(minor)
+            shares_agent[agent] += commission(stake, bps_agent)
+            shares_master[tree.master_of(agent)] += commission(stake, bps_master)
+            share_super += commission(stake, bps_super)
             accepted[who] = accepted.get(who, 0) + 1
 
         start = time.perf_counter() + 0.2
@@ -370,7 +360,7 @@ async def run_storm(options: StormOptions) -> StormReport:
                     waiting[bet_id] = (minor, sample)
                     sent_times.append(time.perf_counter())
                     await sock.send({"type": "bet", "id": bet_id, "currency": options.currency,
-                                     "amount": _format(minor, decimals),
+                                     "amount": format_amount(minor, currency),
                                      "target": options.target, "direction": options.direction})
 
             sender = asyncio.create_task(send_all())
@@ -422,7 +412,7 @@ async def run_storm(options: StormOptions) -> StormReport:
         while True:
             views = await asyncio.gather(*(admin.user(a.user_id) for a in ancestors))
             for a, view in zip(ancestors, views, strict=True):
-                a.earned = _to_minor(str(view["commission_earned"][options.currency]), decimals)
+                a.earned = _earned(str(view["commission_earned"][options.currency]), currency)
             if all(a.exact for a in ancestors):
                 exact_after = time.perf_counter() - last_reply
                 break

@@ -35,12 +35,12 @@ machine
 if ! skip bets; then
     # The game server alone (the outbox waits for the workers), alternated with the two
     # echoes: /debug/echo on the server's own socket layer, and the reference, a bare
-    # ASGI echo on stock uvicorn (loadtest/echo_server.py; players made on the server).
+    # ASGI echo on stock uvicorn (bench/echo_server.py; players made on the server).
     scripts/benchstack.sh start serve
     if curl -s "http://127.0.0.1:$REF_PORT/" >/dev/null; then
         echo "port $REF_PORT is taken: the reference echo needs it" >&2; exit 1
     fi
-    $PY -m loadtest.echo_server --port "$REF_PORT" >"$OUT/refecho.log" 2>&1 &
+    $PY -m bench.echo_server --port "$REF_PORT" >"$OUT/refecho.log" 2>&1 &
     ref_pid=$!
     for _ in $(seq 40); do
         curl -s "http://127.0.0.1:$REF_PORT/" >/dev/null && break

@@ -38,18 +38,19 @@ async def test_echo_answers_like_the_player_socket(settings: Settings) -> None:
 
 @pytest.mark.parametrize("encoding", ["msgpack", "json"])
 async def test_reference_echo_process(api: Api, encoding: str) -> None:
-    """loadtest/echo_server.py, the issue's stock-uvicorn echo, as its own process: the load
+    """bench/echo_server.py, the issue's stock-uvicorn echo, as its own process: the load
     tester's bets run against it (players made on the real server through --http)."""
     import asyncio
     import signal
     import sys
 
-    from loadtest.bets import BetsOptions, run_bets
+    from loadtest.bets import run_bets
+    from loadtest.options import BetsOptions
     from tests.conftest import ADMIN_TOKEN, free_port
 
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.echo_server", "--port", str(port))
+        sys.executable, "-m", "bench.echo_server", "--port", str(port))
     try:
         for _ in range(100):
             try:

@@ -11,7 +11,8 @@ import pytest
 
 from loadtest import serverstats
 from loadtest.__main__ import parser
-from loadtest.bets import BetsOptions, run_bets
+from loadtest.bets import run_bets
+from loadtest.options import BetsOptions
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import Api
 
@@ -205,7 +206,7 @@ def test_tally_folds_like_recording_every_value() -> None:
 
     from hdrh.histogram import HdrHistogram
 
-    from loadtest.bets import HIST_MAX_US, SERIES_DIGITS, Tally
+    from loadtest.tally import HIST_MAX_US, SERIES_DIGITS, Tally
 
     rng = random.Random(5)
     t0 = 1000.0
@@ -385,6 +386,53 @@ def test_cli_every_command_has_json() -> None:
     assert p.parse_args(["storm", "--bps", "1/2/3"]).bps == (1, 2, 3)
     with pytest.raises(SystemExit):
         p.parse_args(["storm", "--bps", "1/2"])
+
+
+def test_cli_fills_every_option_from_its_flag() -> None:
+    """Every flag of a command lands in the field of the same name of its options (the
+    command line fills them by name: a flag without its field would be dropped silently)."""
+    import dataclasses
+
+    from loadtest import __main__ as cli
+
+    not_options = {"json", "quiet", "report", "run", "command"}
+    classes = {"bets": BetsOptions, "double-spend": cli.doublespend.DoubleSpendOptions,
+               "storm": cli.storm.StormOptions, "spectators": cli.spectators.SpectatorsOptions,
+               "sockets": cli.sockets.SocketsOptions, "page": cli.page.PageOptions}
+    p = parser()
+    for command, cls in classes.items():
+        args = p.parse_args([command])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(vars(args)) - not_options <= fields, command
+    args = p.parse_args(["double-spend", "--url", "ws://127.0.0.1:9", "--players", "3",
+                         "--amount", "2.50", "--client", "websockets", "--encoding", "json"])
+    options = cli.options_from(cli.doublespend.DoubleSpendOptions, args)
+    assert (options.url, options.players, options.amount, options.client, options.encoding) == (
+        "ws://127.0.0.1:9", 3, "2.50", "websockets", "json")
+    assert options.play_url == "ws://127.0.0.1:9/ws/play"
+    assert options.http_url == "http://127.0.0.1:9"
+    assert options.target == "0.01" and options.round_timeout == 15.0  # the defaults
+
+
+@pytest.mark.parametrize(("low", "high", "refused"), [
+    ("1.005", "50.00", "--min-amount 1.005"),  # more decimals than USDT has
+    ("1.00", "0", "--max-amount 0"),
+    ("5.00", "1.00", "above --max-amount"),
+])
+async def test_storm_refuses_bad_stakes_before_creating_anyone(
+    api: Api, low: str, high: str, refused: str
+) -> None:
+    from loadtest.players import SetupError
+    from loadtest.storm import StormOptions, run_storm
+
+    before, _ = await api.create_user()
+    with pytest.raises(SetupError, match=refused):
+        await run_storm(StormOptions(
+            url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, players=3, masters=1,
+            agents=1, burst=1, min_amount=low, max_amount=high,
+        ))
+    after, _ = await api.create_user()
+    assert after == before + 1  # the storm made no user
 
 
 async def test_page_command_measures_a_first_bet(api: Api) -> None:

@@ -16,7 +16,7 @@ Life of an entry, per consumer group (``persist``)::
     XADD (Lua) -> XREADGROUP ">" -> one PostgreSQL transaction -> COMMIT
                -> XACK + XDEL + commission accrual, one atomic script for the batch
 
-The cost is per batch where it can be (workers/drainbench.py measures it): one XREADGROUP
+The cost is per batch where it can be (bench/drainbench.py measures it): one XREADGROUP
 over every stream, COPY into a staging table and one INSERT for the bets and their ledger
 rows, one script call for the ack; per bet only the decoding (:func:`bet_row`) and the
 commission arithmetic are Python.

@@ -1,7 +1,7 @@
 """Cost of Redis AOF fsync policies on the real bet script (lua/bet-n.lua): docs/durability.md.
 
-python docs/durability_bench.py bench  -> bets/s and latency per policy (C clients x P in flight)
-python docs/durability_bench.py kill 8 -> SIGKILL redis mid-stream (everysec): acked vs recovered
+python -m bench.durability bench  -> bets/s and latency per policy (C clients x P in flight)
+python -m bench.durability kill 8 -> SIGKILL redis mid-stream (everysec): acked vs recovered
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
@@ -122,7 +123,7 @@ async def client(port: int, sha: str, rid: str, users: list[int], depth: int,
                                  stored, event, "bench:1"))
         t0 = time.perf_counter()
         writer.write(b"".join(frames))
-        replies = []
+        replies: list[Any] = []  # hiredis replies: nested lists of the bet-n results
         while len(replies) < len(batch):
             reply = parser.gets()
             if reply is False:

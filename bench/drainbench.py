@@ -4,8 +4,8 @@ Fill the outbox once with real events while no worker runs (the game server alon
 ``INPROCESS_PERSISTER=false``, and ``python -m loadtest storm --sustained ...`` or
 ``bets``), then::
 
-    python -m workers.drainbench snapshot        # COPY every outbox stream aside, once
-    python -m workers.drainbench run --runs 3    # per run: restore, reset, drain, measure
+    python -m bench.drainbench snapshot        # COPY every outbox stream aside, once
+    python -m bench.drainbench run --runs 3    # per run: restore, reset, drain, measure
 
 A run restores the streams from the snapshot (consumer groups gone: a first drain), empties
 what the drain writes (``bets``, ``ledger``, ``commission_batches``, ``commission_totals``
@@ -213,7 +213,7 @@ async def paced(settings: Settings, rate: float, batch: int) -> dict[str, Any]:
         res = actors.Resources(settings, redis, pool, keys)
         outbox.handle = timed  # type: ignore[assignment]
         feeder = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.drainbench", "feed", "--rate", str(rate))
+            sys.executable, "-m", "bench.drainbench", "feed", "--rate", str(rate))
         redis0 = await _redis_cpu(redis)
         handled = 0
         try:
@@ -251,7 +251,7 @@ async def _snapshot(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.drainbench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.drainbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("snapshot", "run", "paced", "feed"))
     parser.add_argument("--rate", type=float, default=5000.0,

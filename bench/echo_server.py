@@ -14,7 +14,7 @@ size and shape to every ``bet``.
 It has no admin API: point the load tester's ``--http`` at a game server to make the
 players (their tokens are not checked here)::
 
-    python -m loadtest.echo_server --port 8031 &
+    python -m bench.echo_server --port 8031 &
     python -m loadtest bets --url ws://127.0.0.1:8031 --http http://127.0.0.1:8030 \\
         --connections 100 --inflight 4 --duration 60
 
@@ -60,7 +60,7 @@ async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.echo_server",
+    parser = argparse.ArgumentParser(prog="python -m bench.echo_server",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8031)

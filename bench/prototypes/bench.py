@@ -16,7 +16,7 @@ Before the runs it checks design A's rolls against games.dice (the shared vector
 hundred nonces) and B's recovery sweep; ``--verify`` does only that. Loopback Redis only; it
 FLUSHes the selected database, so give it a Redis of its own::
 
-    python -m loadtest.prototypes.bench --redis-url redis://127.0.0.1:6395/0 \\
+    python -m bench.prototypes.bench --redis-url redis://127.0.0.1:6395/0 \\
         --bets 200000 --concurrency 100
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import ipaddress
 import json
 import os
 import random
@@ -46,6 +45,7 @@ from games import dice, seeds
 from games.bets import BetSpec, fingerprint, settle, validate_bet
 from games.money import DEFAULT_CURRENCIES
 from games.types import Direction, Hundredths, Minor, MultiplierBp
+from loadtest.serverstats import is_loopback
 from server import scripts
 from server.keys import Keys
 from server.redisbatch import Batcher
@@ -491,13 +491,7 @@ async def micro(client: aioredis.Redis) -> tuple[float, float, float]:
 
 
 def _loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlparse(url).hostname or "")
 
 
 def _summary(values: list[float], fmt: str) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks and prototypes: measuring tools that product code never imports."""
