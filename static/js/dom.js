@@ -1,0 +1,3 @@
+// The page's element lookup, shared by every module.
+
+export const $ = (id) => document.getElementById(id);
