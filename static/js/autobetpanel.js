@@ -23,6 +23,20 @@ function autoStatus(text, kind) {
   s.dataset.state = kind;
 }
 
+/** The Start / Stop button, and the mode switch locked while a run is on. */
+function showRunning(on) {
+  const btn = $("auto-start");
+  btn.textContent = on ? "Stop autobet" : "Start autobet";
+  btn.classList.toggle("btn-primary", !on);
+  btn.classList.toggle("btn-secondary", on);
+  for (const b of document.querySelectorAll(".seg-btn")) b.disabled = on;
+}
+
+/** The run's profit so far with its sign: "+0.25", "−1.10". */
+function profitText(run) {
+  return run.profit >= 0n ? `+${fmt(run.profit)}` : `−${fmt(-run.profit)}`;
+}
+
 export async function toggleAutobet() {
   if (state.auto) { state.auto.stop = true; return; }
   if (state.inFlight) return;
@@ -33,11 +47,7 @@ export async function toggleAutobet() {
   const run = new AutobetRun(plan);
   const auto = { run, stop: false };
   state.auto = auto;
-  const btn = $("auto-start");
-  btn.textContent = "Stop autobet";
-  btn.classList.remove("btn-primary");
-  btn.classList.add("btn-secondary");
-  for (const b of document.querySelectorAll(".seg-btn")) b.disabled = true;
+  showRunning(true);
   let reason = "";
   try {
     for (;;) {
@@ -56,23 +66,16 @@ export async function toggleAutobet() {
         break;
       }
       run.record({ win: bet.win, amount: next.amount, payout: R.parseAmount(bet.payout, dec()) ?? 0n });
-      const sign = run.profit >= 0n ? "+" : "−";
-      const abs = run.profit >= 0n ? run.profit : -run.profit;
-      autoStatus(`Running: ${run.count}${plan.bets ? ` of ${plan.bets}` : ""} bets, ${run.wins} won, profit ${sign}${fmt(abs)}`, "running");
+      autoStatus(`Running: ${run.count}${plan.bets ? ` of ${plan.bets}` : ""} bets, ${run.wins} won, profit ${profitText(run)}`, "running");
       await new Promise((r) => setTimeout(r, 60));
     }
   } finally {
     state.auto = null;
-    btn.textContent = "Start autobet";
-    btn.classList.add("btn-primary");
-    btn.classList.remove("btn-secondary");
-    for (const b of document.querySelectorAll(".seg-btn")) b.disabled = false;
+    showRunning(false);
     $("amount").value = fmt(plan.base);
     updateBetPanel();
   }
-  const sign = run.profit >= 0n ? "+" : "−";
-  const abs = run.profit >= 0n ? run.profit : -run.profit;
-  autoStatus(`Stopped: ${reason}. ${run.count} bets, ${run.wins} won, profit ${sign}${fmt(abs)}.`, "stopped");
+  autoStatus(`Stopped: ${reason}. ${run.count} bets, ${run.wins} won, profit ${profitText(run)}.`, "stopped");
 }
 
 export function wireAutobet() {

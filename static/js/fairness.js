@@ -1,7 +1,7 @@
 // Fairness: the active seed pair, the rotation that reveals it, and the revealed pairs.
 
 import * as R from "./rules.js";
-import { $ } from "./dom.js";
+import { $, el } from "./dom.js";
 import { newId } from "./socket.js";
 import { state, save } from "./state.js";
 import { toast, errorText } from "./notice.js";
@@ -21,16 +21,9 @@ export function renderRevealed() {
   const list = $("revealed");
   list.replaceChildren();
   for (const pair of state.revealed) {
-    const li = document.createElement("li");
-    li.dataset.hash = pair.server_seed_hash;
-    const row = (k, v, cls) => {
-      const d = document.createElement("div");
-      d.className = "row";
-      const a = document.createElement("span"); a.className = "k"; a.textContent = k;
-      const b = document.createElement("span"); b.className = `mono ${cls || ""}`; b.textContent = v;
-      d.append(a, b);
-      return d;
-    };
+    const li = el("li", { "data-hash": pair.server_seed_hash });
+    const row = (k, v, cls) => el("div", { class: "row" },
+      el("span", { class: "k" }, k), el("span", { class: cls ? `mono ${cls}` : "mono" }, v));
     const check = row("Hash check", "checking…");
     li.append(
       row("Server seed", pair.server_seed, "revealed-seed"),
@@ -47,10 +40,7 @@ export function renderRevealed() {
       });
     }
     if (pair.nonce > 0) {
-      const btn = document.createElement("button");
-      btn.type = "button";
-      btn.className = "btn btn-small";
-      btn.textContent = `Verify nonce ${pair.nonce}`;
+      const btn = el("button", { type: "button", class: "btn btn-small" }, `Verify nonce ${pair.nonce}`);
       btn.addEventListener("click", () => {
         const bet = state.history.find((b) => b.server_seed_hash === pair.server_seed_hash && b.nonce === pair.nonce);
         if (bet) { openProof(bet); return; }

@@ -1,7 +1,7 @@
 // My bets and their proofs: the history table, and a bet's roll recomputed in the Verify tab.
 
-import { $ } from "./dom.js";
-import { timeText } from "./feed.js";
+import { $, el } from "./dom.js";
+import { betRow } from "./betrow.js";
 import { showVerification } from "./verifyview.js";
 import { MAX_HISTORY, state } from "./state.js";
 // fairness.js imports this module too (a proof can rotate the pair, a revealed pair opens a
@@ -9,22 +9,12 @@ import { MAX_HISTORY, state } from "./state.js";
 import { rotate } from "./fairness.js";
 
 export function addHistoryRow(bet, atTop) {
-  const tbody = document.querySelector("#mybets tbody");
-  const tr = document.createElement("tr");
+  const table = $("mybets");
+  const tbody = table.tBodies[0];
+  const tr = betRow(table, bet);
   tr.tabIndex = 0;
   tr.dataset.nonce = String(bet.nonce);
-  tr.dataset.betId = String(bet.bet_id);
   tr.title = "Open the proof of this bet";
-  const cells = [
-    timeText(bet.ts), `${bet.amount} ${bet.currency}`, `${bet.direction === "over" ? ">" : "<"} ${bet.target}`,
-    bet.roll, `${bet.multiplier}×`, `${bet.payout} ${bet.currency}`, String(bet.nonce),
-  ];
-  cells.forEach((text, i) => {
-    const td = document.createElement("td");
-    td.textContent = text;
-    if (i === 3 || i === 5) td.className = bet.win ? "win" : "loss";
-    tr.append(td);
-  });
   const open = () => openProof(bet);
   tr.addEventListener("click", open);
   tr.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); e.stopPropagation(); open(); } });
@@ -51,15 +41,7 @@ export function selectTab(name) {
 }
 
 function proofLine(label, value) {
-  const div = document.createElement("div");
-  const b = document.createElement("span");
-  b.className = "muted";
-  b.textContent = `${label}: `;
-  const v = document.createElement("span");
-  v.className = "mono";
-  v.textContent = value;
-  div.append(b, v);
-  return div;
+  return el("div", {}, el("span", { class: "muted" }, `${label}: `), el("span", { class: "mono" }, value));
 }
 
 export async function openProof(bet) {
@@ -87,14 +69,9 @@ export async function openProof(bet) {
   $("v-nonce").value = String(bet.nonce);
   if (!pair) {
     $("v-server-seed").value = "";
-    const note = document.createElement("p");
-    note.className = "muted";
-    note.dataset.testid = "proof-secret";
-    note.textContent = "This bet's server seed is still secret (it is the active one). Rotate the seed pair in the Fairness tab to reveal it, then open the bet again.";
-    const rot = document.createElement("button");
-    rot.type = "button";
-    rot.className = "btn btn-small";
-    rot.textContent = "Rotate now";
+    const note = el("p", { class: "muted", "data-testid": "proof-secret" },
+      "This bet's server seed is still secret (it is the active one). Rotate the seed pair in the Fairness tab to reveal it, then open the bet again.");
+    const rot = el("button", { type: "button", class: "btn btn-small" }, "Rotate now");
     rot.addEventListener("click", async () => { if (await rotate()) openProof(bet); });
     box.append(note, rot);
     $("v-out").replaceChildren();

@@ -9,6 +9,12 @@ import { updateBetPanel } from "./betpanel.js";
 import { renderHistory } from "./mybets.js";
 import { renderRevealed, renderSeed } from "./fairness.js";
 
+function showSignedIn(on) {
+  $("wallet").hidden = !on;
+  $("signin").hidden = on;
+  $("signout").hidden = !on;
+}
+
 function setConn(state_, text) {
   const c = $("conn");
   c.textContent = text;
@@ -31,9 +37,7 @@ export function connect() {
     renderCurrencies();
     state.seed = { ...w.seed };
     renderSeed();
-    $("wallet").hidden = false;
-    $("signin").hidden = true;
-    $("signout").hidden = false;
+    showSignedIn(true);
     if ($("result-text").textContent.startsWith("Sign in")) $("result-text").textContent = "Pick a target and roll";
     updateBetPanel();
   });
@@ -74,9 +78,7 @@ export function signOut() {
   state.userId = null;
   state.balances.clear();
   localStorage.removeItem(TOKEN_KEY);
-  $("wallet").hidden = true;
-  $("signin").hidden = false;
-  $("signout").hidden = true;
+  showSignedIn(false);
   setConn("off", "offline");
   state.history = [];
   state.revealed = [];
