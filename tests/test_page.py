@@ -454,6 +454,95 @@ async def test_phone_width_no_overflow(api: Api, open_page: Any) -> None:
     w.assert_clean()
 
 
+# Where a cell of a bets table really is when its row is scrolled into view, but nothing is
+# scrolled sideways (as a reader first sees it): its box, whether the point at its centre hits
+# it (not clipped by its table's box, not under another element), whether its text fits it,
+# and whether the table's box could scroll sideways at all.
+CELL_SEEN = """td => {
+    td.scrollIntoView({ block: "center" });
+    const wrap = td.closest(".table-wrap");
+    wrap.scrollLeft = 0;
+    window.scrollTo(0, window.scrollY);
+    const r = td.getBoundingClientRect();
+    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+    return { left: r.left, right: r.right, top: r.top, bottom: r.bottom, text: td.textContent,
+             hit: td.contains(hit), fits: td.scrollWidth <= td.clientWidth,
+             sideways: wrap.scrollWidth > wrap.clientWidth };
+}"""
+
+# How many "0" of an input's own font fit in its text box.
+INPUT_CHARS = """input => {
+    const style = getComputedStyle(input);
+    const ctx = document.createElement("canvas").getContext("2d");
+    ctx.font = style.font;
+    const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+    const inner = input.clientWidth - padding;
+    return inner / ctx.measureText("0").width;
+}"""
+
+
+async def test_phone_375_history_columns_and_client_seed_fit(api: Api, open_page: Any) -> None:
+    """At 375x667, with bets in the history (the widest amounts too), nothing overflows the
+    screen, every bet's Multiplier, Payout and Nonce are on screen and readable, and the client
+    seed fields hold 20 characters."""
+    width, height = 375, 667
+    w = await open_page(url(api), width=width, height=height)
+    page = w.page
+    overflow = "document.scrollingElement.scrollWidth"
+    await sign_in(page)
+    await set_bet(page, "1000.00", "50.00")
+    await roll(page)
+    await page.select_option("#currency", "BTC")
+    await set_bet(page, "0.00123456", "50.00")
+    await roll(page)
+    bets: list[dict[str, Any]] = await page.evaluate("window.stakepro.state.history")
+    assert len(bets) == 2
+    assert await page.evaluate(overflow) <= width
+
+    for bet in bets:
+        row = page.locator(f"#mybets tbody tr[data-nonce='{bet['nonce']}']")
+        expected = {"multiplier": f"{bet['multiplier']}×",
+                    "payout": f"{bet['payout']} {bet['currency']}",
+                    "nonce": str(bet["nonce"])}
+        for col, value in expected.items():
+            seen = await row.locator(f"td[data-col={col}]").evaluate(CELL_SEEN)
+            assert seen["text"] == value, (col, seen)
+            assert 0 <= seen["left"] and seen["right"] <= width, (col, seen)
+            assert 0 <= seen["top"] and seen["bottom"] <= height, (col, seen)
+            assert seen["hit"] and seen["fits"] and not seen["sideways"], (col, seen)
+    await page.locator("#panel-mybets").screenshot(path="/tmp/stakepro-375-mybets.png")
+
+    # The feed's tables lay out the same way.
+    await page.click("#tab-feed")
+    feed_row = page.locator(f"#feed tbody tr[data-bet-id='{bets[0]['bet_id']}']")
+    await feed_row.wait_for(timeout=10000)
+    for col in ("multiplier", "payout"):
+        seen = await feed_row.locator(f"td[data-col={col}]").evaluate(CELL_SEEN)
+        assert 0 <= seen["left"] and seen["right"] <= width and seen["hit"], (col, seen)
+    assert await page.evaluate(overflow) <= width
+
+    await page.click("#tab-seeds")
+    seed = page.locator("#client-seed")
+    assert await seed.evaluate(INPUT_CHARS) >= 20
+    await seed.fill("my-own-seed_2026.abc")
+    assert await seed.evaluate("i => i.scrollWidth <= i.clientWidth")
+    await page.locator("#panel-seeds").screenshot(path="/tmp/stakepro-375-seeds.png")
+    await page.click("#tab-verify")
+    assert await page.locator("#v-client-seed").evaluate(INPUT_CHARS) >= 20
+    assert await page.evaluate(overflow) <= width
+    w.assert_clean()
+
+    # The standalone verifier, with its windows table, fits too.
+    vector = vectors()["rolls"][0]
+    q = (f"#server_seed={vector['server_seed']}&client_seed={vector['client_seed']}"
+         f"&nonce={vector['nonce']}")
+    v = await open_page((ROOT / "static" / "verify.html").as_uri() + q, width=width, height=height)
+    await v.page.wait_for_selector("#roll")
+    assert await v.page.evaluate(overflow) <= width
+    assert await v.page.locator("#client-seed").evaluate(INPUT_CHARS) >= 20
+    v.assert_clean()
+
+
 async def test_bet_limits_shown_and_checked_before_sending(api: Api, open_page: Any) -> None:
     """The page reads GET /api/limits, shows the currency's limits under the amount, and a
     bet outside them is explained and not sent (the server would answer BET_LIMIT)."""

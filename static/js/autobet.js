@@ -1,13 +1,11 @@
 // Autobet strategy, pure: given the settings and each result, the next amount or the reason to
 // stop. Amounts are BigInt minor units; percentages are integer hundredths of a percent.
 
-import { formatAmount, parseAmount } from "./rules.js";
+import { formatAmount, parseAmount, parseFixed } from "./rules.js";
 
 /** Parse "25" / "12.5" percent into hundredths of a percent (2500 / 1250); null if bad. */
 export function parsePercent(text) {
-  const m = /^([0-9]{1,5})(?:\.([0-9]{0,2}))?$/.exec(String(text).trim());
-  if (!m) return null;
-  return BigInt(m[1]) * 100n + BigInt((m[2] || "").padEnd(2, "0"));
+  return parseFixed(text, 5, 2);
 }
 
 /**

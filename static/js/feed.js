@@ -2,45 +2,22 @@
 
 import { FeedSocket } from "./socket.js";
 import { decimalsOf, parseAmount } from "./rules.js";
+import { betRow } from "./betrow.js";
 
 const MAX_ROWS = 40;
 
-export function timeText(ms) {
-  const d = new Date(Number(ms) || Date.now());
-  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-}
-
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text;
-  if (cls) td.className = cls;
-  return td;
-}
-
-export function feedRow(bet) {
-  const tr = document.createElement("tr");
-  tr.dataset.betId = String(bet.bet_id);
-  tr.dataset.player = String(bet.player);
-  tr.append(
-    cell(timeText(bet.ts)),
-    cell(String(bet.player)),
-    cell(`${bet.amount} ${bet.currency}`),
-    cell(`${bet.direction === "over" ? ">" : "<"} ${bet.target}`),
-    cell(String(bet.roll), bet.win ? "win" : "loss"),
-    cell(`${bet.multiplier}×`),
-    cell(`${bet.payout} ${bet.currency}`, bet.win ? "win" : "loss"),
-  );
-  return tr;
-}
-
-function prepend(tbody, row) {
+/** The bet as the newest row of `table`, the oldest beyond MAX_ROWS dropped. */
+function prepend(table, bet) {
+  const row = betRow(table, bet);
+  row.dataset.player = String(bet.player);
+  const tbody = table.tBodies[0];
   tbody.prepend(row);
   while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(tbody.rows.length - 1);
 }
 
 export function startFeed() {
-  const all = document.querySelector("#feed tbody");
-  const high = document.querySelector("#high tbody");
+  const all = document.getElementById("feed");
+  const high = document.getElementById("high");
   const status = document.getElementById("feed-status");
   const threshold = document.getElementById("high-threshold");
   const thresholdCur = document.getElementById("high-currency");
@@ -56,8 +33,8 @@ export function startFeed() {
   const socket = new FeedSocket();
   socket.addEventListener("bets", (e) => {
     for (const bet of e.detail) {
-      prepend(all, feedRow(bet));
-      if (isHigh(bet)) prepend(high, feedRow(bet));
+      prepend(all, bet);
+      if (isHigh(bet)) prepend(high, bet);
     }
   });
   socket.addEventListener("status", (e) => {

@@ -9,22 +9,25 @@ export const WINDOWS = 12;
 export const WINDOW_CHARS = 5;
 export const MAX_WINNING = 9800;         // win chance at most 98 %
 
-const AMOUNT_RE = /^[0-9]{1,20}(?:\.[0-9]*)?$/;
-const TARGET_RE = /^([0-9]{1,3})(?:\.([0-9]{0,2}))?$/;
-
 /** Number of decimals a currency uses, learnt from a decimal string of it ("100.00" -> 2). */
 export function decimalsOf(text) {
   const dot = String(text).indexOf(".");
   return dot < 0 ? 0 : String(text).length - dot - 1;
 }
 
+/**
+ * A decimal string with at most `wholeDigits` digits before the point and `decimals` after it,
+ * as a BigInt count of 10^-decimals ("12.5", 3, 2 -> 1250n); null for anything else.
+ */
+export function parseFixed(text, wholeDigits, decimals) {
+  const m = new RegExp(`^([0-9]{1,${wholeDigits}})(?:\\.([0-9]{0,${decimals}}))?$`).exec(String(text).trim());
+  if (!m) return null;
+  return BigInt(m[1]) * 10n ** BigInt(decimals) + BigInt((m[2] || "").padEnd(decimals, "0") || "0");
+}
+
 /** "10.5" -> 1050n for 2 decimals. Returns null when the text is not a valid amount. */
 export function parseAmount(text, decimals) {
-  const s = String(text).trim();
-  if (!AMOUNT_RE.test(s)) return null;
-  const [whole, frac = ""] = s.split(".");
-  if (frac.length > decimals) return null;
-  return BigInt(whole) * 10n ** BigInt(decimals) + BigInt((frac + "0".repeat(decimals)).slice(0, decimals) || "0");
+  return parseFixed(text, 20, decimals);
 }
 
 /** 1050n, 2 -> "10.50". */
@@ -38,10 +41,8 @@ export function formatAmount(minor, decimals) {
 
 /** "49.5" -> 4950; null if not a target-shaped string (0.00 ... 100.00). */
 export function parseTarget(text) {
-  const m = TARGET_RE.exec(String(text).trim());
-  if (!m) return null;
-  const h = Number(m[1]) * 100 + Number((m[2] || "").padEnd(2, "0"));
-  return h <= 10000 ? h : null;
+  const h = parseFixed(text, 3, 2);
+  return h !== null && h <= 10000n ? Number(h) : null;
 }
 
 export function formatHundredths(h) {
@@ -95,9 +96,7 @@ export function winningForMultiplier(bp) {
 
 /** "2.5" -> 25000n (1e-4 units); null if malformed. */
 export function parseMultiplier(text) {
-  const m = /^([0-9]{1,7})(?:\.([0-9]{0,4}))?$/.exec(String(text).trim());
-  if (!m) return null;
-  return BigInt(m[1]) * 10000n + BigInt((m[2] || "").padEnd(4, "0"));
+  return parseFixed(text, 7, 4);
 }
 
 /** Win chance in hundredths of a percent equals W itself (W / 10001 rounded as the sites do). */
@@ -118,7 +117,7 @@ export function isWin(roll, target, direction) {
 
 const enc = new TextEncoder();
 
-function toHex(buffer) {
+export function toHex(buffer) {
   return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 

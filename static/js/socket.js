@@ -1,7 +1,9 @@
-// The player socket (/ws/play) with JSON text frames: auth, requests matched to replies by id,
-// reconnect with exponential backoff and jitter, and the resend of every unanswered request
-// (a bet keeps its id, which is its idempotency key: the server answers a resent bet with the
-// original result and never bets twice).
+// The two sockets of the page, both JSON text frames that reconnect with exponential backoff
+// and jitter: the player socket (/ws/play) with auth, requests matched to replies by id, and
+// the resend of every unanswered bet (a bet keeps its id, which is its idempotency key: the
+// server answers a resent bet with the original result and never bets twice); and the feed.
+
+import { toHex } from "./rules.js";
 
 export function wsUrl(path) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -9,9 +11,7 @@ export function wsUrl(path) {
 }
 
 export function newId() {
-  const bytes = new Uint8Array(12);
-  crypto.getRandomValues(bytes);
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return toHex(crypto.getRandomValues(new Uint8Array(12)));
 }
 
 /** Delay before reconnect attempt n (0-based): 0.5 s doubling to 15 s, with +-25 % jitter. */
@@ -20,59 +20,93 @@ export function backoffMs(attempt) {
   return Math.round(base * (0.75 + Math.random() * 0.5));
 }
 
-export class PlaySocket extends EventTarget {
-  constructor(token) {
+/** The JSON value of a text frame, or null for a binary or malformed one (ignored). */
+function jsonFrame(event) {
+  if (typeof event.data !== "string") return null;
+  try { return JSON.parse(event.data); } catch { return null; }
+}
+
+/**
+ * A WebSocket of JSON text frames on `path` that reconnects after a loss. A subclass opens it
+ * in connect(), gets each frame in onMessage(ws, msg) and the loss of the current socket in
+ * onClose(event), and calls retry() to connect again after the backoff delay.
+ */
+class JsonSocket extends EventTarget {
+  constructor(path) {
     super();
-    this.token = token;
+    this.path = path;
     this.ws = null;
-    this.ready = false;          // welcome received on the current socket
     this.closed = false;         // closed on purpose: no reconnect
     this.attempt = 0;
     this.timer = null;
-    this.pending = new Map();    // id -> {message, resolve, reject}
   }
 
   emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 
-  connect() {
+  open() {
     this.closed = false;
     clearTimeout(this.timer);
-    const ws = new WebSocket(wsUrl("/ws/play"));
+    const ws = new WebSocket(wsUrl(this.path));
     this.ws = ws;
+    ws.onmessage = (event) => {
+      const msg = jsonFrame(event);
+      if (msg !== null) this.onMessage(ws, msg);
+    };
+    ws.onclose = (event) => { if (this.ws === ws) this.onClose(event); };
+    ws.onerror = () => {};   // onclose follows and reconnects
+    return ws;
+  }
+
+  /** Connect again after the next backoff delay; `detail` goes with the status event. */
+  retry(detail = {}) {
+    const delay = backoffMs(this.attempt++);
+    this.emit("status", { state: "reconnecting", delay, ...detail });
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (this.ws) this.ws.close(1000, "bye");
+    this.ws = null;
+  }
+}
+
+export class PlaySocket extends JsonSocket {
+  constructor(token) {
+    super("/ws/play");
+    this.token = token;
+    this.ready = false;          // welcome received on the current socket
+    this.pending = new Map();    // id -> {message, resolve, reject}
+  }
+
+  connect() {
+    const ws = this.open();
     this.emit("status", { state: "connecting" });
     ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: this.token }));
-    ws.onmessage = (event) => {
-      if (typeof event.data !== "string") return;
-      let msg;
-      try { msg = JSON.parse(event.data); } catch { return; }
-      this.onMessage(ws, msg);
-    };
-    ws.onclose = (event) => {
-      if (this.ws !== ws) return;
-      this.ready = false;
-      this.ws = null;
-      if (this.closed) return;
-      // Only a bet is safe to resend (its id is its idempotency key); any other request
-      // that went out unanswered is reported lost rather than repeated.
-      for (const [id, p] of this.pending) {
-        if (p.sent && p.message.type !== "bet") {
-          this.pending.delete(id);
-          p.reject(Object.assign(new Error("connection lost before the answer"), { code: "CONNECTION_LOST" }));
-        }
+  }
+
+  onClose(event) {
+    this.ready = false;
+    this.ws = null;
+    if (this.closed) return;
+    // Only a bet is safe to resend (its id is its idempotency key); any other request
+    // that went out unanswered is reported lost rather than repeated.
+    for (const [id, p] of this.pending) {
+      if (p.sent && p.message.type !== "bet") {
+        this.pending.delete(id);
+        p.reject(Object.assign(new Error("connection lost before the answer"), { code: "CONNECTION_LOST" }));
       }
-      if (event.code === 1008 && this.unauthorized) {
-        this.closed = true;
-        this.failAll({ code: "UNAUTHORIZED", message: "signed out" });
-        this.emit("unauthorized", {});
-        return;
-      }
-      const delay = backoffMs(this.attempt++);
-      this.emit("status", { state: "reconnecting", delay, pending: this.pending.size });
-      this.timer = setTimeout(() => this.connect(), delay);
-    };
-    ws.onerror = () => {};   // onclose follows and reconnects
+    }
+    if (event.code === 1008 && this.unauthorized) {
+      this.closed = true;
+      this.failAll({ code: "UNAUTHORIZED", message: "signed out" });
+      this.emit("unauthorized", {});
+      return;
+    }
+    this.retry({ pending: this.pending.size });
   }
 
   onMessage(ws, msg) {
@@ -124,45 +158,28 @@ export class PlaySocket extends EventTarget {
   }
 
   close() {
-    this.closed = true;
-    clearTimeout(this.timer);
     this.failAll({ code: "CLOSED", message: "signed out" });
-    if (this.ws) this.ws.close(1000, "bye");
-    this.ws = null;
+    super.close();
     this.ready = false;
   }
 }
 
-/** A JSON socket that reconnects by itself, for the spectator feed. */
-export class FeedSocket extends EventTarget {
+/** The spectator feed: a "bets" event for each feed frame. */
+export class FeedSocket extends JsonSocket {
   constructor(path = "/ws/feed") {
-    super();
-    this.path = path;
-    this.attempt = 0;
-    this.ws = null;
-    this.stopped = false;
-  }
-
-  emit(type, detail) {
-    this.dispatchEvent(new CustomEvent(type, { detail }));
+    super(path);
   }
 
   connect() {
-    const ws = new WebSocket(wsUrl(this.path));
-    this.ws = ws;
+    const ws = this.open();
     ws.onopen = () => { this.attempt = 0; this.emit("status", { state: "live" }); };
-    ws.onmessage = (event) => {
-      if (typeof event.data !== "string") return;
-      let msg;
-      try { msg = JSON.parse(event.data); } catch { return; }
-      if (msg.type === "feed" && Array.isArray(msg.bets)) this.emit("bets", msg.bets);
-    };
-    ws.onclose = () => {
-      if (this.ws !== ws || this.stopped) return;
-      const delay = backoffMs(this.attempt++);
-      this.emit("status", { state: "reconnecting", delay });
-      setTimeout(() => this.connect(), delay);
-    };
-    ws.onerror = () => {};
+  }
+
+  onMessage(ws, msg) {
+    if (msg.type === "feed" && Array.isArray(msg.bets)) this.emit("bets", msg.bets);
+  }
+
+  onClose() {
+    if (!this.closed) this.retry();
   }
 }

@@ -1,16 +1,8 @@
 // The in-page verify view: every step from (server seed, client seed, nonce) to the roll,
 // computed in this browser with WebCrypto. It never asks the server.
 
-import { ACCEPT_BELOW, OUTCOMES, formatHundredths, hasWebCrypto, verifyRoll } from "./rules.js";
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v; else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
+import { ACCEPT_BELOW, OUTCOMES, hasWebCrypto, verifyRoll } from "./rules.js";
+import { el } from "./dom.js";
 
 function step(title, ...body) {
   return el("div", { class: "step" }, el("b", {}, title), ...body);
@@ -65,5 +57,3 @@ export async function showVerification(out, serverSeed, clientSeed, nonceText, e
   }
   return r;
 }
-
-export { formatHundredths };
