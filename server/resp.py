@@ -303,10 +303,13 @@ class FastConnection:
                 future = loop.create_future()
                 futures.append(future)
                 results.append(future)
-        if futures:
-            protocol.expect(futures)
-            protocol.write(b"".join(p for p in packed if isinstance(p, bytes)))
-        return [await r if isinstance(r, asyncio.Future) else r for r in results]
+        if not futures:
+            return results
+        protocol.expect(futures)
+        protocol.write(b"".join(p for p in packed if isinstance(p, bytes)))
+        # gather: when the connection fails them all, their errors count as retrieved.
+        replies = iter(await asyncio.gather(*futures))
+        return [next(replies) if isinstance(r, asyncio.Future) else r for r in results]
 
     async def execute(self, commands: list[Command]) -> list[Any]:
         """Send ``commands`` in order, :data:`RUN_ID` arguments replaced by the run id of
