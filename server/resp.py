@@ -144,6 +144,8 @@ class _Protocol(asyncio.Protocol):
             self._timer = self._loop.call_at(self.progress + self._read_timeout, self._check)
 
     def data_received(self, data: bytes) -> None:
+        if self.lost is not None:  # dropped: its calls are being failed, not answered
+            return
         self.progress = self._loop.time()
         waiting = self.waiting
         try:
