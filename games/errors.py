@@ -127,7 +127,9 @@ class IdempotencyConflict(StakeProError):
 
 
 class Unavailable(StakeProError):
-    """A dependency is down; nothing was changed."""
+    """A dependency is down or did not answer: the request was not confirmed and may have
+    taken effect; a resend with the same id is safe (a settled bet answers its original
+    result)."""
 
     code = "UNAVAILABLE"
     http_status = 503

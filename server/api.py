@@ -189,13 +189,20 @@ async def healthz(request: Request) -> Response:
         await services.pool.fetchval("SELECT 1")
 
     r, p = await asyncio.gather(_probe("redis", redis), _probe("postgres", postgres))
+    # A ping can pass while bets go unanswered (a stuck pipeline, a hung connection of the
+    # bet path): what players see is the truth.
+    stalled = max(services.wallet.unanswered_for(), services.batcher.fast.stalled_for())
     body = {"redis": r, "postgres": p}
-    if r == p == "ok":
+    if stalled >= services.settings.health_stall_s:
+        body["bets"] = "stalled"
+    elif r == p == "ok":
         return JSONResponse(body)
     services.metrics.errors.labels("UNAVAILABLE").inc()
-    failed = " and ".join(n for n, s in (("Redis", r), ("PostgreSQL", p)) if s != "ok")
+    failed = [f"{n} did not answer" for n, s in (("Redis", r), ("PostgreSQL", p)) if s != "ok"]
+    if "bets" in body:
+        failed.append(f"no bet or Redis call answered for {stalled:.1f}s")
     return JSONResponse(
-        {**body, "code": "UNAVAILABLE", "message": f"{failed} did not answer"},
+        {**body, "code": "UNAVAILABLE", "message": "; ".join(failed)},
         status_code=503,
     )
 

@@ -7,6 +7,7 @@ message's fields are checked by the handler that reads them.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 import msgpack
@@ -18,6 +19,10 @@ ClientId = int | str | None
 
 MAX_ID_CHARS = 64
 _INT64 = 2**63
+#: What an id may not contain: control characters (C0, DEL, C1) and lone surrogates (JSON's
+#: "\ud800" decodes to one; it cannot be encoded as UTF-8, so it could reach neither Redis
+#: nor PostgreSQL, nor a msgpack reply).
+_BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _reject_constant(name: str) -> Any:
@@ -39,14 +44,18 @@ def decode(data: str | bytes) -> dict[str, Any]:
 
 
 def client_id(message: dict[str, Any]) -> ClientId:
-    """The request id, validated: a string of at most 64 characters or an int64."""
+    """The request id, validated: a string of 1 to 64 characters (no control character or
+    lone surrogate) or an int64."""
     value = message.get("id")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise BadMessage("id must be a string of at most 64 characters or an integer")
-    if isinstance(value, str) and not 0 < len(value) <= MAX_ID_CHARS:
-        raise BadMessage("id must be a string of 1 to 64 characters or an integer")
+    if isinstance(value, str):
+        if not 0 < len(value) <= MAX_ID_CHARS:
+            raise BadMessage("id must be a string of 1 to 64 characters or an integer")
+        if _BAD_ID_CHAR.search(value) is not None:
+            raise BadMessage("id must not contain control characters or lone surrogates")
     if isinstance(value, int) and not -_INT64 <= value < _INT64:
         raise BadMessage("integer ids must fit in 64 bits")
     return value

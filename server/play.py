@@ -185,6 +185,8 @@ class PlaySession:
             token = message.get("token")
             if message.get("type") != "auth" or not isinstance(token, str):
                 raise Unauthorized("the first frame must be {\"type\": \"auth\", \"token\": ...}")
+            if not (token.isascii() and token.isprintable()):  # never a token we issued
+                raise Unauthorized("unknown token")
             user = await users.by_token(self.services.pool, token)
             if user is None:
                 raise Unauthorized("unknown token")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from server.resp import FastConnection
 from server.scripts import ALL, Script
@@ -66,7 +66,7 @@ class Batcher:
                 retried = await self._pipeline([batch[i] for i in again])
                 for i, reply in zip(again, retried, strict=True):
                     replies[i] = reply
-        except RedisError as exc:
+        except Exception as exc:  # RedisError, or a bug: every caller still gets an answer
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -74,7 +74,7 @@ class Batcher:
         for (*_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, RedisError):  # an error reply, or a command not sent
                 future.set_exception(reply)
             else:
                 future.set_result(reply)

@@ -47,11 +47,15 @@ class Services:
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
-        client = aioredis.Redis.from_url(settings.redis_url)
         run_id = RunId()  # kept current by the FastConnection, which runs every script
+        # First: it refuses a REDIS_URL it cannot honour before anything is opened.
+        fast = FastConnection(
+            settings.redis_url, run_id, read_timeout=settings.redis_read_timeout_s
+        )
+        client = aioredis.Redis.from_url(settings.redis_url)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         keys = Keys(settings.key_prefix, settings.buckets)
-        batcher = Batcher(client, FastConnection(settings.redis_url, run_id))
+        batcher = Batcher(client, fast)
         await _when_loaded(batcher.load_scripts)
         wallet = Wallet(
             batcher, pool, keys, settings.currencies, settings.idempotency_window_s

@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     admin_token: str = DEV_ADMIN_TOKEN
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "postgresql://root@127.0.0.1:5432/stakepro"
+    #: Seconds the bet path's Redis connection waits for a byte while calls are pending
+    #: before it drops the connection and fails them (UNAVAILABLE); idle connections never
+    #: time out.
+    redis_read_timeout_s: float = Field(default=5.0, gt=0)
+    #: /healthz answers 503 once bets (or Redis calls) have waited this many seconds
+    #: without any being answered.
+    health_stall_s: float = Field(default=3.0, gt=0)
 
     #: Number of Redis hash-tag buckets; a user's keys and its bucket's outbox share one slot.
     #: Changing it on a live system moves every key: it is fixed at deployment.

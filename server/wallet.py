@@ -114,13 +114,6 @@ def _replayed(balance: Minor, blob: bytes) -> BetResult:
     return BetResult(b_id, r, dice.is_win(r, target, direction), m, p, balance, n, sh, cs, True)
 
 
-def _deliver(bet: PendingBet, outcome: BetResult | StakeProError) -> None:
-    try:
-        bet.on_done(bet, outcome)
-    except Exception:  # one caller's bug must not stop the other bets of the batch
-        log.exception("bet_callback_failed")
-
-
 @dataclass(slots=True, weakref_slot=True, eq=False)
 class UserState:
     """Shared by every socket of one user in this process.
@@ -197,6 +190,10 @@ class Wallet:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Users whose bets wait for the scripts to be loaded again (one load for all).
         self._after_reload: list[UserState] | None = None
+        #: Bets submitted and not answered yet, and loop.time() of the last answer (or of
+        #: the submit that found none waiting): see unanswered_for.
+        self._unanswered = 0
+        self._progress = 0.0
 
     def user(self, user_id: int) -> UserState:
         """The shared state of a user; kept alive by the sockets holding it."""
@@ -296,8 +293,26 @@ class Wallet:
         """Queue ``bet``; ``bet.on_done(bet, result or error)`` is called once it is settled,
         replayed or refused (IdempotencyConflict, InsufficientFunds or Unavailable; none of
         them changed anything). Never raises, never blocks."""
+        if not self._unanswered:
+            self._progress = asyncio.get_running_loop().time()
+        self._unanswered += 1
         state.queue.append(bet)
         self._wake(state)
+
+    def unanswered_for(self) -> float:
+        """Seconds since any bet was answered while some wait (0 when none wait): bets
+        that stop being answered, for whatever reason, show here (/healthz)."""
+        if not self._unanswered:
+            return 0.0
+        return max(0.0, asyncio.get_running_loop().time() - self._progress)
+
+    def _deliver(self, bet: PendingBet, outcome: BetResult | StakeProError) -> None:
+        self._unanswered -= 1
+        self._progress = asyncio.get_running_loop().time()
+        try:
+            bet.on_done(bet, outcome)
+        except Exception:  # one caller's bug must not stop the other bets of the batch
+            log.exception("bet_callback_failed")
 
     async def bet(
         self, state: UserState, client_id: int | str, spec: BetSpec, origin: str,
@@ -390,7 +405,12 @@ class Wallet:
             state.idle.clear()
             groups.append((state, pair, bets))
         if commands:
-            fast.send_now(commands, lambda i, reply: self._settled(*groups[i], reply))
+            try:
+                fast.send_now(commands, lambda i, reply: self._settled(*groups[i], reply))
+            except Exception as exc:  # nothing was queued: every group gets the error
+                log.error("bet_pipeline_not_sent", error=repr(exc))
+                for group in groups:
+                    self._settled(*group, exc)
 
     def _settled(
         self, state: UserState, pair: Pair, bets: list[PendingBet], group: Any
@@ -437,7 +457,7 @@ class Wallet:
                             "the seed pair kept changing under this bet; resend it"
                         )
                     chained = False
-            _deliver(bet, outcome)
+            self._deliver(bet, outcome)
         if retry:
             state.queue.extendleft(reversed(retry))
         if reload_scripts:
@@ -518,12 +538,11 @@ class Wallet:
                 self._fail_queue(state, failed)
             self._wake(state)
 
-    @staticmethod
-    def _fail_queue(state: UserState, exc: Exception) -> None:
+    def _fail_queue(self, state: UserState, exc: Exception) -> None:
         log.warning("bets_not_settled", user_id=state.user_id, error=repr(exc))
         while state.queue:
             bet = state.queue.popleft()
-            _deliver(bet, Unavailable(f"bet not settled: {type(exc).__name__}"))
+            self._deliver(bet, Unavailable(f"bet not settled: {type(exc).__name__}"))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
