@@ -132,7 +132,7 @@ class UserState:
     """
 
     user_id: int
-    #: balances, seed pair, outbox and push channel keys (server/keys.py).
+    #: balances, seed pair, outbox and push channel keys (plumbing/keys.py).
     keys: tuple[str, str, str, str] = ("", "", "", "")
     #: Keys.bet_idem_prefix of the user.
     idem_prefix: str = ""
