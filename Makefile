@@ -36,7 +36,7 @@ setup:
 	@$(DEVENV) services
 
 run: setup
-	exec $(PY) -m server.run
+	exec $(PY) -m stakepro
 
 # The tests create their own database on the PostgreSQL server and start their own Redis
 # on a free port (so the redis-server binary must exist even when a Redis is reused).
@@ -45,17 +45,22 @@ test: setup
 	@$(DEVENV) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/deptry .
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# The import contracts (pyproject.toml [tool.importlinter]) and declared dependencies too.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/deptry .
 
 audit: setup
-	$(PY) -m workers.audit
+	$(PY) -m ops.audit
 
 rebuild-balances: setup
-	$(PY) -m workers.rebuild
+	$(PY) -m ops.rebuild
 
 stop:
 	@$(DEVENV) stop-own

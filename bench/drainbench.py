@@ -34,9 +34,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from server.keys import Keys
-from server.logs import configure_logging
-from server.settings import Settings
+from plumbing.keys import Keys
+from plumbing.logs import configure_logging
+from plumbing.settings import Settings
 from workers import actors, commissions, outbox
 
 SUFFIX = ":drainbench"
@@ -98,9 +98,9 @@ async def restore(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys) -> int:
             await redis.copy(stream + SUFFIX, stream)
             await redis.xgroup_destroy(stream, outbox.GROUP)
             total += int(await redis.xlen(stream))
-    for what in ("cdone", "cpend", "cbatch", "cbatches", "ccred", "plock"):
-        await _del_pattern(redis, f"{keys.prefix}:{what}:*")
-    await redis.delete(keys.commission_lease(), outbox.dead_letter_key(keys))
+    for what in ("cpend", "cbatch", "cbatches", "ccred", "plock"):
+        await _del_pattern(redis, keys.scan_match(what))
+    await redis.delete(keys.commission_lease(), keys.outbox_dead())
     await pool.execute("TRUNCATE bets, ledger, commission_batches, commission_totals")
     await pool.execute("VACUUM ANALYZE bets")
     await pool.execute("VACUUM ANALYZE ledger")

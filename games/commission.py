@@ -6,13 +6,27 @@ share is floored on its own (not a share of a floored total), so the split is ex
 each ancestor would compute for itself, and the house keeps every remainder.
 """
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TypeVar
 
 from games.types import Minor, UserId
 
-__all__ = ["MAX_BPS", "commission", "split"]
+__all__ = ["MAX_BPS", "accrued", "check_bps", "commission", "split"]
 
 MAX_BPS = 10000
+
+K = TypeVar("K", bound=Hashable)
+
+
+def check_bps(bps: int) -> int:
+    """``bps`` itself when it is a commission rate (``0 ... 10000``).
+
+    Raises:
+        ValueError: it is not.
+    """
+    if not 0 <= bps <= MAX_BPS:
+        raise ValueError("commission_bps must be within 0 ... 10000")
+    return bps
 
 
 def commission(amount: Minor, bps: int) -> Minor:
@@ -21,8 +35,7 @@ def commission(amount: Minor, bps: int) -> Minor:
     Raises:
         ValueError: ``bps`` is outside ``0 ... 10000`` or ``amount`` is negative.
     """
-    if not 0 <= bps <= MAX_BPS:
-        raise ValueError("commission_bps must be within 0 ... 10000")
+    check_bps(bps)
     if amount < 0:
         raise ValueError("amount must not be negative")
     return Minor(amount * bps // MAX_BPS)
@@ -40,3 +53,20 @@ def split(amount: Minor, chain: Sequence[tuple[UserId, int]]) -> list[tuple[User
         a worker can record every (bet, ancestor) pair as paid, even a zero).
     """
     return [(user_id, commission(amount, bps)) for user_id, bps in chain]
+
+
+def accrued(bets: Iterable[tuple[int, Sequence[tuple[K, int]]]]) -> dict[K, int]:
+    """What a batch of bets accrues per recipient: for every ``(stake, shares)`` each share
+    ``(recipient, bps)`` earns :func:`commission` of the stake, floored per bet, and the
+    sums are kept per recipient, in minor units. Zero sums are left out.
+
+    The rates must have passed :func:`check_bps` (the workers check them once per chain,
+    not once per bet); this is the per-bet loop of the persister, so it inlines
+    :func:`commission`.
+    """
+    total: dict[K, int] = {}
+    for stake, shares in bets:
+        for recipient, bps in shares:
+            if amount := stake * bps // MAX_BPS:
+                total[recipient] = total.get(recipient, 0) + amount
+    return total

@@ -53,6 +53,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from games.codes import BetCode, DepositCode, RotateCode
 from games.types import Minor
 
 __all__ = [
@@ -71,15 +72,6 @@ answers a bulk string (``bytes`` for the opaque blobs)."""
 
 Field = tuple[str, str | bytes]
 
-# Reply codes, as in server/scripts.py (BetCode, DepositCode, RotateCode); repeated here
-# so that games/ stays free of the server package.
-SETTLED = CREDITED = ROTATED = 0
-REPLAY = 1
-CONFLICT = 2
-INSUFFICIENT_FUNDS = 3
-STALE = 4
-NO_SEED = 5
-EPOCH = 6
 
 
 @dataclass(slots=True)
@@ -204,17 +196,17 @@ class WalletModel:
         rec = self.bets.get(bet_id)
         if rec is not None:
             if rec.fingerprint == fingerprint:
-                return (REPLAY, str(rec.balance), rec.event)
-            return (CONFLICT,)
+                return (BetCode.REPLAY, str(rec.balance), rec.event)
+            return (BetCode.CONFLICT,)
         if self.pair is None:
-            return (NO_SEED,)
+            return (BetCode.NO_SEED,)
         if self.pair.rid != run_id:
-            return (EPOCH, self.pair.pid)
+            return (BetCode.EPOCH, self.pair.pid)
         if self.pair.pid != pid or self.pair.nonce != expected_nonce:
-            return (STALE, self.pair.pid, str(self.pair.nonce))
+            return (BetCode.STALE, self.pair.pid, str(self.pair.nonce))
         balance = self.balances.get(currency, Minor(0))
         if not self._covers(balance, stake):
-            return (INSUFFICIENT_FUNDS, str(balance))
+            return (BetCode.INSUFFICIENT_FUNDS, str(balance))
         self.pair.nonce += 1
         after = Minor(balance + delta)
         self.balances[currency] = after
@@ -223,7 +215,7 @@ class WalletModel:
         if local_others > 0 or subscribers > 1:
             self.pushes.append(f"bet|{origin}|{currency}|{after}")
         self.settled.append(Settlement(pid, self.pair.nonce, currency, delta))
-        return (SETTLED, str(after), self.pair.nonce)
+        return (BetCode.SETTLED, str(after), self.pair.nonce)
 
     def _covers(self, balance: Minor, stake: Minor) -> bool:
         """Whether ``balance`` pays ``stake``: exact integers, whatever their size."""
@@ -246,15 +238,15 @@ class WalletModel:
         rec = self.deposits.get(key)
         if rec is not None:
             if rec.fingerprint == fingerprint:
-                return (REPLAY, str(rec.balance))
-            return (CONFLICT,)
+                return (DepositCode.REPLAY, str(rec.balance))
+            return (DepositCode.CONFLICT,)
         after = Minor(self.balances.get(currency, 0) + amount)
         self.balances[currency] = after
         self.deposits[key] = DepositRecord(fingerprint, after)
         self.outbox.append(Event((("k", "deposit"), ("e", event_blob), ("b", str(after)))))
         self.pushes.append(f"deposit|-|{currency}|{after}")
         self.credited.append((currency, amount))
-        return (CREDITED, str(after))
+        return (DepositCode.CREDITED, str(after))
 
     # -- rotate-2.lua -----------------------------------------------------------------
 
@@ -280,20 +272,20 @@ class WalletModel:
             raise ValueError("a new pair id is not empty")
         old = self.pair
         if old is not None and old.pid == new_pid:
-            return (ROTATED, *(old.prev or ("", "", "", "", "")))
+            return (RotateCode.ROTATED, *(old.prev or ("", "", "", "", "")))
         if (old.pid if old is not None else "") != expected_pid:
-            return (STALE, old.pid if old is not None else "")
+            return (RotateCode.STALE, old.pid if old is not None else "")
         prev = None if old is None else (
             old.pid, old.server_seed, old.server_seed_hash, old.client_seed, str(old.nonce)
         )
         self.pair = SeedPair(new_pid, server_seed, server_seed_hash, client_seed, 0, run_id, prev)
         if old is None:
-            return (ROTATED, "", "", "", "", "")
+            return (RotateCode.ROTATED, "", "", "", "", "")
         self.outbox.append(
             Event((("k", "reveal"), ("pid", old.pid), ("n", str(old.nonce)), ("ts", str(ts))))
         )
         self.revealed.append(old)
-        return (ROTATED, old.pid, old.server_seed, old.server_seed_hash, old.client_seed,
+        return (RotateCode.ROTATED, old.pid, old.server_seed, old.server_seed_hash, old.client_seed,
                 str(old.nonce))
 
     # -- invariants -------------------------------------------------------------------

@@ -48,7 +48,7 @@
      open, so more than one subscriber means another instance).
 
   Returns one reply per bet, in order, each a flat array whose first element is the code
-  (server/scripts.py: BetCode):
+  (games/codes.py: BetCode):
   {0, balance, nonce}          SETTLED: balance after the bet, the nonce used
   {1, balance, blob}           REPLAY: same bet id and fields within the window; blob is the
                                bet's event blob (or, from a record of an older server, its

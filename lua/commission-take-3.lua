@@ -14,7 +14,7 @@
   ARGV[1]  batch id (unique per flush)
 
   Returns a flat array {code, id1, id2, ...}: the code, then every unfinished batch id of
-  the bucket (SMEMBERS of KEYS[3] after this call). Codes (server/scripts.py: TakeCode):
+  the bucket (SMEMBERS of KEYS[3] after this call). Codes (games/codes.py: TakeCode):
   0  EMPTY: nothing pending
   1  TAKEN: the pending hash is now KEYS[2]
   2  BUSY: KEYS[2] exists already (this batch id was used on this bucket and is not

@@ -11,7 +11,7 @@
   ARGV[3]  request fingerprint (user|currency|amount)
   ARGV[4]  outbox event blob (opaque to this script)
 
-  Returns (server/scripts.py: DepositCode):
+  Returns (games/codes.py: DepositCode):
   {0, balance}   CREDITED: balance after the deposit
   {1, balance}   REPLAY: this key was credited before; the balance it answered then
   {2}            CONFLICT: this key was used with other fields

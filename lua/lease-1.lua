@@ -1,6 +1,7 @@
 --[[
   lease-1: renew or release a lease taken with SET key token NX PX ttl, only while it is ours.
-  Money-free: it guards who drains an outbox shard (workers/actors.py), nothing else.
+  Money-free: it guards who drains an outbox shard and who flushes a commission window
+  (plumbing/lease.py), nothing else.
 
   KEYS[1]  the lease key
   ARGV[1]  "renew" or "release"

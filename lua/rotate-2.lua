@@ -18,7 +18,7 @@
   ARGV[6]  time, integer milliseconds since the epoch (for the reveal event)
   ARGV[7]  run id of the Redis server as the caller read it (bet-n checks it: EPOCH)
 
-  Returns (server/scripts.py: RotateCode):
+  Returns (games/codes.py: RotateCode):
   {0, old_pid, old_ss, old_sh, old_cs, old_n}  ROTATED (all "" when a first pair was installed)
   {4, pid}                                     STALE: another pair is active (or one exists)
 ]]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stack the benchmarks in docs/benchmarks.md ran on, on a Redis and a database of its own.
 #   scripts/benchstack.sh start [full|serve]   full: server + worker + scheduler (make run's
-#                                              python -m server.run); serve: the game server
+#                                              python -m stakepro); serve: the game server
 #                                              alone (the outbox waits for the workers)
 #   scripts/benchstack.sh workers              start the worker and scheduler beside `serve`
 #   scripts/benchstack.sh stop
@@ -50,12 +50,12 @@ start)
     psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
         -c "CREATE DATABASE $DB"
     if [[ ${2:-full} == serve ]]; then
-        .venv/bin/python -c 'import asyncio, server.db as d, server.settings as s
+        .venv/bin/python -c 'import asyncio, server.db as d, plumbing.settings as s
 asyncio.run(d.migrate(s.Settings().database_url))'
-        INPROCESS_PERSISTER=false setsid .venv/bin/python -m server.run serve \
+        INPROCESS_PERSISTER=false setsid .venv/bin/python -m stakepro serve \
             >"$DIR/serve.log" 2>&1 &
     else
-        setsid .venv/bin/python -m server.run >"$DIR/stack.log" 2>&1 &
+        setsid .venv/bin/python -m stakepro >"$DIR/stack.log" 2>&1 &
     fi
     echo $! >"$DIR/stack.pid"
     for _ in $(seq 120); do

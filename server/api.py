@@ -24,9 +24,9 @@ from starlette.routing import BaseRoute
 from games import dice, seeds
 from games.errors import BadMessage, Forbidden, InvalidSeed, NotFound
 from games.money import format_amount, parse_amount
+from plumbing.settings import Settings
 from server import admin, users
 from server.rest import ALL_METHODS, MAX_BIGINT, endpoint, services_of
-from server.settings import Settings
 
 log = structlog.get_logger(__name__)
 

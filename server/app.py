@@ -1,29 +1,40 @@
-"""The starlette application: routes, and the lifespan that owns every client."""
+"""The starlette application: routes, and the lifespan that owns every client.
+
+``companions`` are what the process runs beside the game server on the same clients (the
+launcher, :mod:`stakepro.app`, adds the in-process outbox persister of :mod:`workers`
+this way): each is entered once :class:`Services` has started and exited before it closes,
+in reverse order, so a companion still has Redis and PostgreSQL while it stops.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from plumbing.logs import configure_logging
+from plumbing.settings import Settings
 from server import api
 from server.echo import echo_endpoint
 from server.feed import feed_endpoint
-from server.logs import configure_logging
 from server.play import play_endpoint
 from server.services import Services
-from server.settings import Settings
 from server.wslink import RawAsgi
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
+#: Something run beside the server for its lifetime, on its clients.
+Companion = Callable[[Services], contextlib.AbstractAsyncContextManager[Any]]
 
-def create_app(settings: Settings | None = None) -> Starlette:
+
+def create_app(settings: Settings | None = None,
+               companions: Sequence[Companion] = ()) -> Starlette:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
 
@@ -31,13 +42,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = await Services.start(settings)
         app.state.services = services
-        # Everything built so far lives as long as the process: move it out of the cyclic
-        # collector's sight, so the full collections that the bet path's allocations
-        # trigger do not walk it again each time (they showed as p99 spikes).
-        gc.collect()
-        gc.freeze()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as running:
+                for companion in companions:
+                    await running.enter_async_context(companion(services))
+                # Everything built so far lives as long as the process: move it out of the
+                # cyclic collector's sight, so the full collections that the bet path's
+                # allocations trigger do not walk it again each time (they showed as p99
+                # spikes).
+                gc.collect()
+                gc.freeze()
+                yield
         finally:
             await services.close()
 

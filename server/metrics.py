@@ -10,20 +10,13 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from plumbing.metrics import WORKER_COUNTERS
+
 LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
     0.5, 1.0,
 )
 
-
-#: Counters the workers keep in Redis (``Keys.worker_stats()``) and /metrics exports as
-#: ``stakepro_<name>_total``: the commission flush's statements and paid units.
-FLUSH_STATEMENTS, UNITS_PAID = "commission_flush_statements", "commission_units_paid"
-WORKER_COUNTERS = (
-    (FLUSH_STATEMENTS, "Commission flush statements written to PostgreSQL (one per flush "
-                       "window with something to pay)"),
-    (UNITS_PAID, "Commission units (one bucket's accruals of one window) paid in PostgreSQL"),
-)
 _WORKER_HELP = dict(WORKER_COUNTERS)
 
 

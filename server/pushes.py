@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from server.keys import Keys
+from plumbing.keys import Keys
 from server.pubsub import Hub
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from plumbing.scripts import ALL, Script
 from server.resp import FastConnection
-from server.scripts import ALL, Script
 
 Arg = str | bytes | int
 

@@ -13,16 +13,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
 
 from games.bets import BetChecker
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from server.feed import Feed
-from server.keys import Keys
 from server.metrics import Metrics
-from server.persister import Persister
 from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher
 from server.redisconn import RunId
 from server.resp import FastConnection
-from server.settings import Settings
 from server.wallet import Wallet
 
 
@@ -39,7 +38,6 @@ class Services:
     metrics: Metrics
     #: Unique per process: socket ids are ``<instance>:<n>``.
     instance: str
-    persister: Persister | None = None
     #: The public bet feed (/ws/feed); created by start().
     feed: Feed = field(init=False)
     #: Validates bet requests, remembering the ones seen before.
@@ -60,18 +58,12 @@ class Services:
         wallet = Wallet(
             batcher, pool, keys, settings.currencies, settings.idempotency_window_s
         )
-        hub = Hub(client, f"{settings.key_prefix}:heartbeat")
+        hub = Hub(client, keys.heartbeat())
         await hub.start()
         services = cls(
             settings, client, pool, keys, batcher, wallet, hub, Pushes(hub, keys), Metrics(),
             uuid.uuid4().hex[:12],
         )
-        if settings.inprocess_persister:
-            services.persister = Persister(
-                client, pool, keys, services.instance,
-                commission_flush_s=settings.commission_flush_s,
-            )
-            services.persister.start()
         services.checker = BetChecker(settings.currencies, settings.house_edge_bp)
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
@@ -80,8 +72,6 @@ class Services:
         return services
 
     async def close(self) -> None:
-        if self.persister is not None:
-            await self.persister.close()  # first: it needs Redis and the pool to flush
         await self.feed.close()  # before the hub: it publishes the last bets settled here
         await self.hub.close()
         await self.pool.close()

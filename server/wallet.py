@@ -40,21 +40,19 @@ from redis.exceptions import NoScriptError
 
 from games import dice, seeds
 from games.bets import BetSpec, fingerprint, settle
+from games.codes import BetCode, DepositCode, RotateCode
 from games.errors import IdempotencyConflict, InsufficientFunds, StakeProError, Unavailable
 from games.money import Currency
 from games.types import Hundredths, Minor, MultiplierBp
-from server import scripts
-from server.keys import Keys, bet_idem_key
+from plumbing import events, scripts
+from plumbing.keys import Keys, bet_idem_key
 from server.redisbatch import Arg, Batcher
 from server.redisconn import RUN_ID
 from server.resp import Command
-from server.scripts import BetCode, DepositCode, RotateCode
 
 log = structlog.get_logger(__name__)
 
-#: One Packer for the process (msgpack.packb builds a Packer per call); the event loop is
-#: the only thread that packs bets.
-_pack = msgpack.Packer().pack
+_encode_bet = events.encode_bet
 
 #: A bet recomputed this many times in a row (other instances betting for the same user,
 #: or rotating under it) gives up with UNAVAILABLE; nothing was changed.
@@ -104,14 +102,17 @@ class PendingBet:
 
 def _replayed(balance: Minor, blob: bytes) -> BetResult:
     """The result a replay answers with, from the blob of the bet's idempotency record: its
-    outbox event (a list in workers.outbox.BET_FIELDS order), or the 8-field result list a
-    server before that stored (within its window after an upgrade)."""
+    outbox event (:func:`plumbing.events.encode_bet`), or the 8-field result list a server
+    before that stored (within its window after an upgrade)."""
     fields = msgpack.unpackb(blob)
     if len(fields) == 8:
         b_id, r, w, m, p, n, sh, cs = fields
         return BetResult(b_id, r, w, m, p, balance, n, sh, cs, True)
-    b_id, _, _, _, _, p, r, target, direction, n, m, sh, cs, _ = fields
-    return BetResult(b_id, r, dice.is_win(r, target, direction), m, p, balance, n, sh, cs, True)
+    e = events.unpack_bet(blob)
+    r = e["roll"]
+    return BetResult(e["bet_id"], r, dice.is_win(r, e["target"], e["direction"]),
+                     e["multiplier"], e["payout"], balance, e["nonce"], e["server_seed_hash"],
+                     e["client_seed"], True)
 
 
 @dataclass(slots=True, weakref_slot=True, eq=False)
@@ -124,7 +125,7 @@ class UserState:
     """
 
     user_id: int
-    #: balances, seed pair, outbox and push channel keys (server/keys.py).
+    #: balances, seed pair, outbox and push channel keys (plumbing/keys.py).
     keys: tuple[str, str, str, str] = ("", "", "", "")
     #: Keys.bet_idem_prefix of the user.
     idem_prefix: str = ""
@@ -386,11 +387,10 @@ class Wallet:
                 )
                 if not bet.fp:
                     bet.fp = fingerprint(spec)
-                # The outbox event, in workers.outbox.BET_FIELDS order (a list: no keys);
-                # the idempotency record keeps it too, for replays (see _replayed).
-                event = _pack(
-                    [bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
-                     roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts]
+                # The idempotency record keeps the outbox event too, for replays.
+                event = _encode_bet(
+                    bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
+                    roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts
                 )
                 idem_keys.append(bet_idem_key(state.idem_prefix, bet.client_id))
                 args += (
@@ -572,9 +572,8 @@ class Wallet:
                         "this idempotency key was already used with other fields"
                     )
         fp = f"{user_id}|{currency.code}|{amount}"
-        event = msgpack.packb(
-            {"key": idempotency_key, "user_id": user_id, "currency": currency.code,
-             "amount": amount, "ts": int(time.time() * 1000)}
+        event = events.encode_deposit(
+            idempotency_key, user_id, currency.code, amount, int(time.time() * 1000)
         )
         keys = (
             self._keys.balances(user_id),

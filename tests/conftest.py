@@ -20,10 +20,10 @@ import pytest
 import pytest_asyncio
 import uvicorn
 
-from server.app import create_app
+from plumbing.settings import Settings
 from server.db import drop_database, migrate
-from server.settings import Settings
 from server.wslink import DirectProtocol
+from stakepro.app import create_app
 from tests.helpers import Api
 
 ADMIN_TOKEN = "test-admin-token"

@@ -19,7 +19,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.settings import Settings
+from plumbing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, serve
 from tests.helpers import Api
 

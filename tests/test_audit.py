@@ -1,4 +1,4 @@
-"""The audit (workers.audit) and the balance rebuild (workers.rebuild) on real servers.
+"""The audit (ops.audit) and the balance rebuild (ops.rebuild) on real servers.
 
 The shared test database is used by every test of the session, and some of them write
 rows the audit would rightly reject (test_persist's fake seed pairs). So the checks here
@@ -24,12 +24,13 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from ops import audit, rebuild
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from server.db import drop_database, migrate
-from server.keys import Keys
-from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api, Player, eventually
-from workers import audit, outbox, rebuild
+from workers import outbox
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +118,7 @@ def _pair() -> audit.PairRow:
     return audit.PairRow(7, 1, ss, seeds.server_seed_hash(ss), "client", None)
 
 
-def _bet(pair: audit.PairRow, nonce: int, **changes: Any) -> audit.BetRow:
+def _bet(pair: audit.PairRow, nonce: int, **changes: Any) -> audit.StoredBet:
     from games import dice
 
     roll = dice.roll(pair.server_seed, pair.client_seed, nonce)
@@ -130,7 +131,7 @@ def _bet(pair: audit.PairRow, nonce: int, **changes: Any) -> audit.BetRow:
         ledger_user=1, ledger_currency="USDT", ledger_delta=payout - 100,
     )
     fields.update(changes)
-    return audit.BetRow(**fields)
+    return audit.StoredBet(**fields)
 
 
 def test_pure_bet_checks() -> None:
@@ -297,7 +298,7 @@ async def test_rebuild_refuses_while_events_are_unpersisted(
     env = {**os.environ, "REDIS_URL": own.redis_url, "DATABASE_URL": own.database_url,
            "KEY_PREFIX": own.key_prefix}
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "workers.rebuild"], cwd=ROOT, env=env,
+        subprocess.run, [sys.executable, "-m", "ops.rebuild"], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "refused" in proc.stderr
 
@@ -380,7 +381,7 @@ async def test_global_audit_of_a_whole_system(
            "KEY_PREFIX": settings.key_prefix}
 
     def cli() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "workers.audit", "--retries", "0"],
+        return subprocess.run([sys.executable, "-m", "ops.audit", "--retries", "0"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
     ok = await asyncio.to_thread(cli)

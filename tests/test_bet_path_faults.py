@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 
 from games.errors import StakeProError, Unavailable
 from games.money import parse_amount
+from plumbing.settings import Settings
 from server import users
 from server.services import Services
-from server.settings import Settings
 from server.wallet import BetResult
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api, eventually

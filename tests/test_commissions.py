@@ -22,8 +22,8 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from server.keys import Keys
-from server.settings import Settings
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from tests.helpers import Api, Player, eventually
 from workers import commissions, outbox
 
@@ -68,8 +68,14 @@ class Env:
         a = await self.user("agent", m, AGENT_BPS)
         return Chain(sm, m, a, [await self.user("player", a) for _ in range(players)])
 
-    async def accrue(self, bets: Sequence[dict[str, Any]]) -> int:
-        return await commissions.accrue(self.redis, self.pool, self.keys, bets)
+    async def accrue(self, bets: Sequence[dict[str, Any]]) -> None:
+        """Accrue the bets' commissions the one way there is: as outbox entries persisted
+        and acknowledged (lua/outbox-ack-accrue-n.lua)."""
+        await outbox.ensure_groups(self.redis, self.keys)
+        for i, b in enumerate(bets):
+            await self.redis.xadd(self.keys.outbox_for(b["user_id"]), bet_entry(b, i + 1))
+        while await outbox.drain_once(self.redis, self.pool, self.keys, "accrue", block_ms=0):
+            pass
 
     async def flush(self, batch_id: str | None = None) -> commissions.FlushReport:
         return await commissions.flush(self.redis, self.pool, self.keys, batch_id)
@@ -122,34 +128,20 @@ AMOUNTS = [1, 19, 199, 200, 333, 5000, 12345, 99999, 10**12 + 7]
 # -- workers.commissions directly ------------------------------------------------------------
 
 
-async def test_replayed_bets_accrue_once(env: Env) -> None:
-    chain = await env.chain()
-    bets = bets_of(chain.players, AMOUNTS)
-    # a stake too small to pay even the highest rate is skipped (1, 19, 199 minor units)
-    assert await env.accrue(bets) == sum(1 for a in AMOUNTS if share(a, AGENT_BPS)) == 6
-    assert await env.accrue(bets) == 0
-    assert await env.accrue([*bets, *bets]) == 0  # twice inside one batch too
-    report = await env.flush()
-    assert report.statements == 1 and report.paid == {
-        "USDT": sum(share(b["amount"], bps) for b in bets for bps in chain.ancestors.values())}
-    await env.assert_paid(chain, bets)
-    # Replayed after the flush (a job retried hours later): still nothing.
-    assert await env.accrue(bets) == 0
-    assert (await env.flush()).statements == 0
-    await env.assert_paid(chain, bets)
-    assert await env.leftovers() == []
-
-
 async def _outbox_bets(env: Env, chain: Chain, amounts: Sequence[int]) -> list[dict[str, Any]]:
     await outbox.ensure_groups(env.redis, env.keys)
     bets = bets_of(chain.players, amounts)
     for i, b in enumerate(bets):
-        event = {**b, "pair_id": 1, "payout": 0, "roll": 9000, "target": 5000,
-                 "direction": "under", "nonce": i + 1, "multiplier": 19800,
-                 "server_seed_hash": "ab" * 32, "client_seed": "c", "ts": 1_700_000_000_000}
-        await env.redis.xadd(env.keys.outbox_for(b["user_id"]),
-                             {"k": "bet", "e": msgpack.packb(event), "b": "0"})
+        await env.redis.xadd(env.keys.outbox_for(b["user_id"]), bet_entry(b, i + 1))
     return bets
+
+
+def bet_entry(bet: dict[str, Any], nonce: int) -> dict[str, Any]:
+    """The outbox entry of one of bets_of()'s bets, settled as a loss."""
+    event = {**bet, "pair_id": 1, "payout": 0, "roll": 9000, "target": 5000,
+             "direction": "under", "nonce": nonce, "multiplier": 19800,
+             "server_seed_hash": "ab" * 32, "client_seed": "c", "ts": 1_700_000_000_000}
+    return {"k": "bet", "e": msgpack.packb(event), "b": "0"}
 
 
 async def test_worker_dies_after_commit_before_ack(
@@ -174,10 +166,8 @@ async def test_worker_dies_after_commit_before_ack(
     assert await outbox.reclaim(env.redis, env.pool, env.keys, "w2", min_idle_ms=0) == len(bets)
     assert await outbox.pending_count(env.redis, env.keys) == 0
     await env.flush()
-    # Acknowledged entries are gone for good: nothing left to replay, no marker per bet.
+    # Acknowledged entries are gone for good: nothing left to replay.
     assert await outbox.drain_once(env.redis, env.pool, env.keys, "w3", block_ms=0) == 0
-    for b in bets:
-        assert not await env.redis.exists(env.keys.commission_done(b["user_id"], b["bet_id"]))
     await env.flush()
     n = await env.pool.fetchval("SELECT count(*) FROM bets WHERE bet_id = ANY($1::text[])",
                                 [b["bet_id"] for b in bets])
@@ -327,7 +317,7 @@ async def test_accruals_racing_flushes_lose_nothing(env: Env) -> None:
 async def test_flushes_are_counted_for_metrics(env: Env) -> None:
     """Each flush statement and the units it paid are added to the counters in Redis that
     the server's /metrics exports; a flush with nothing to pay adds nothing."""
-    from server.metrics import FLUSH_STATEMENTS, UNITS_PAID
+    from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
 
     async def counters() -> dict[bytes, bytes]:
         return await env.redis.hgetall(env.keys.worker_stats())

@@ -4,7 +4,7 @@
     (before XACK); (b) the flusher dies between taking the commission aggregate and the
     PostgreSQL statement that pays it; (c) the game server dies with bets in flight. After a
     restart and the drain: every bet acknowledged to a client is in ``bets`` exactly once,
-    none twice, every commission is paid exactly once, and ``python -m workers.audit``
+    none twice, every commission is paid exactly once, and ``python -m ops.audit``
     passes. The workers and the scheduler are the real ``dramatiq workers.actors`` and
     ``workers.scheduler``; the kills come from workers/faults.py points (a and b) or from
     the test (c).

@@ -8,7 +8,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from server.settings import Settings
+from plumbing.settings import Settings
 from tests.conftest import serve
 from tests.helpers import Api
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from websockets.exceptions import ConnectionClosed
 
-from server.settings import Settings
+from plumbing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api
 

@@ -21,9 +21,9 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from plumbing.settings import Settings
 from server.feed import FEED_FIELDS, Feed
 from server.metrics import Metrics
-from server.settings import Settings
 from server.wslink import framed
 from tests.conftest import serve
 from tests.helpers import Api, Player

@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 
 from games import dice, seeds
+from plumbing.settings import Settings
 from server.api import operator_network
-from server.settings import Settings
 from tests import vectors as known_answers
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api

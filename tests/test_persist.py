@@ -20,8 +20,9 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from server.keys import Keys
-from server.settings import Settings
+from plumbing import events
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from tests.helpers import Api, eventually
 from workers import outbox
 
@@ -152,10 +153,10 @@ async def test_replayed_entries_insert_nothing_twice(env: Env) -> None:
         "SELECT revealed_at FROM seed_pairs WHERE pair_id = $1", pid) == first
 
     # And write() itself, twice with one batch.
-    events = [outbox.parse({k.encode(): v if isinstance(v, bytes) else v.encode()
-                            for k, v in f.items()}) for f in entries]
-    await outbox.write(env.pool, events)
-    await outbox.write(env.pool, events + events)
+    decoded = [events.parse({k.encode(): v if isinstance(v, bytes) else v.encode()
+                             for k, v in f.items()}) for f in entries]
+    await outbox.write(env.pool, decoded)
+    await outbox.write(env.pool, decoded + decoded)
     assert await counts(env.pool, uid) == (2, 3)
     total = await env.pool.fetchval("SELECT sum(delta) FROM ledger WHERE user_id = $1", uid)
     assert total == 1000 + 98 - 100
@@ -167,34 +168,52 @@ async def test_list_shaped_bet_events_are_read_like_maps(env: Env) -> None:
     pid = await env.pair(uid)
     as_map = bet(uid, pid, 1)
     event = msgpack.unpackb(bet(uid, pid, 2)["e"])
-    as_list = {**as_map, "e": msgpack.packb([event[name] for name in outbox.BET_FIELDS])}
+    as_list = {**as_map, "e": msgpack.packb([event[name] for name in events.BET_FIELDS])}
     await env.xadd(uid, as_map)
     await env.xadd(uid, as_list)
     assert await env.drain() == 2
     assert await counts(env.pool, uid) == (2, 2)
     fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in as_list.items()}
-    assert outbox.bet_row(fields) == outbox._row(outbox.parse(fields))  # type: ignore[arg-type]
+    assert events.bet_row(fields) == events.row_of(events.parse(fields))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("over", [
-    {"amount": True}, {"amount": 0}, {"payout": -1}, {"roll": 2**31}, {"nonce": 2**63},
-    {"balance": -5},
-    {"direction": "sideways"}, {"bet_id": ""}, {"currency": b"USDT"}, {"client_seed": None},
-    {"amount": "100"}, {"nonce": "7"}, {"ts": 1.5},
-])
-def test_the_fast_decoder_agrees_with_parse(over: dict[str, Any]) -> None:
-    """bet_row() accepts exactly what parse() accepts, with the same values."""
-    fields = {k.encode(): v if isinstance(v, bytes) else v.encode()
-              for k, v in bet(7, 9, **over).items()}
+#: Changes to a good bet entry, and whether the decoders must accept them (the scripts write
+#: integers as msgpack integers and strings as msgpack strings in the blob, and the balance
+#: as decimal digits in ``b``).
+DECODER_CASES: list[tuple[dict[str, Any], bool]] = [
+    ({}, True), ({"amount": 1, "payout": 0}, True), ({"nonce": 2**63 - 1}, True),
+    ({"roll": 2**31 - 1, "target": -(2**31)}, True), ({"balance": 0}, True),
+    ({"balance": 2**63 - 1}, True), ({"direction": "over"}, True),
+    ({"amount": True}, False), ({"amount": 0}, False), ({"payout": -1}, False),
+    ({"roll": 2**31}, False), ({"nonce": 2**63}, False), ({"balance": -5}, False),
+    ({"balance": 2**63}, False), ({"direction": "sideways"}, False), ({"bet_id": ""}, False),
+    ({"currency": b"USDT"}, False), ({"client_seed": None}, False), ({"amount": "100"}, False),
+    ({"nonce": "7"}, False), ({"ts": 1.5}, False), ({"target": b"5000"}, False),
+]
+
+
+@pytest.mark.parametrize(("over", "accepted"), DECODER_CASES)
+def test_the_fast_and_slow_decoders_give_the_expected_answer(
+    over: dict[str, Any], accepted: bool
+) -> None:
+    """bet_row() and parse() both accept exactly the good entries, with the values written."""
+    entry = bet(7, 9, **over)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in entry.items()}
+    slow: Any
+    fast: Any
     try:
-        expected: Any = outbox._row(outbox.parse(fields))  # type: ignore[arg-type]
-    except outbox.Malformed as exc:
-        expected = type(exc)
+        slow = events.row_of(events.parse(fields))  # type: ignore[arg-type]
+    except events.Malformed:
+        slow = events.Malformed
     try:
-        got: Any = outbox.bet_row(fields)
-    except outbox.Malformed as exc:
-        got = type(exc)
-    assert got == expected
+        fast = events.bet_row(fields)
+    except events.Malformed:
+        fast = events.Malformed
+    if not accepted:
+        assert slow is fast is events.Malformed
+        return
+    written = {**msgpack.unpackb(entry["e"]), "balance_after": int(entry["b"])}
+    assert slow == fast == tuple(written[name] for name in events.BET_COLUMNS)
 
 
 async def test_malformed_entries_go_to_the_dead_letter_stream(env: Env) -> None:
@@ -211,7 +230,7 @@ async def test_malformed_entries_go_to_the_dead_letter_stream(env: Env) -> None:
     assert await env.drain() == 6
     assert await outbox.pending_count(env.redis, env.keys) == 0
     assert await counts(env.pool, uid) == (2, 2)
-    dead: Any = await env.redis.xrange(outbox.dead_letter_key(env.keys))
+    dead: Any = await env.redis.xrange(env.keys.outbox_dead())
     assert len(dead) == 4 == await outbox.dead_count(env.redis, env.keys)
     reasons = [fields[b"reason"].decode() for _, fields in dead]
     assert "not msgpack" in reasons[0] and "unknown kind" in reasons[1]
@@ -265,7 +284,7 @@ async def test_entries_of_a_dead_consumer_are_reclaimed(env: Env) -> None:
 
 
 async def test_persister_close_flushes_what_is_left(env: Env) -> None:
-    from server.persister import Persister
+    from workers.persister import Persister
 
     uid = await env.user()
     pid = await env.pair(uid)

@@ -13,8 +13,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from games import dice, seeds
-from server.keys import Keys
-from server.settings import Settings
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from tests.helpers import Api
 
 

@@ -18,7 +18,7 @@ Afterwards, with the outbox drained and the server stopped:
 3. every player who bet after the restart had the pair rotated first: a new commitment, a
    low nonce, and a ``seed_rotated`` push with reason ``redis_restart`` that reveals the old
    pair;
-4. ``python -m workers.audit`` passes, and still passes after ``python -m workers.rebuild``
+4. ``python -m ops.audit`` passes, and still passes after ``python -m ops.rebuild``
    (``make rebuild-balances``, servers stopped), which must not change any balance.
 
 A system of its own: its own redis-server, database and key prefix, so the audit and the
@@ -51,9 +51,9 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from server.db import drop_database, migrate
-from server.keys import Keys
-from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api
 from workers import outbox
@@ -464,13 +464,13 @@ async def test_redis_killed_under_load_keeps_acknowledged_bets_and_rotates_pairs
         await conn.close()
 
     # (4) the audit, then the rebuild (servers stopped, outbox empty), then the audit again.
-    first_audit = await asyncio.to_thread(tool, own, "workers.audit", "--retries", "0")
+    first_audit = await asyncio.to_thread(tool, own, "ops.audit", "--retries", "0")
     assert first_audit.returncode == 0, first_audit.stdout + first_audit.stderr
     assert f"bets checked      {len(acks)} " in first_audit.stdout, first_audit.stdout
     client = aioredis.Redis.from_url(own.redis_url)
     try:
         balances_before = {u: await client.hgetall(keys.balances(u)) for u in players}
-        rebuilt = await asyncio.to_thread(tool, own, "workers.rebuild")
+        rebuilt = await asyncio.to_thread(tool, own, "ops.rebuild")
         assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
         balances_after = {u: await client.hgetall(keys.balances(u)) for u in players}
     finally:
@@ -479,6 +479,6 @@ async def test_redis_killed_under_load_keeps_acknowledged_bets_and_rotates_pairs
     shown = {u: int(balances_after[u].get(b"USDT", 0)) for u in players}
     assert shown == {u: minor(a.balance) for u, a in final.items()}, \
         "a balance is not the one its player was last shown"
-    second_audit = await asyncio.to_thread(tool, own, "workers.audit", "--retries", "0")
+    second_audit = await asyncio.to_thread(tool, own, "ops.audit", "--retries", "0")
     assert second_audit.returncode == 0, second_audit.stdout + second_audit.stderr
     assert "AUDIT OK" in second_audit.stdout

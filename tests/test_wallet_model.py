@@ -32,8 +32,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from games.types import Minor
 from games.wallet_model import Reply, WalletModel
-from server import scripts
-from server.keys import Keys
+from plumbing import scripts
+from plumbing.keys import Keys
 from tests.conftest import RedisServer
 
 USER = 7

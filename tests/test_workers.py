@@ -90,7 +90,7 @@ async def paid_exactly(pool: asyncpg.Pool, stack: Stack, tree: Tree,
 
 
 def test_broker_lives_beside_the_balances() -> None:
-    from server.settings import Settings
+    from plumbing.settings import Settings
 
     assert broker_url(Settings(redis_url="redis://h:7000/0")) == "redis://h:7000/1"
     assert broker_url(Settings(redis_url="redis://:pw@h:7000")) == "redis://:pw@h:7000/1"

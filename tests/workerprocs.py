@@ -1,6 +1,6 @@
 """A StakePro deployment of real processes for the worker and crash tests.
 
-:class:`Stack` owns a redis-server and a PostgreSQL database of its own (so ``workers.audit``
+:class:`Stack` owns a redis-server and a PostgreSQL database of its own (so ``ops.audit``
 judges only what these tests did), builds the environment every child reads its settings
 from, and starts the Dramatiq workers, the scheduler and the game server as subprocesses
 that a test may SIGKILL.
@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 
 from games.commission import split
 from games.types import Minor, UserId
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from server.db import drop_database, migrate
-from server.keys import Keys
-from server.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, free_port
 from tests.helpers import Api
 from tests.helpers import eventually as helpers_eventually
@@ -154,7 +154,7 @@ class Stack:
         return self.spawn("scheduler", ["-m", "workers.scheduler"])
 
     def server(self) -> Proc:
-        return self.spawn("server", ["-m", "server.run", "serve"])
+        return self.spawn("server", ["-m", "stakepro", "serve"])
 
     def send(self, actor: str, *args: Any) -> None:
         """Enqueue one message, as the scheduler does (a broker of our own, not the global)."""
@@ -166,7 +166,7 @@ class Stack:
             broker.close()
 
     def audit(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "workers.audit"], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "ops.audit"], cwd=ROOT,
                               env=self.env(), capture_output=True, text=True, timeout=120)
 
     async def pending(self) -> int:

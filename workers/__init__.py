@@ -1,1 +1,1 @@
-"""Background work on the outbox: persistence to PostgreSQL (and later commissions)."""
+"""Background work on the outbox: persistence to PostgreSQL, commissions up the chain."""

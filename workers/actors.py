@@ -10,7 +10,7 @@ workers/commissions.py); the leases only keep the work from being done twice for
 ``persist_outbox(shard)``
     Shard ``s`` of ``settings.persist_shards`` (``n``) owns the bucket streams ``b`` with
     ``b % n == s``. The job takes the shard's lease (SET NX PX with a token of its own,
-    renewed every second, released by compare-and-delete, lua/lease-1.lua), and while it
+    renewed every second, released by compare-and-delete: plumbing/lease.py), and while it
     holds it, for ``settings.persist_run_s``: first the shard consumer's own pending entries
     (a previous holder died or failed between COMMIT and XACK: they are written again,
     idempotently, and acknowledged), then entries idle on any other consumer for 30 s
@@ -53,9 +53,9 @@ import redis.asyncio as aioredis
 import structlog
 from dramatiq.asyncio import get_event_loop_thread
 
-from server.keys import Keys
-from server.scripts import LUA_DIR
-from server.settings import Settings
+from plumbing.keys import Keys
+from plumbing.lease import RENEW_EVERY_S, Lease
+from plumbing.settings import Settings
 from workers import outbox
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ log = structlog.get_logger(__name__)
 LEASE_POLL_S = 0.05
 #: A persist lease lives this long unless renewed; a dead holder blocks its shard this long.
 LEASE_MS = 3000
-RENEW_EVERY_S = 1.0
 #: Entries per stream per batch (one batch is at most BATCH x buckets-of-the-shard entries).
 BATCH = 500
 #: A batch smaller than this is followed by a pause, so that batches come at most every
@@ -80,7 +79,6 @@ BATCH_EVERY_S = 0.1
 OVERRUN_S = 15.0
 #: Seconds the final flush at worker shutdown may take.
 FINAL_FLUSH_S = 5.0
-_LEASE_SOURCE = (LUA_DIR / "lease-1.lua").read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,57 +92,8 @@ class ShardKeys(Keys):
         return [self.outbox(b) for b in range(self.shard, self.buckets, self.shards)]
 
 
-def lease_key(keys: Keys, shard: int, shards: int) -> str:
-    return f"{keys.prefix}:plock:{shard}/{shards}"
-
-
 def consumer_name(shard: int, shards: int) -> str:
     return f"persist-{shard}/{shards}"
-
-
-class Lease:
-    """A Redis lease: SET NX PX with a token of its own, renewed, compare-and-delete."""
-
-    def __init__(self, redis: aioredis.Redis, key: str, ttl_ms: int = LEASE_MS) -> None:
-        self._redis = redis
-        self.key = key
-        self._ttl_ms = ttl_ms
-        self._token = uuid.uuid4().hex
-        self._script = redis.register_script(_LEASE_SOURCE)
-        self.held = False
-        self._keeping = False
-
-    async def acquire(self) -> bool:
-        self.held = bool(await self._redis.set(self.key, self._token, nx=True, px=self._ttl_ms))
-        return self.held
-
-    async def renew(self) -> bool:
-        if self.held:
-            self.held = bool(await self._script(keys=[self.key],
-                                                args=["renew", self._token, self._ttl_ms]))
-        return self.held
-
-    async def release(self) -> None:
-        if self.held:
-            self.held = False
-            await self._script(keys=[self.key], args=["release", self._token, 0])
-
-    def stop_keeping(self) -> None:
-        """End :meth:`keep` at its next step even if a cancellation is swallowed below it
-        (redis-py can absorb a CancelledError raised mid-command; see persist())."""
-        self._keeping = False
-
-    async def keep(self, every_s: float = RENEW_EVERY_S) -> None:
-        """Renew until lost, stopped or cancelled (a task beside the work it guards)."""
-        self._keeping = True
-        while self.held and self._keeping:
-            await asyncio.sleep(every_s)
-            try:
-                if not await self.renew():
-                    log.warning("lease_lost", key=self.key)
-            except Exception as exc:  # cannot tell: stop working under it
-                log.error("lease_renew_failed", key=self.key, error=repr(exc))
-                self.held = False
 
 
 @dataclass
@@ -241,7 +190,7 @@ async def persist(res: Resources, shard: int, run_s: float, batch: int = BATCH) 
         log.error("persist_bad_shard", shard=shard, shards=shards)
         return 0
     keys = ShardKeys(res.keys.prefix, res.keys.buckets, shard, shards)
-    lease = Lease(res.redis, lease_key(keys, shard, shards))
+    lease = Lease(res.redis, keys.persist_lease(shard, shards), LEASE_MS)
     # The scheduler enqueues a job per shard every persist_every_s; while one drains, the
     # next waits up to that long for the lease, so it takes over within LEASE_POLL_S of
     # the release instead of at the next tick plus Dramatiq's dispatch (a gap that showed

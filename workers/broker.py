@@ -1,7 +1,7 @@
 """Dramatiq's broker: configured here, before any actor is imported.
 
 ``import workers.broker`` builds a :class:`dramatiq.brokers.redis.RedisBroker` from
-:class:`server.settings.Settings` and makes it the global broker; :mod:`workers.actors`
+:class:`plumbing.settings.Settings` and makes it the global broker; :mod:`workers.actors`
 imports this module first, so every ``@dramatiq.actor`` binds to it.
 
 Where it lives: ``BROKER_URL``, or when that is empty the Redis server of ``REDIS_URL`` with
@@ -28,7 +28,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, default_middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
-from server.settings import Settings
+from plumbing.settings import Settings
 
 #: The one queue of the actors (the CLI consumes every queue its actors declare).
 QUEUE = "stakepro"

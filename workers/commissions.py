@@ -1,8 +1,10 @@
 """Commissions up the agent chain: accrue per bet in Redis, flush per window to PostgreSQL.
 
 PROTOCOL.md, "Commissions": every settled bet pays each ancestor of the player
-``floor(amount * bps / 10000)`` (:func:`games.commission.split`), exactly once, whatever
-crashes or retries happen. The path of one bet's commissions::
+``floor(amount * bps / 10000)`` (:mod:`games.commission` computes it), exactly once,
+whatever crashes or retries happen. This module applies it, and is the only one that does:
+the shares of each player (:func:`shares_of`), the increments an outbox ack adds
+(:func:`increments`), and the flush. The path of one bet's commissions::
 
     outbox batch COMMITted (workers/outbox.py)
       -> the batch's ack: lua/outbox-ack-accrue-n.lua, one call for the batch: if every
@@ -23,8 +25,7 @@ Why it pays exactly once:
   retry). Its commissions are accrued by the same atomic call that acknowledges its entry,
   and an entry stops being pending once: the replay's ack accrues them, the crashed one did
   not. Two consumers acknowledging the same entries: the second finds them acknowledged and
-  adds nothing for them. (:func:`accrue`, the per-bet marker of commission-accrue-2.lua, is
-  the older path, kept for callers outside the outbox; a marker lives ``MARKER_TTL_S``.)
+  adds nothing for them.
 - RENAME takes the pending hash whole: an accrual after it starts a new pending hash, so
   nothing between the read and the delete is lost. Batch contents never change afterwards.
 - The unit of payment is one taken hash, ``(batch_id, bucket)``, created atomically with its
@@ -49,26 +50,27 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
+import msgpack
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from games.commission import MAX_BPS, split
-from games.types import Minor, UserId
-from server import scripts
-from server.keys import Keys, bucket_of
-from server.metrics import FLUSH_STATEMENTS, UNITS_PAID
-from server.scripts import AccrueCode, Script
+from games.commission import accrued, check_bps
+from games.types import UserId
+from plumbing import scripts
+from plumbing.keys import Keys
+from plumbing.lease import Lease
+from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
+from plumbing.scripts import Call
 from workers import faults
 
 log = structlog.get_logger(__name__)
 
-#: Lifetime of the per-bet and per-credit markers, seconds. A per-bet marker is deleted
-#: when its outbox entry is acknowledged (workers/outbox.py); the lifetime only bounds the
-#: ones a crash between the ack and that deletion leaves behind.
+#: Lifetime of the per-credit markers (``Keys.commission_credited``), seconds: far longer
+#: than any flush that could still be finishing the unit it marks.
 MARKER_TTL_S = 7 * 24 * 3600
 #: An ancestor chain is read from PostgreSQL at most this often per player (bps changes
 #: apply to bets settled up to this long after them).
@@ -76,18 +78,6 @@ CHAIN_TTL_S = 30.0
 CHAIN_CACHE_SIZE = 100_000
 
 Chain = tuple[tuple[UserId, int], ...]
-Call = tuple[Script, Sequence[str], Sequence[str]]
-
-
-class BetLike(Protocol):
-    @property
-    def bet_id(self) -> str: ...
-    @property
-    def user_id(self) -> int: ...
-    @property
-    def currency(self) -> str: ...
-    @property
-    def amount(self) -> int: ...
 
 
 @dataclass
@@ -171,8 +161,8 @@ Shares = tuple[tuple[str, int], ...]
 async def shares_of(pool: asyncpg.Pool, pairs: Iterable[tuple[int, str]], *,
                     chains: ChainCache | None = None) -> dict[tuple[int, str], Shares]:
     """For each (player, currency), what a bet accrues per ancestor: a stake ``amount``
-    pays ``amount * bps // MAX_BPS`` to each field (games.commission.commission, inlined
-    by the outbox's hot path; a zero share is not accrued). Kept as long as the chain."""
+    pays :func:`games.commission.commission` of it to each field (a zero share is not
+    accrued; :func:`increments` sums them). Kept as long as the chain."""
     pairs = set(pairs)
     chain_of = await (chains or CHAINS).get_many(pool, {uid for uid, _ in pairs})
     out: dict[tuple[int, str], Shares] = {}
@@ -183,8 +173,7 @@ async def shares_of(pool: asyncpg.Pool, pairs: Iterable[tuple[int, str]], *,
             out[pair] = hit[1]
             continue
         for _, bps in chain:
-            if not 0 <= bps <= MAX_BPS:
-                raise ValueError("commission_bps must be within 0 ... 10000")
+            check_bps(bps)
         shares = tuple((f"{ancestor}|{pair[1]}", bps) for ancestor, bps in chain if bps > 0)
         if len(_SHARES) >= 2 * CHAIN_CACHE_SIZE:
             _SHARES.clear()
@@ -198,91 +187,23 @@ async def shares_of(pool: asyncpg.Pool, pairs: Iterable[tuple[int, str]], *,
 _SHARES: dict[tuple[int, str], tuple[Chain, Shares]] = {}
 
 
-# -- Redis calls -----------------------------------------------------------------------------
+#: A persisted bet whose outbox ack accrues its commissions: (entry id, stake, shares). A
+#: plain tuple: one is made per bet.
+Accruing = tuple[bytes, int, Shares]
 
 
-async def run_scripts(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
-    """EVALSHA every call in one pipeline; reload and retry the NOSCRIPT ones once.
-
-    Raises the first other error (after every call ran: each one is idempotent).
-    """
-    if not calls:
-        return []
-
-    async def send(batch: Sequence[Call]) -> list[Any]:
-        pipe = redis.pipeline(transaction=False)
-        for script, keys, args in batch:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    replies = await send(calls)
-    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-    if again:
-        for script in {calls[i][0] for i in again}:
-            await redis.script_load(script.source)
-        for i, reply in zip(again, await send([calls[i] for i in again]), strict=True):
-            replies[i] = reply
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
-
-
-_run = run_scripts
+def increments(bets: Iterable[Accruing]) -> bytes:
+    """What one bucket's acknowledged bets add to its pending hash, as
+    lua/outbox-ack-accrue-n.lua takes it: a msgpack array ``[field, amount, ...]`` of
+    strings (an amount past 2^53 would lose digits as a Lua number), ``b""`` for none."""
+    flat: list[str] = []
+    for name, amount in accrued((stake, shares) for _, stake, shares in bets).items():
+        flat += (name, str(amount))
+    return msgpack.packb(flat) if flat else b""
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# -- accrual ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Bet:
-    bet_id: str
-    user_id: int
-    currency: str
-    amount: int
-
-
-def _bet(bet: BetLike | Mapping[str, Any]) -> _Bet:
-    if isinstance(bet, Mapping):
-        return _Bet(str(bet["bet_id"]), int(bet["user_id"]), str(bet["currency"]),
-                    int(bet["amount"]))
-    return _Bet(bet.bet_id, bet.user_id, bet.currency, bet.amount)
-
-
-async def accrue(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
-    bets: Iterable[BetLike | Mapping[str, Any]], *, chains: ChainCache | None = None,
-    marker_ttl_s: int = MARKER_TTL_S,
-) -> int:
-    """Add the commissions of settled bets to their buckets' pending hashes, once per bet.
-
-    ``bets`` are persisted bet events (workers.outbox.BetEvent, or mappings with bet_id,
-    user_id, currency, amount). One pipeline for all of them. Safe to call again with the
-    same bets (a replayed batch, a retried job): those accrue nothing. Returns the number of
-    bets accrued now; bets whose every share is zero are skipped (nothing to pay).
-    """
-    items = [_bet(b) for b in bets]
-    if not items:
-        return 0
-    chain_of = await (chains or CHAINS).get_many(pool, (b.user_id for b in items))
-    calls: list[Call] = []
-    for b in items:
-        args = [str(marker_ttl_s)]
-        for ancestor, amount in split(Minor(b.amount), chain_of[b.user_id]):
-            if amount > 0:
-                args += [f"{ancestor}|{b.currency}", str(amount)]
-        if len(args) > 1:
-            bucket = bucket_of(b.user_id, keys.buckets)
-            calls.append((scripts.COMMISSION_ACCRUE,
-                          (keys.commission_done(b.user_id, b.bet_id),
-                           keys.commission_pending(bucket)), args))
-    accrued = sum(1 for r in await _run(redis, calls) if int(r) == AccrueCode.ACCRUED)
-    STATS.accrued += accrued
-    return accrued
 
 
 # -- the flush, step by step -----------------------------------------------------------------
@@ -313,7 +234,7 @@ async def take(redis: aioredis.Redis, keys: Keys, batch_id: str) -> list[Unit]:
           keys.commission_batches(b)), (batch_id,))
         for b in range(keys.buckets)
     ]
-    found = [(b, _text(i)) for b, reply in enumerate(await _run(redis, calls))
+    found = [(b, _text(i)) for b, reply in enumerate(await scripts.run(redis, calls))
              for i in reply[1:]]
     if not found:
         return []
@@ -414,7 +335,7 @@ async def credit(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit],
             call_keys.append(keys.commission_credited(ancestor, name))
             args += [str(by.get(c, 0)) for c in currencies]
         calls.append((scripts.COMMISSION_CREDIT, call_keys, args))
-    return sum(1 for r in await _run(redis, calls) if int(r) > 0)
+    return sum(1 for r in await scripts.run(redis, calls) if int(r) > 0)
 
 
 async def drop(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit]) -> None:
@@ -491,21 +412,21 @@ async def flush_window(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
     at most one commission statement per window). Released only when the flush fails, so
     another flusher may retry at once. Correctness never depends on the lease.
     """
-    lease = keys.commission_lease()
-    if not await redis.set(lease, token, nx=True, px=max(1, int(window_s * 1000))):
+    lease = Lease(redis, keys.commission_lease(), int(window_s * 1000), token)
+    if not await lease.acquire():
         return None
     try:
         return await flush(redis, pool, keys)
     except Exception:
         with contextlib.suppress(Exception):
-            await _run(redis, [(scripts.COMMISSION_UNLOCK, (lease,), (token,))])
+            await lease.release()
         raise
 
 
 class Flusher:
     """The flush loop of one process: every ``interval_s``, if it holds the window's lease.
 
-    Run by the in-process persister (server/persister.py); the Dramatiq workers may call
+    Run by the in-process persister (workers/persister.py); the Dramatiq workers may call
     :func:`flush_window` or :func:`flush` instead. ``close()`` flushes once more, so the
     commissions of the last bets persisted are paid before the process ends.
     """

@@ -8,8 +8,11 @@ idempotently (every row has a key derived from the event: ``bet_id``, ``bet:<bet
 nothing twice.
 
 The functions are plain coroutines over a redis.asyncio client (bytes replies, not
-``decode_responses``), an asyncpg pool and :class:`server.keys.Keys`, so the in-process loop
-(:mod:`server.persister`) and the Dramatiq actors can share them.
+``decode_responses``), an asyncpg pool and :class:`plumbing.keys.Keys`, so the in-process loop
+(:mod:`workers.persister`) and the Dramatiq actors can share them. The entries' format is
+:mod:`plumbing.events`, which decodes them (:func:`~plumbing.events.bet_row`,
+:func:`~plumbing.events.parse`); the commissions their ack accrues are
+:func:`workers.commissions.increments`.
 
 Life of an entry, per consumer group (``persist``)::
 
@@ -18,7 +21,7 @@ Life of an entry, per consumer group (``persist``)::
 
 The cost is per batch where it can be (bench/drainbench.py measures it): one XREADGROUP
 over every stream, COPY into a staging table and one INSERT for the bets and their ledger
-rows, one script call for the ack; per bet only the decoding (:func:`bet_row`) and the
+rows, one script call for the ack; per bet only the decoding (``bet_row``) and the
 commission arithmetic are Python.
 
 - Nothing is acknowledged before COMMIT. A consumer that dies between the read and the ack
@@ -31,7 +34,7 @@ commission arithmetic are Python.
   for it too (trim by the smallest id every group has acknowledged, or XACKDEL ... ACKED on
   Redis >= 8.2) - or do its work inside the same transaction as here.
 - An entry that cannot be decoded, or that PostgreSQL rejects as data (SQLSTATE class 22/23),
-  is copied into the dead-letter stream ``{prefix}:outbox-dead`` with the reason, then
+  is copied into the dead-letter stream ``keys.outbox_dead()`` with the reason, then
   acknowledged: it never blocks the stream, and it is never silently dropped.
 """
 
@@ -44,14 +47,23 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import asyncpg
-import msgpack
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
-from games.commission import MAX_BPS
-from server.keys import Keys
-from server.scripts import Script
+from plumbing import scripts
+from plumbing.events import (
+    BET_COLUMNS,
+    BetEvent,
+    BetRow,
+    DepositEvent,
+    Event,
+    Malformed,
+    bet_row,
+    parse,
+    row_of,
+)
+from plumbing.keys import Keys
 from workers import commissions, faults
 
 log = structlog.get_logger(__name__)
@@ -59,14 +71,6 @@ log = structlog.get_logger(__name__)
 GROUP = "persist"
 #: Entries pending longer than this on some consumer are presumed orphaned by a dead process.
 RECLAIM_IDLE_MS = 30_000
-
-_I64 = (-(2**63), 2**63 - 1)
-_I32 = (-(2**31), 2**31 - 1)
-
-
-class Malformed(ValueError):
-    """An outbox entry that cannot be turned into rows."""
-
 
 class Entry(NamedTuple):
     """One stream entry as read: the stream it came from, its id, its raw fields."""
@@ -76,223 +80,6 @@ class Entry(NamedTuple):
     fields: Mapping[bytes, bytes] | None  # None: deleted while pending
 
 
-@dataclass(frozen=True, slots=True)
-class BetEvent:
-    bet_id: str
-    user_id: int
-    pair_id: int
-    currency: str
-    amount: int
-    payout: int
-    roll: int
-    target: int
-    direction: str
-    nonce: int
-    multiplier: int
-    server_seed_hash: str
-    client_seed: str
-    ts: int
-    balance_after: int
-
-
-@dataclass(frozen=True, slots=True)
-class DepositEvent:
-    key: str
-    user_id: int
-    currency: str
-    amount: int
-    ts: int
-    balance_after: int
-
-
-@dataclass(frozen=True, slots=True)
-class RevealEvent:
-    pair_id: int
-    final_nonce: int
-    ts: int
-
-
-Event = BetEvent | DepositEvent | RevealEvent
-
-#: The fields of a bet event, in the order of the list-shaped blob (a map is accepted too).
-BET_FIELDS = ("bet_id", "user_id", "pair_id", "currency", "amount", "payout", "roll", "target",
-              "direction", "nonce", "multiplier", "server_seed_hash", "client_seed", "ts")
-
-#: One ``bets`` row as written: the columns of _BETS_SQL in order, ``ts`` last.
-BetRow = tuple[str, int, int, str, int, int, int, int, str, int, int, str, str, int, int]
-
-
-def dead_letter_key(keys: Keys) -> str:
-    """Stream of entries that could not be persisted, kept for a person to look at."""
-    return f"{keys.prefix}:outbox-dead"
-
-
-# -- decoding --------------------------------------------------------------------------------
-
-
-def _int(value: Any, name: str, bounds: tuple[int, int] = _I64) -> int:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    if isinstance(value, str):
-        text = value.strip()
-        if not text or not text.lstrip("-").isdigit():
-            raise Malformed(f"{name} is not an integer: {value!r}")
-        value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Malformed(f"{name} is not an integer: {value!r}")
-    if not bounds[0] <= value <= bounds[1]:
-        raise Malformed(f"{name} out of range: {value}")
-    return value
-
-
-def _str(value: Any, name: str) -> str:
-    if isinstance(value, bytes):
-        try:
-            value = value.decode()
-        except UnicodeDecodeError as exc:
-            raise Malformed(f"{name} is not UTF-8") from exc
-    if not isinstance(value, str) or not value:
-        raise Malformed(f"{name} is not a non-empty string: {value!r}")
-    return value
-
-
-def _blob(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
-    raw = fields.get(b"e")
-    if raw is None:
-        raise Malformed("no event blob")
-    try:
-        event = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise Malformed(f"event blob is not msgpack: {exc}") from exc
-    if isinstance(event, list) and len(event) == len(BET_FIELDS) and fields.get(b"k") == b"bet":
-        return dict(zip(BET_FIELDS, event, strict=True))
-    if not isinstance(event, dict):
-        raise Malformed("event blob is not a map")
-    return event
-
-
-def _get(event: Mapping[str, Any], name: str) -> Any:
-    try:
-        return event[name]
-    except KeyError:
-        raise Malformed(f"missing {name}") from None
-
-
-def parse(fields: Mapping[bytes, bytes]) -> Event:
-    """Turn one entry's fields into an event; raises :class:`Malformed`."""
-    kind = fields.get(b"k")
-    if kind == b"bet":
-        e = _blob(fields)
-        bet = BetEvent(
-            bet_id=_str(_get(e, "bet_id"), "bet_id"),
-            user_id=_int(_get(e, "user_id"), "user_id"),
-            pair_id=_int(_get(e, "pair_id"), "pair_id"),
-            currency=_str(_get(e, "currency"), "currency"),
-            amount=_int(_get(e, "amount"), "amount"),
-            payout=_int(_get(e, "payout"), "payout"),
-            roll=_int(_get(e, "roll"), "roll", _I32),
-            target=_int(_get(e, "target"), "target", _I32),
-            direction=_str(_get(e, "direction"), "direction"),
-            nonce=_int(_get(e, "nonce"), "nonce"),
-            multiplier=_int(_get(e, "multiplier"), "multiplier", _I32),
-            server_seed_hash=_str(_get(e, "server_seed_hash"), "server_seed_hash"),
-            client_seed=_str(_get(e, "client_seed"), "client_seed"),
-            ts=_int(_get(e, "ts"), "ts"),
-            balance_after=_int(fields.get(b"b"), "b"),
-        )
-        if bet.amount <= 0 or bet.payout < 0:
-            raise Malformed(f"bet amounts out of range: {bet.amount} -> {bet.payout}")
-        if bet.direction not in ("under", "over"):
-            raise Malformed(f"bad direction {bet.direction!r}")
-        _int(bet.payout - bet.amount, "delta")
-        return bet
-    if kind == b"deposit":
-        e = _blob(fields)
-        dep = DepositEvent(
-            key=_str(_get(e, "key"), "key"),
-            user_id=_int(_get(e, "user_id"), "user_id"),
-            currency=_str(_get(e, "currency"), "currency"),
-            amount=_int(_get(e, "amount"), "amount"),
-            ts=_int(_get(e, "ts"), "ts"),
-            balance_after=_int(fields.get(b"b"), "b"),
-        )
-        if dep.amount <= 0:
-            raise Malformed(f"deposit amount out of range: {dep.amount}")
-        return dep
-    if kind == b"reveal":
-        return RevealEvent(
-            pair_id=_int(fields.get(b"pid"), "pid"),
-            final_nonce=_int(fields.get(b"n"), "n"),
-            ts=_int(fields.get(b"ts"), "ts"),
-        )
-    raise Malformed(f"unknown kind {kind!r}")
-
-
-_unpackb = msgpack.unpackb
-_DIRECTIONS = frozenset(("under", "over"))
-
-
-def bet_row(fields: Mapping[bytes, bytes]) -> BetRow:
-    """A bet entry's ``bets`` row; raises :class:`Malformed` exactly when :func:`parse` does.
-
-    The hot path of the worker: the blob (a map, or the list ``BET_FIELDS``) is unpacked and
-    its values checked in a few type tests; anything unusual (a numeric string, a missing
-    field, a value out of range) goes through :func:`parse`, which accepts or explains it.
-    """
-    try:
-        e = _unpackb(fields[b"e"])
-        if type(e) is dict:
-            bet_id = e["bet_id"]
-            user_id = e["user_id"]
-            pair_id = e["pair_id"]
-            currency = e["currency"]
-            amount = e["amount"]
-            payout = e["payout"]
-            roll = e["roll"]
-            target = e["target"]
-            direction = e["direction"]
-            nonce = e["nonce"]
-            multiplier = e["multiplier"]
-            server_seed_hash = e["server_seed_hash"]
-            client_seed = e["client_seed"]
-            ts = e["ts"]
-        else:
-            (bet_id, user_id, pair_id, currency, amount, payout, roll, target, direction,
-             nonce, multiplier, server_seed_hash, client_seed, ts) = e
-        balance = fields[b"b"]
-        if (
-            type(bet_id) is str and type(currency) is str and type(server_seed_hash) is str
-            and type(client_seed) is str and bet_id and currency and server_seed_hash
-            and client_seed and direction in _DIRECTIONS
-            and type(user_id) is int and type(pair_id) is int and type(amount) is int
-            and type(payout) is int and type(roll) is int and type(target) is int
-            and type(nonce) is int and type(multiplier) is int and type(ts) is int
-            and type(balance) is bytes and balance.isdigit()
-            and 0 < amount <= _I64[1] and 0 <= payout <= _I64[1]
-            and _I64[0] <= min(user_id, pair_id, nonce, ts)
-            and max(user_id, pair_id, nonce, ts) <= _I64[1]
-            and _I32[0] <= min(roll, target, multiplier)
-            and max(roll, target, multiplier) <= _I32[1]
-        ):
-            balance_after = int(balance)
-            if balance_after <= _I64[1]:
-                return (bet_id, user_id, pair_id, currency, amount, payout, roll, target,
-                        direction, nonce, multiplier, server_seed_hash, client_seed,
-                        balance_after, ts)
-    except Exception:
-        pass
-    event = parse(fields)
-    if not isinstance(event, BetEvent):
-        raise Malformed(f"not a bet: {fields.get(b'k')!r}")
-    return _row(event)
-
-
-def _row(e: BetEvent) -> BetRow:
-    return (e.bet_id, e.user_id, e.pair_id, e.currency, e.amount, e.payout, e.roll, e.target,
-            e.direction, e.nonce, e.multiplier, e.server_seed_hash, e.client_seed,
-            e.balance_after, e.ts)
-
-
 # -- writing ---------------------------------------------------------------------------------
 
 # Bets go to PostgreSQL by COPY into a session-local staging table, then one statement
@@ -300,9 +87,6 @@ def _row(e: BetEvent) -> BetRow:
 # there rather than sent twice), both ON CONFLICT DO NOTHING. COPY because binding arrays
 # to ``unnest`` costs the client an isinstance() against collections.abc per element.
 _STAGE = "stakepro_outbox_bets"
-_STAGE_COLUMNS = ("bet_id", "user_id", "pair_id", "currency", "amount", "payout", "roll",
-                  "target", "direction", "nonce", "multiplier", "server_seed_hash",
-                  "client_seed", "balance_after", "ts")
 _BEGIN_SQL = f"""
 BEGIN;
 SET LOCAL client_min_messages = warning;
@@ -363,7 +147,7 @@ class Rows:
         if isinstance(event, tuple):
             self.bets.append(event)
         elif isinstance(event, BetEvent):
-            self.bets.append(_row(event))
+            self.bets.append(row_of(event))
         elif isinstance(event, DepositEvent):
             for column, value in zip(
                 self.ledger,
@@ -396,7 +180,7 @@ async def write(pool: asyncpg.Pool, events: Iterable[Event | BetRow]) -> None:
         try:
             if rows.bets:
                 await conn.copy_records_to_table(_STAGE, records=rows.bets,
-                                                 columns=_STAGE_COLUMNS)
+                                                 columns=BET_COLUMNS)
                 await conn.execute(_BETS_SQL)
             if rows.ledger[0]:
                 await conn.execute(_LEDGER_SQL, *rows.ledger)
@@ -500,15 +284,7 @@ async def _dead_letter(redis: aioredis.Redis, keys: Keys, entry: Entry, reason: 
     }
     for name, value in (entry.fields or {}).items():
         fields[b"f:" + _b(name)] = value
-    await redis.xadd(dead_letter_key(keys), fields)  # type: ignore[arg-type]
-
-
-ACK_ACCRUE = Script.load("outbox-ack-accrue-n.lua")
-
-
-#: A persisted bet whose entry's ack accrues ``amount * bps // MAX_BPS`` per share:
-#: (entry id, amount, shares). A plain tuple: one is made per bet.
-_Accruing = tuple[bytes, int, commissions.Shares]
+    await redis.xadd(keys.outbox_dead(), fields)  # type: ignore[arg-type]
 
 
 def _bucket_of_stream(keys: Keys, stream: bytes) -> int:
@@ -520,30 +296,22 @@ def _bucket_of_stream(keys: Keys, stream: bytes) -> int:
 
 
 def _ack_call(keys: Keys, group: str, consumer: str,
-              todo: Mapping[bytes, tuple[list[_Accruing], list[bytes]]]) -> commissions.Call:
+              todo: Mapping[bytes, tuple[list[commissions.Accruing], list[bytes]]]) -> scripts.Call:
     """One outbox-ack-accrue call for every stream of ``todo``, three arguments per stream
     (not one per entry: redis-py packs arguments one by one, in Python): the ids joined by
     spaces, and the commission sums as one msgpack array."""
     call_keys: list[str] = []
     args: list[Any] = [group, consumer]
     for stream, (accruing, others) in todo.items():
-        total: dict[str, int] = {}
-        for _, stake, shares in accruing:
-            for name, bps in shares:
-                if amount := stake * bps // MAX_BPS:
-                    total[name] = total.get(name, 0) + amount
         call_keys += (stream.decode(), keys.commission_pending(_bucket_of_stream(keys, stream)))
-        amounts: list[str] = []
-        for name, amount in total.items():
-            amounts += (name, str(amount))
         args += (b" ".join([a[0] for a in accruing]), b" ".join(others),
-                 msgpack.packb(amounts) if amounts else b"")
-    return (ACK_ACCRUE, call_keys, args)
+                 commissions.increments(accruing))
+    return (scripts.OUTBOX_ACK_ACCRUE, call_keys, args)
 
 
 async def _ack(
     redis: aioredis.Redis, keys: Keys, group: str, consumer: str,
-    accruing: Mapping[bytes, list[_Accruing]], others: Mapping[bytes, list[bytes]],
+    accruing: Mapping[bytes, list[commissions.Accruing]], others: Mapping[bytes, list[bytes]],
 ) -> int:
     """XACK + XDEL the entries and accrue their bets' commissions, in ONE atomic script call
     for every stream of the batch (lua/outbox-ack-accrue-n.lua). Returns the bets
@@ -558,12 +326,11 @@ async def _ack(
             for stream in sorted({*accruing, *others})}
     accrued = 0
     while todo:
-        reply = (await commissions.run_scripts(redis, [_ack_call(keys, group, consumer,
-                                                                 todo)]))[0]
+        reply = await scripts.run_one(redis, *_ack_call(keys, group, consumer, todo))
         if int(reply[0]) == 1:
             accrued = sum(len(bets) for bets, _ in todo.values())
             break
-        again: dict[bytes, tuple[list[_Accruing], list[bytes]]] = {}
+        again: dict[bytes, tuple[list[commissions.Accruing], list[bytes]]] = {}
         for (stream, (bets, rest)), still in zip(todo.items(), reply[1:], strict=True):
             pending = set(bytes(still).split())
             if len(pending) < len(bets):
@@ -621,7 +388,7 @@ async def handle(
         bets = [(entry, event) for entry, event in kept if isinstance(event, tuple)]
         rest = [(entry, event) for entry, event in kept if not isinstance(event, tuple)]
     # Commissions of the bets now in PostgreSQL, accrued by the ack itself (below).
-    accruing: dict[bytes, list[_Accruing]] = {}
+    accruing: dict[bytes, list[commissions.Accruing]] = {}
     if bets:
         shares = await commissions.shares_of(pool, {(row[1], row[3]) for _, row in bets})
         for entry, row in bets:
@@ -698,7 +465,7 @@ async def pending_count(redis: aioredis.Redis, keys: Keys) -> int:
 
 async def dead_count(redis: aioredis.Redis, keys: Keys) -> int:
     """Entries set aside as unpersistable (each one needs a person)."""
-    return int(await redis.xlen(dead_letter_key(keys)))
+    return int(await redis.xlen(keys.outbox_dead()))
 
 
 def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:

@@ -33,7 +33,7 @@ from types import FrameType
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from server.settings import Settings
+from plumbing.settings import Settings
 from workers.actors import flush_commissions, persist_outbox
 
 log = logging.getLogger("workers.scheduler")

@@ -46,12 +46,12 @@ from games.bets import BetSpec, fingerprint, settle, validate_bet
 from games.money import DEFAULT_CURRENCIES
 from games.types import Direction, Hundredths, Minor, MultiplierBp
 from loadtest.serverstats import is_loopback
-from server import scripts
-from server.keys import Keys
+from plumbing import scripts
+from plumbing.keys import Keys
+from plumbing.scripts import Script
 from server.redisbatch import Batcher
 from server.redisconn import RunId
 from server.resp import FastConnection
-from server.scripts import Script
 from server.wallet import Pair, UserState, Wallet
 
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 """Rebuild the Redis balances from the PostgreSQL ledger, after Redis lost data.
 
-``python -m workers.rebuild`` (``make rebuild-balances``) sets every user's balance hash
+``python -m ops.rebuild`` (``make rebuild-balances``) sets every user's balance hash
 ``keys.balances(user)`` to ``SUM(delta)`` of the ledger per currency, overwriting what is
 there (DEL + HSET in one MULTI per user, so a currency the ledger does not know disappears).
 
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as aioredis
 
-from server.keys import Keys
-from server.settings import Settings
+from plumbing.keys import Keys
+from plumbing.settings import Settings
 from workers import outbox
 
 CHUNK = 1000
@@ -152,7 +152,7 @@ async def run(settings: Settings, users: Sequence[int] | None = None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.rebuild",
+        prog="python -m ops.rebuild",
         description="Restore every Redis balance from the PostgreSQL ledger. Run it with the "
                     "servers and workers stopped.",
     )

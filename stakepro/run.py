@@ -1,11 +1,11 @@
 """``make run``: migrate, then start and watch the game server, the workers, the scheduler.
 
-``python -m server.run`` (the supervisor):
+``python -m stakepro`` (the supervisor; ``make run``):
 
 1. migrates the database (creating it if needed);
 2. starts, each as a child process in its own process group (so Ctrl-C reaches only this
    supervisor, which then stops them in order):
-   - the game server, ``python -m server.run serve`` (uvicorn, :func:`uvicorn_config`) with
+   - the game server, ``python -m stakepro serve`` (uvicorn, :func:`uvicorn_config`) with
      ``INPROCESS_PERSISTER=false``: the workers persist the outbox and pay commissions;
    - the Dramatiq workers, ``python -m dramatiq workers.actors`` (``--processes`` and
      ``--threads`` from ``WORKER_PROCESSES`` / ``WORKER_THREADS``, default 1 and 4);
@@ -18,7 +18,7 @@
 Children are also asked (PR_SET_PDEATHSIG) to receive SIGTERM should the supervisor itself
 be killed, so none is left running behind it.
 
-``python -m server.run serve`` runs the game server alone, in this process, with the
+``python -m stakepro serve`` runs the game server alone, in this process, with the
 settings of the environment (as the supervisor's child, or by hand next to workers started
 elsewhere). :func:`uvicorn_config` is the one uvicorn configuration (tests and the load test
 use it too).
@@ -41,10 +41,10 @@ from typing import Any
 
 import uvicorn
 
-from server.app import create_app
+from plumbing.settings import Settings
 from server.db import migrate
-from server.settings import Settings
 from server.wslink import DirectProtocol
+from stakepro.app import create_app
 
 #: Seconds each child gets to stop after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 20.0
@@ -81,7 +81,7 @@ def serve(settings: Settings) -> int:
     if settings.server_processes > 1:
         # uvicorn's process manager: one listening socket, N processes accepting on it,
         # each building its own app from the environment (create_app reads Settings()).
-        uvicorn.run("server.app:create_app", factory=True,
+        uvicorn.run("stakepro.app:create_app", factory=True,
                     workers=settings.server_processes, **_options(settings, {}))
         return 0
     server = uvicorn.Server(uvicorn_config(settings))
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["serve"]:
         return serve(settings)
     if args:
-        print("usage: python -m server.run [serve]", file=sys.stderr)
+        print("usage: python -m stakepro [serve]", file=sys.stderr)
         return 2
 
     applied = asyncio.run(migrate(settings.database_url))
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "--threads", os.environ.get("WORKER_THREADS", "4"),
                           "--worker-shutdown-timeout", str(int(STOP_TIMEOUT_S * 1000) - 2000)],
               env),
-        Child("server", [py, "-m", "server.run", "serve"],
+        Child("server", [py, "-m", "stakepro", "serve"],
               {**env, "INPROCESS_PERSISTER": "false"}),
         Child("scheduler", [py, "-m", "workers.scheduler"], env),
     ]

@@ -61,11 +61,19 @@ class Keys:
     def feed_channel(self) -> str:
         return f"{self.prefix}:feed"
 
-    # -- commissions (workers/commissions.py) ----------------------------------------------
+    def outbox_dead(self) -> str:
+        """Stream of outbox entries that could not be persisted, kept for a person."""
+        return f"{self.prefix}:outbox-dead"
 
-    def commission_done(self, user_id: int, bet_id: str) -> str:
-        """Marker: this bet's commissions were accrued (player's bucket, expires)."""
-        return f"{self.prefix}:cdone:{self.tag(user_id)}:{bet_id}"
+    def persist_lease(self, shard: int, shards: int) -> str:
+        """The lease of persist shard ``shard`` of ``shards`` (workers/actors.py)."""
+        return f"{self.prefix}:plock:{shard}/{shards}"
+
+    def heartbeat(self) -> str:
+        """Pub/sub channel the server's hub pings to notice a dead subscription."""
+        return f"{self.prefix}:heartbeat"
+
+    # -- commissions (workers/commissions.py) ----------------------------------------------
 
     def commission_pending(self, bucket: int) -> str:
         """Hash of a bucket's accrued, not yet taken commissions: "<ancestor>|<cur>" -> minor."""
@@ -91,6 +99,11 @@ class Keys:
     def commission_lease(self) -> str:
         """The flush lease: held by the one flusher of the current window."""
         return f"{self.prefix}:cflush"
+
+    def scan_match(self, kind: str) -> str:
+        """SCAN pattern of every key of one ``kind`` (the name part after the prefix:
+        ``bal``, ``cpend``, ...), for the operator commands that walk them."""
+        return f"{self.prefix}:{kind}:*"
 
     def epoch(self) -> str:
         """Redis incarnation marker: set once; if missing, Redis lost data (see docs)."""

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     demo_credit: dict[str, str] = {"USDT": "1000.00", "BTC": "0.01000000"}
     #: Prefix of every Redis key and pub/sub channel, so tests can share a server safely.
     key_prefix: str = "sp"
-    #: Persist outbox events to PostgreSQL from inside the server process (until workers run).
+    #: Persist outbox events to PostgreSQL from inside the server process (stakepro.app);
+    #: off where the Dramatiq workers do it (make run).
     inprocess_persister: bool = True
     #: Seconds between two commission flushes (one PostgreSQL statement per window).
     commission_flush_s: float = Field(default=2.0, gt=0)

@@ -1,9 +1,10 @@
-"""The in-process persister: a task of the server draining the outbox into PostgreSQL.
+"""The in-process persister: a task draining the outbox into PostgreSQL beside a game server.
 
-Runs while ``settings.inprocess_persister`` (until the Dramatiq workers take over; both can
-run at once: they are consumers of one group, and every write is idempotent). All the work
-is :mod:`workers.outbox`; this is only the loop around it: block on the streams, persist,
-back off on errors, take over what dead consumers left every ``reclaim_every_s``.
+The launcher runs it inside the game server's process while ``settings.inprocess_persister``
+(:mod:`stakepro.app`; ``make run`` turns it off and runs the Dramatiq workers instead; both
+can run at once: they are consumers of one group, and every write is idempotent). All the
+work is :mod:`workers.outbox`; this is only the loop around it: block on the streams,
+persist, back off on errors, take over what dead consumers left every ``reclaim_every_s``.
 
 ``close()`` never interrupts a batch: it asks the loop to stop, lets the batch in hand reach
 COMMIT and its ack, then drains what is still in the streams (bets settled just before the
@@ -21,7 +22,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
-from server.keys import Keys
+from plumbing.keys import Keys
 from workers import commissions, outbox
 
 log = structlog.get_logger(__name__)

@@ -1,7 +1,7 @@
 """The audit: every persisted bet, every balance, and the conservation of money.
 
-``python -m workers.audit`` (``make audit``) reads ``REDIS_URL`` and ``DATABASE_URL`` through
-:class:`server.settings.Settings` and works whether or not the servers and workers run. It
+``python -m ops.audit`` (``make audit``) reads ``REDIS_URL`` and ``DATABASE_URL`` through
+:class:`plumbing.settings.Settings` and works whether or not the servers and workers run. It
 prints a summary and exits 0 only when every check holds, else 1 with the list of failures.
 
 The checks
@@ -57,9 +57,10 @@ import redis.asyncio as aioredis
 from games import dice, seeds
 from games.errors import InvalidTarget
 from games.types import Hundredths, Minor
-from server.keys import Keys
-from server.settings import Settings
-from workers import commissions, outbox
+from plumbing import events
+from plumbing.keys import Keys
+from plumbing.settings import Settings
+from workers import commissions
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -159,7 +160,10 @@ class PairRow:
 
 
 @dataclass(frozen=True, slots=True)
-class BetRow:
+class StoredBet:
+    """A row of ``bets`` as the audit reads it, with its ledger row (the outbox event it was
+    written from is :class:`plumbing.events.BetEvent`)."""
+
     bet_id: str
     user_id: int
     pair_id: int
@@ -187,7 +191,7 @@ def check_pair(pair: PairRow) -> list[Failure]:
     return []
 
 
-def check_bet(bet: BetRow, pair: PairRow | None, house_edge_bp: int) -> list[Failure]:
+def check_bet(bet: StoredBet, pair: PairRow | None, house_edge_bp: int) -> list[Failure]:
     """Recompute one bet from its pair and nonce; every difference is a failure."""
     subject = f"bet {bet.bet_id} (user {bet.user_id})"
     out: list[Failure] = []
@@ -245,7 +249,7 @@ class NonceTracker:
     last: tuple[int, int] | None = None
     last_bet: str = ""
 
-    def feed(self, bet: BetRow) -> Failure | None:
+    def feed(self, bet: StoredBet) -> Failure | None:
         key = (bet.pair_id, bet.nonce)
         previous, previous_bet = self.last, self.last_bet
         self.last, self.last_bet = key, bet.bet_id
@@ -297,15 +301,15 @@ def check_conservation(side: str, totals: Mapping[str, Totals]) -> list[Failure]
     ]
 
 
-def add_event(pending: Pending, event: outbox.Event) -> None:
+def add_event(pending: Pending, event: events.Event) -> None:
     """Count one not-yet-persisted outbox event."""
     pending.events += 1
-    if isinstance(event, outbox.BetEvent):
+    if isinstance(event, events.BetEvent):
         pending.bets += 1
         pending.deltas[(event.user_id, event.currency)] += event.payout - event.amount
         pending.stakes[event.currency] += event.amount
         pending.payouts[event.currency] += event.payout
-    elif isinstance(event, outbox.DepositEvent):
+    elif isinstance(event, events.DepositEvent):
         pending.deposits += 1
         pending.deltas[(event.user_id, event.currency)] += event.amount
         pending.deposited[event.currency] += event.amount
@@ -313,17 +317,17 @@ def add_event(pending: Pending, event: outbox.Event) -> None:
         pending.reveals += 1
 
 
-def ledger_id(event: outbox.Event) -> str | None:
+def ledger_id(event: events.Event) -> str | None:
     """The ledger entry an event becomes (None for a reveal)."""
-    if isinstance(event, outbox.BetEvent):
+    if isinstance(event, events.BetEvent):
         return f"bet:{event.bet_id}"
-    if isinstance(event, outbox.DepositEvent):
+    if isinstance(event, events.DepositEvent):
         return f"dep:{event.key}"
     return None
 
 
-def event_user(event: outbox.Event) -> int | None:
-    return None if isinstance(event, outbox.RevealEvent) else event.user_id
+def event_user(event: events.Event) -> int | None:
+    return None if isinstance(event, events.RevealEvent) else event.user_id
 
 
 # -- I/O: PostgreSQL ---------------------------------------------------------------------------
@@ -374,7 +378,7 @@ async def audit_bets(
         nonces = NonceTracker()
         async for r in _rows(conn, _BETS_SQL.format(where=where), args, chunk):
             stats.bets += 1
-            bet = BetRow(
+            bet = StoredBet(
                 bet_id=r["bet_id"], user_id=r["user_id"], pair_id=r["pair_id"],
                 currency=r["currency"], amount=r["amount"], payout=r["payout"],
                 roll=r["roll"], target=r["target"], direction=r["direction"],
@@ -447,25 +451,25 @@ async def _stream_entries(
 
 async def read_pending(
     redis: aioredis.Redis, keys: Keys, users: Sequence[int] | None = None, chunk: int = 1000,
-) -> list[outbox.Event]:
+) -> list[events.Event]:
     """Every event still in the outbox streams (persisted or not: the caller sorts that out).
 
     Also returns nothing for dead letters: those are counted by :func:`read_dead`.
     """
     wanted = None if users is None else set(users)
-    events: list[outbox.Event] = []
+    found: list[events.Event] = []
     for stream in keys.all_outboxes():
         async for entry_id, fields in _stream_entries(redis, stream, chunk):
             try:
-                event = outbox.parse(fields)
-            except outbox.Malformed:
+                event = events.parse(fields)
+            except events.Malformed:
                 # The persister will dead-letter it; count it there.
                 continue
             user = event_user(event)
             if wanted is None or user is None or user in wanted:
-                events.append(event)
+                found.append(event)
             del entry_id
-    return events
+    return found
 
 
 async def read_dead(redis: aioredis.Redis, keys: Keys, users: Sequence[int] | None,
@@ -473,11 +477,11 @@ async def read_dead(redis: aioredis.Redis, keys: Keys, users: Sequence[int] | No
     """Dead-lettered entries: money that moved in Redis and will never reach the ledger."""
     wanted = None if users is None else set(users)
     out: list[Failure] = []
-    async for entry_id, fields in _stream_entries(redis, outbox.dead_letter_key(keys), chunk):
+    async for entry_id, fields in _stream_entries(redis, keys.outbox_dead(), chunk):
         inner = {k[2:]: v for k, v in fields.items() if k.startswith(b"f:")}
         try:
-            event: outbox.Event | None = outbox.parse(inner)
-        except outbox.Malformed:
+            event: events.Event | None = events.parse(inner)
+        except events.Malformed:
             event = None
         user = None if event is None else event_user(event)
         if wanted is not None and user not in wanted:
@@ -579,9 +583,8 @@ async def _redis_balance_users(
     redis: aioredis.Redis, keys: Keys, chunk: int
 ) -> AsyncIterator[list[int]]:
     """User ids of every balance hash in Redis, a SCAN page at a time."""
-    prefix = f"{keys.prefix}:bal:"
     page: list[int] = []
-    async for key in redis.scan_iter(match=prefix + "*", count=chunk):
+    async for key in redis.scan_iter(match=keys.scan_match("bal"), count=chunk):
         tail = _text(key).rsplit(":", 1)[-1]
         if tail.isdigit():
             page.append(int(tail))
@@ -602,7 +605,7 @@ async def audit_money(
     """Balances (b) and conservation (c), on both sides, with the pending outbox counted."""
     report = MoneyReport()
     pending = report.pending
-    events = await read_pending(redis, keys, users)
+    waiting = await read_pending(redis, keys, users)
     pending.failures += await read_dead(redis, keys, users)
     pending.dead = len(pending.failures)
 
@@ -612,10 +615,10 @@ async def audit_money(
         await read_commissions(redis, conn, keys, pending, users)
         report.failures += await check_commission_totals(conn, users)
         # Which of the events in the streams are committed already (not yet XDEL'd)?
-        ids = [i for i in (ledger_id(e) for e in events) if i is not None]
+        ids = [i for i in (ledger_id(e) for e in waiting) if i is not None]
         done = {r["entry_id"] for r in await conn.fetch(
             "SELECT entry_id FROM ledger WHERE entry_id = ANY($1::text[])", ids)} if ids else set()
-        for event in events:
+        for event in waiting:
             if ledger_id(event) in done:
                 pending.persisted += 1
             else:
@@ -781,7 +784,7 @@ def _users_arg(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workers.audit", description=__doc__
+    parser = argparse.ArgumentParser(prog="python -m ops.audit", description=__doc__
                                      .split("\n\n")[0])
     parser.add_argument("--users", type=_users_arg, default=None,
                         help="only these user ids (comma-separated); conservation then "

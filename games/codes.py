@@ -1,0 +1,48 @@
+"""The reply codes of the Lua scripts (lua/*.lua), one enum per script.
+
+Each script's header lists its codes; these enums are their one definition in Python. They
+live in :mod:`games` because the pure model of the wallet (:mod:`games.wallet_model`)
+answers with them too, and :mod:`games` imports nothing above it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["BetCode", "DepositCode", "RotateCode", "TakeCode"]
+
+
+class BetCode(enum.IntEnum):
+    """First element of each of bet-n.lua's per-bet replies."""
+
+    SETTLED = 0
+    REPLAY = 1
+    CONFLICT = 2
+    INSUFFICIENT_FUNDS = 3
+    STALE = 4
+    NO_SEED = 5
+    EPOCH = 6
+    REFUSED = 7
+
+
+class DepositCode(enum.IntEnum):
+    """First element of deposit-4.lua's reply."""
+
+    CREDITED = 0
+    REPLAY = 1
+    CONFLICT = 2
+
+
+class RotateCode(enum.IntEnum):
+    """First element of rotate-2.lua's reply."""
+
+    ROTATED = 0
+    STALE = 4
+
+
+class TakeCode(enum.IntEnum):
+    """First element of commission-take-3.lua's reply."""
+
+    EMPTY = 0
+    TAKEN = 1
+    BUSY = 2
