@@ -384,12 +384,11 @@ def test_cli_every_command_has_json() -> None:
         p.parse_args(["storm", "--bps", "1/2"])
 
 
-async def test_page_command_measures_a_first_bet(api: Api) -> None:
+async def test_page_command_measures_a_first_bet(api: Api, chromium_path: str) -> None:
     from loadtest.page import PageOptions, run_page
-    from tests.test_page import ensure_chromium
 
     report = await run_page(PageOptions(url=f"http://{api.address}/", runs=1,
-                                        chromium=ensure_chromium()))
+                                        chromium=chromium_path))
     assert report.ok, report.errors
     assert report.weights[0] > 10_000 and report.resources[0] >= 3
     assert report.first_bet_ms[0] > 0
