@@ -1,21 +1,32 @@
 """Real servers for the tests: our own redis-server on a free port, our own PostgreSQL
 database on the PostgreSQL server at TEST_DATABASE_URL / DATABASE_URL (default
 postgresql://root@127.0.0.1:5432), and the StakePro app served by uvicorn on a free port.
-Everything is removed at the end of the session."""
+Everything is removed at the end of the session.
+
+Besides the session's shared server (``base``, ``api``): servers, Redis and databases a test
+may break (``own_redis``, ``aof_redis``, ``own_database``, :func:`serve`), the deployment of
+real worker processes of tests/workerprocs.py (``stack``, ``stack_api``, ``stack_pool``),
+Chromium for the page tests (``chromium_path``) and the seed of a test's random choices
+(``seeded``). docs/testing.md says which to use when."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import pytest
 import pytest_asyncio
 import uvicorn
@@ -26,7 +37,11 @@ from server.wslink import DirectProtocol
 from stakepro.app import create_app
 from tests.helpers import Api
 
+if TYPE_CHECKING:
+    from tests.workerprocs import Stack
+
 ADMIN_TOKEN = "test-admin-token"
+CHROMIUM = "/usr/bin/chromium"
 
 
 def free_port() -> int:
@@ -64,8 +79,6 @@ class RedisServer:
                         return
             except OSError:
                 pass
-            import time
-
             time.sleep(0.025)
         raise RuntimeError("redis-server did not start")
 
@@ -83,23 +96,58 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def running_redis(appendonly: bool = False) -> Iterator[RedisServer]:
+    server = RedisServer(appendonly)
     server.start()
     yield server
     server.cleanup()
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def redis_server() -> Iterator[RedisServer]:
+    yield from running_redis()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to kill or restart."""
+    yield from running_redis()
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own with its AOF on (appendfsync everysec)."""
+    yield from running_redis(appendonly=True)
+
+
+def database_named(name: str) -> str:
+    """The URL of database ``name`` on the tests' PostgreSQL server."""
     base = os.environ.get("TEST_DATABASE_URL") or os.environ.get(
         "DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres"
     )
-    dsn = base.rsplit("/", 1)[0] + f"/stakepro_test_{os.getpid()}"
+    return base.rsplit("/", 1)[0] + f"/{name}"
+
+
+def fresh_database_name(tag: str) -> str:
+    return f"stakepro_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    dsn = database_named(f"stakepro_test_{os.getpid()}")
     asyncio.run(migrate(dsn))
     yield dsn
     asyncio.run(drop_database(dsn))
+
+
+@pytest_asyncio.fixture
+async def own_database() -> AsyncIterator[str]:
+    """A migrated database of this test's own (so an unscoped audit judges only its
+    rows), dropped afterwards."""
+    dsn = database_named(fresh_database_name("own"))
+    await migrate(dsn)
+    yield dsn
+    await drop_database(dsn)
 
 
 @pytest.fixture(scope="session")
@@ -113,10 +161,16 @@ def settings(redis_server: RedisServer, database_url: str) -> Settings:
     )
 
 
-async def serve(
-    settings: Settings, ws: Any = DirectProtocol
-) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """Run the app in this event loop on a free port; returns (server, task, base URL).
+@dataclass(frozen=True)
+class Served:
+    address: str  # host:port
+    server: uvicorn.Server
+
+
+@asynccontextmanager
+async def serve(settings: Settings, ws: Any = DirectProtocol) -> AsyncIterator[Served]:
+    """Run the app in this event loop on a free port until the block ends (the lifespan's
+    shutdown included: the in-process persister drains what is left).
     ``ws``: uvicorn's WebSocket protocol (ours by default; "websockets-sansio" is plain
     ASGI, served through server.wslink.AsgiLink)."""
     config = uvicorn.Config(
@@ -126,23 +180,88 @@ async def serve(
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    return server, task, f"127.0.0.1:{config.port}"
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield Served(f"127.0.0.1:{config.port}", server)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
 
 
 @pytest_asyncio.fixture(scope="session")
 async def base(settings: Settings) -> AsyncIterator[str]:
     """host:port of a StakePro server shared by the session's tests."""
-    server, task, address = await serve(settings)
-    yield address
-    server.should_exit = True
-    await task
+    async with serve(settings) as served:
+        yield served.address
 
 
 @pytest_asyncio.fixture(scope="session")
 async def api(base: str) -> AsyncIterator[Api]:
     async with Api(base, ADMIN_TOKEN) as client:
         yield client
+
+
+# -- real worker processes (tests/workerprocs.py) ----------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """A Redis and a database of the module's own, for worker processes it starts."""
+    from tests.workerprocs import Stack
+
+    s = await Stack.create(tmp_path_factory.mktemp("stack"))
+    yield s
+    await s.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack_api(stack: Stack) -> AsyncIterator[Api]:
+    """A game server in this process with the in-process persister off: only workers persist."""
+    async with serve(stack.settings) as served, Api(served.address, ADMIN_TOKEN) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack_pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
+    yield p
+    await p.close()
+
+
+# -- the browser --------------------------------------------------------------------------------
+
+
+def ensure_chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing; never a silent skip."""
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    apt = shutil.which("apt-get")
+    if apt is not None:
+        for command in ([apt, "update"], [apt, "install", "-y", "chromium"]):
+            subprocess.run(command, check=False, timeout=900,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing and `apt-get install -y chromium` could not install it "
+                    "(run `scripts/devenv.sh browser` as root, or install Debian's chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    return ensure_chromium()
+
+
+# -- randomness a failure can replay ------------------------------------------------------------
+
+
+@pytest.fixture
+def seeded() -> Iterator[random.Random]:
+    """The random source of a test's fault points: seeded from STAKEPRO_TEST_SEED, or a new
+    seed that is printed, so a failing run shows it (pytest prints a failing test's output)
+    and ``STAKEPRO_TEST_SEED=<seed>`` replays the same choices."""
+    seed = int(os.environ.get("STAKEPRO_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"\nrandom seed: STAKEPRO_TEST_SEED={seed}")
+    yield random.Random(seed)

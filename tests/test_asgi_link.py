@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from plumbing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, serve
-from tests.helpers import Api
+from tests.helpers import Api, assert_refused_then_closed
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,11 +29,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def plain(settings: Settings) -> AsyncIterator[Api]:
     own = settings.model_copy(update={"inprocess_persister": False})
-    server, task, address = await serve(own, ws="websockets-sansio")
-    async with Api(address, ADMIN_TOKEN) as api:
+    async with serve(own, ws="websockets-sansio") as served, Api(served.address,
+                                                                 ADMIN_TOKEN) as api:
         yield api
-    server.should_exit = True
-    await task
 
 
 async def test_bets_pipelined_past_the_inflight_limit_are_all_answered(plain: Api) -> None:
@@ -52,10 +50,7 @@ async def test_bets_pipelined_past_the_inflight_limit_are_all_answered(plain: Ap
 
 async def test_double_spend_over_plain_asgi(plain: Api) -> None:
     uid, token = await plain.player(deposit="10.00")
-    players = [plain.play(token) for _ in range(4)]
-    for p in players:
-        await p.__aenter__()
-    try:
+    async with plain.sockets(token, 4) as players:
         for k, p in enumerate(players):
             for i in range(5):
                 await p.send({"type": "bet", "id": f"{k}-{i}", "currency": "USDT",
@@ -63,9 +58,6 @@ async def test_double_spend_over_plain_asgi(plain: Api) -> None:
         replies: list[dict[str, Any]] = []
         for p in players:
             replies += [await p.recv() for _ in range(5)]
-    finally:
-        for p in players:
-            await p.__aexit__(None, None, None)
     settled = [r for r in replies if r["type"] == "bet_result"]
     assert len(settled) == 1 or settled[0]["win"], replies
     if not settled[0]["win"]:
@@ -73,19 +65,13 @@ async def test_double_spend_over_plain_asgi(plain: Api) -> None:
 
 
 async def test_bad_token_is_answered_then_closed(plain: Api) -> None:
-    async with connect(f"ws://{plain.address}/ws/play") as ws:
-        await ws.send(json.dumps({"type": "auth", "token": "nope"}))
-        err = json.loads(await ws.recv())
-        assert err["code"] == "UNAUTHORIZED"
-        with pytest.raises(ConnectionClosed) as closed:
-            await ws.recv()
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    await assert_refused_then_closed(plain.address, {"type": "auth", "token": "nope"})
 
 
 async def test_the_feed_over_plain_asgi(plain: Api) -> None:
     _, token = await plain.player(deposit="10.00")
     async with connect(f"ws://{plain.address}/ws/feed", compression=None) as feed:
-        await asyncio.sleep(0.3)  # subscribed
+        await plain.feed_is_live(feed)
         async with plain.play(token) as p:
             reply = await p.bet("0.10")
         seen: list[str] = []

@@ -9,10 +9,8 @@ database and a key prefix of its own.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,10 +25,8 @@ import redis.asyncio as aioredis
 from ops import audit, rebuild
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from server.db import drop_database, migrate
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
-from tests.helpers import Api, Player, eventually
-from workers import outbox
+from tests.helpers import Api, Player, outbox_drained, tool
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,12 +40,7 @@ def keys_of(settings: Settings) -> Keys:
 
 async def drained(settings: Settings, redis: aioredis.Redis) -> None:
     """Wait until the server's persister has written every outbox event."""
-    keys = keys_of(settings)
-
-    async def empty() -> bool:
-        return await outbox.pending_count(redis, keys) == 0
-
-    await eventually(empty, 15.0)
+    await outbox_drained(redis, keys_of(settings))
 
 
 async def audited(settings: Settings, users: list[int] | None) -> audit.Audit:
@@ -295,11 +286,7 @@ async def test_rebuild_refuses_while_events_are_unpersisted(
     with pytest.raises(rebuild.Refused, match="commission batch"):
         await rebuild.run(own, [])
     assert (await rebuild.run(own, [], force=True)).balances == {}
-    env = {**os.environ, "REDIS_URL": own.redis_url, "DATABASE_URL": own.database_url,
-           "KEY_PREFIX": own.key_prefix}
-    proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "ops.rebuild"], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=60)
+    proc = await asyncio.to_thread(tool, own, "ops.rebuild")
     assert proc.returncode == 1 and "refused" in proc.stderr
 
 
@@ -348,14 +335,6 @@ async def test_commissions_in_flight_are_pending_not_missing(
 # -- a system of its own: the global run and Redis losing writes -----------------------------
 
 
-@pytest_asyncio.fixture
-async def own_database(database_url: str) -> AsyncIterator[str]:
-    dsn = database_url.rsplit("/", 1)[0] + f"/stakepro_audit_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    await migrate(dsn)
-    yield dsn
-    await drop_database(dsn)
-
-
 def own_settings(redis_url: str, database_url: str) -> Settings:
     return Settings(redis_url=redis_url, database_url=database_url, admin_token=ADMIN_TOKEN,
                     key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning")
@@ -365,24 +344,16 @@ async def test_global_audit_of_a_whole_system(
     redis_server: RedisServer, own_database: str, redis: aioredis.Redis
 ) -> None:
     settings = own_settings(redis_server.url, own_database)
-    server, task, address = await serve(settings)
-    try:
-        async with Api(address, ADMIN_TOKEN) as api:
-            users = await population(api)
-            await play(api, (await api.player(deposit="3.00"))[1], 3)
-            await drained(settings, redis)
-            result = await audited(settings, None)
-            assert result.ok, audit.summary(result)
-            assert result.bets.bets == 28 and result.money.users >= 3
-    finally:
-        server.should_exit = True
-        await task
-    env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": own_database,
-           "KEY_PREFIX": settings.key_prefix}
+    async with serve(settings) as served, Api(served.address, ADMIN_TOKEN) as api:
+        users = await population(api)
+        await play(api, (await api.player(deposit="3.00"))[1], 3)
+        await drained(settings, redis)
+        result = await audited(settings, None)
+        assert result.ok, audit.summary(result)
+        assert result.bets.bets == 28 and result.money.users >= 3
 
     def cli() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ops.audit", "--retries", "0"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        return tool(settings, "ops.audit", "--retries", "0")
 
     ok = await asyncio.to_thread(cli)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -396,17 +367,11 @@ async def test_global_audit_of_a_whole_system(
 async def _bet_until_result(p: Player, unasked: list[dict[str, Any]]) -> dict[str, Any]:
     """Bet, resending while the server answers UNAVAILABLE (Redis is coming back). Unasked
     frames (a ``seed_rotated`` push) go to ``unasked``."""
-    for _ in range(100):
-        bet_id = f"after-restart-{uuid.uuid4().hex}"
-        await p.send({"type": "bet", "id": bet_id, "currency": "USDT", "amount": "1.00",
-                      "target": "50.00", "direction": "under"})
-        while (r := await p.recv())["id"] != bet_id:
-            unasked.append(r)
-        if r["type"] == "bet_result":
-            return r
-        assert r.get("code") == "UNAVAILABLE", r
-        await asyncio.sleep(0.1)
-    raise AssertionError("the server never recovered from the Redis restart")
+    r = await p.settle({"type": "bet", "id": f"after-restart-{uuid.uuid4().hex}",
+                        "currency": "USDT", "amount": "1.00", "target": "50.00",
+                        "direction": "under"}, unasked)
+    assert r["type"] == "bet_result", r
+    return r
 
 
 async def _lose_writes(redis_server: RedisServer, snapshot: Path) -> None:
@@ -417,40 +382,27 @@ async def _lose_writes(redis_server: RedisServer, snapshot: Path) -> None:
     redis_server.start()
 
 
-@pytest_asyncio.fixture
-async def aof_redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(appendonly=True)
-    server.start()
-    yield server
-    server.cleanup()
-
-
 async def test_redis_losing_writes_is_found_and_rebuilt(
     aof_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
     """Redis restarts from an older AOF: the audit names the users whose Redis balance is
     behind the ledger, and the rebuild (servers stopped) makes them agree again."""
     settings = own_settings(aof_redis.url, database_url)
-    server, task, address = await serve(settings)
     client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        async with Api(address, ADMIN_TOKEN) as api:
-            uid, token = await api.player(deposit="40.00")
-            await play(api, token, 3)
-            await drained(settings, client)
-            shutil.copytree(aof_redis.dir, tmp_path / "old")
-            await play(api, token, 4)
-            await api.deposit(uid, "1.00")
-            await drained(settings, client)  # PostgreSQL has all of it
-            await client.aclose()
-            await _lose_writes(aof_redis, tmp_path / "old")
-            client = aioredis.Redis.from_url(settings.redis_url)
-            bad = await audit.run(settings, [uid], retries=0)
-            assert any(f"user {uid} USDT" in f for f in failures_of(bad, "balances")), \
-                audit.summary(bad)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve(settings) as served, Api(served.address, ADMIN_TOKEN) as api:
+        uid, token = await api.player(deposit="40.00")
+        await play(api, token, 3)
+        await drained(settings, client)
+        shutil.copytree(aof_redis.dir, tmp_path / "old")
+        await play(api, token, 4)
+        await api.deposit(uid, "1.00")
+        await drained(settings, client)  # PostgreSQL has all of it
+        await client.aclose()
+        await _lose_writes(aof_redis, tmp_path / "old")
+        client = aioredis.Redis.from_url(settings.redis_url)
+        bad = await audit.run(settings, [uid], retries=0)
+        assert any(f"user {uid} USDT" in f for f in failures_of(bad, "balances")), \
+            audit.summary(bad)
     try:
         # The old copy's outbox may still hold entries persisted long ago: already in the
         # ledger, so they count once. Nothing unpersisted is left: the rebuild may run.
@@ -469,35 +421,35 @@ async def test_redis_restart_that_lost_writes_rotates_every_seed_pair(
     """After Redis comes back from a restart that lost writes, every active seed pair is
     rotated before the next bet: a nonce whose roll a player already saw is never reused."""
     settings = own_settings(aof_redis.url, database_url)
-    server, task, address = await serve(settings)
-    try:
-        async with Api(address, ADMIN_TOKEN) as api:
-            _, token = await api.player(deposit="50.00")
-            seen: set[tuple[str, int]] = set()
-            async with api.play(token) as p:
-                for _ in range(3):
-                    r = await p.bet()
-                    seen.add((r["server_seed_hash"], r["nonce"]))
-                old_hash = r["server_seed_hash"]
-                await asyncio.sleep(0.1)
-                shutil.copytree(aof_redis.dir, tmp_path / "old")  # the pair at nonce 3
-                for _ in range(3):
-                    r = await p.bet()
-                    seen.add((r["server_seed_hash"], r["nonce"]))
-                assert (r["server_seed_hash"], r["nonce"]) == (old_hash, 6)
-                await _lose_writes(aof_redis, tmp_path / "old")  # Redis is back at nonce 3
+    async with serve(settings) as served, Api(served.address, ADMIN_TOKEN) as api:
+        _, token = await api.player(deposit="50.00")
+        seen: set[tuple[str, int]] = set()
+        async with api.play(token) as p:
+            for _ in range(3):
+                r = await p.bet()
+                seen.add((r["server_seed_hash"], r["nonce"]))
+            old_hash = r["server_seed_hash"]
+            client = aioredis.Redis.from_url(settings.redis_url)
+            try:  # the three bets persisted: the copy has no outbox entry of them
+                await drained(settings, client)
+            finally:
+                await client.aclose()
+            shutil.copytree(aof_redis.dir, tmp_path / "old")  # the pair at nonce 3
+            for _ in range(3):
+                r = await p.bet()
+                seen.add((r["server_seed_hash"], r["nonce"]))
+            assert (r["server_seed_hash"], r["nonce"]) == (old_hash, 6)
+            await _lose_writes(aof_redis, tmp_path / "old")  # Redis is back at nonce 3
 
-                # The same socket bets again: its cached pair is stale.
-                unasked: list[dict[str, Any]] = []
-                after = await _bet_until_result(p, unasked)
-                assert (after["server_seed_hash"], after["nonce"]) not in seen
-                assert after["server_seed_hash"] != old_hash and after["nonce"] == 1
-            # A new socket sees the new pair too, and so does its next bet.
-            async with api.play(token) as q:
-                assert q.welcome["seed"]["server_seed_hash"] == after["server_seed_hash"]
-                again = await _bet_until_result(q, [])
-                assert (again["server_seed_hash"], again["nonce"]) == (
-                    after["server_seed_hash"], 2)
-    finally:
-        server.should_exit = True
-        await task
+            # The same socket bets again: its cached pair is stale.
+            unasked: list[dict[str, Any]] = []
+            after = await _bet_until_result(p, unasked)
+            assert (after["server_seed_hash"], after["nonce"]) not in seen
+            assert after["server_seed_hash"] != old_hash and after["nonce"] == 1
+        # A new socket sees the new pair too, and so does its next bet.
+        async with api.play(token) as q:
+            assert q.welcome["seed"]["server_seed_hash"] == after["server_seed_hash"]
+            again = await _bet_until_result(q, [])
+            assert (again["server_seed_hash"], again["nonce"]) == (
+                after["server_seed_hash"], 2)
+

@@ -82,11 +82,11 @@ async def pausable(settings: Settings) -> AsyncIterator[tuple[str, RedisServer]]
     own = settings.model_copy(update={
         "redis_url": redis.url, "redis_read_timeout_s": 1.0, "health_stall_s": 0.3,
     })
-    server, task, address = await serve(own)
-    yield address, redis
-    server.should_exit = True
-    await task
-    redis.cleanup()
+    try:
+        async with serve(own) as served:
+            yield served.address, redis
+    finally:
+        redis.cleanup()
 
 
 async def test_a_redis_that_stops_answering_bets(pausable: tuple[str, RedisServer]) -> None:

@@ -13,72 +13,37 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ADMIN_TOKEN, serve
-from tests.helpers import Api
-from tests.test_workers import paid_exactly, play
-from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import Api, Player
+from tests.workerprocs import (
+    Stack,
+    Tree,
+    bet_counts,
+    betting_tree,
+    earned,
+    eventually,
+    persisted_once,
+    recovered,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    s = await Stack.create(tmp_path_factory.mktemp("crash"))
-    yield s
-    await s.close()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def api(stack: Stack) -> AsyncIterator[Api]:
-    """A game server in this process, in-process persister off (for (a) and (b))."""
-    server, task, address = await serve(stack.settings)
-    async with Api(address, ADMIN_TOKEN) as client:
-        yield client
-    server.should_exit = True
-    await task
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
-    yield p
-    await p.close()
-
-
-async def recovered(stack: Stack, pool: asyncpg.Pool, tree: Tree, ids: list[str],
-                    stakes: list[int]) -> None:
-    """Every bet once, outbox empty, every commission once, and the audit passes."""
-
-    async def all_in() -> bool:
-        return await bet_counts(pool, ids) == dict.fromkeys(ids, 1) and (
-            await stack.pending() == 0)
-
-    await eventually(all_in)
-    await paid_exactly(pool, stack, tree, stakes)
-    audit = stack.audit()
-    assert audit.returncode == 0, audit.stdout + audit.stderr
-
-
 @pytest.mark.parametrize("point", ["persist_before_commit", "persist_after_commit"])
 async def test_worker_killed_during_a_batch(
-    point: str, api: Api, stack: Stack, pool: asyncpg.Pool
+    point: str, stack_api: Api, stack: Stack, stack_pool: asyncpg.Pool
 ) -> None:
-    tree = await Tree.create(api, players=2)
-    ids, stakes = await play(api, tree, bets=12)
+    pool = stack_pool
+    tree, ids, stakes = await betting_tree(stack_api, players=2, bets=12)
     worker = stack.worker(fault=f"{point}:kill")
     stack.send("persist_outbox", 0)
     # Dramatiq's main process sees its worker process die and exits non-zero.
@@ -102,10 +67,10 @@ async def test_worker_killed_during_a_batch(
 
 
 async def test_flusher_killed_between_take_and_commit(
-    api: Api, stack: Stack, pool: asyncpg.Pool
+    stack_api: Api, stack: Stack, stack_pool: asyncpg.Pool
 ) -> None:
-    tree = await Tree.create(api, players=2)
-    ids, stakes = await play(api, tree, bets=12)
+    pool = stack_pool
+    tree, ids, stakes = await betting_tree(stack_api, players=2, bets=12)
     scheduler = stack.scheduler()
     worker = stack.worker(fault="flush_after_take:kill")
     try:
@@ -141,49 +106,44 @@ class Bettor:
     user_id: int
     sent: dict[str, dict[str, Any]] = field(default_factory=dict)
     acked: dict[str, str] = field(default_factory=dict)  # request id -> bet_id
+    player: Player | None = None
+    inflight: int = 0
+
+    async def send_bet(self) -> None:
+        assert self.player is not None
+        rid = f"{self.user_id}-{len(self.sent)}"
+        message = {"type": "bet", "id": rid, "currency": "USDT", "amount": "0.25",
+                   "target": "50.00", "direction": "under" if len(self.sent) % 2 else "over"}
+        self.sent[rid] = message
+        await self.player.send(message)
+        self.inflight += 1
 
     async def run(self, address: str, stop: asyncio.Event, window: int = 4,
                   limit: int = 5000) -> None:
         """Bet until ``stop`` (or ``limit`` bets), or until the server goes away."""
         try:
-            async with connect(f"ws://{address}/ws/play", compression=None) as ws:
-                await ws.send(json.dumps({"type": "auth", "token": self.token}))
-                assert json.loads(await ws.recv())["type"] == "welcome"
-                inflight = 0
+            async with Player(address, self.token) as self.player:
                 while True:
-                    while inflight < window and not stop.is_set() and len(self.sent) < limit:
-                        rid = f"{self.user_id}-{len(self.sent)}"
-                        message = {"type": "bet", "id": rid, "currency": "USDT",
-                                   "amount": "0.25", "target": "50.00",
-                                   "direction": "under" if len(self.sent) % 2 else "over"}
-                        self.sent[rid] = message
-                        await ws.send(json.dumps(message))
-                        inflight += 1
-                    if inflight == 0:
+                    while (self.inflight < window and not stop.is_set()
+                           and len(self.sent) < limit):
+                        await self.send_bet()
+                    if self.inflight == 0:
                         return
-                    reply = json.loads(await ws.recv())
-                    if reply.get("type") == "balance":
-                        continue
+                    reply = await self.player.recv()
                     assert reply["type"] == "bet_result", reply
                     self.acked[reply["id"]] = reply["bet_id"]
-                    inflight -= 1
+                    self.inflight -= 1
         except (ConnectionClosed, OSError):
             return
 
     async def resend(self, address: str) -> None:
         """Reconnect and send every unacknowledged bet again, same id and fields: the
         server answers the original result if it had settled, else settles it now."""
-        async with connect(f"ws://{address}/ws/play", compression=None) as ws:
-            await ws.send(json.dumps({"type": "auth", "token": self.token}))
-            assert json.loads(await ws.recv())["type"] == "welcome"
+        async with Player(address, self.token) as p:
             for rid, message in self.sent.items():
                 if rid in self.acked:
                     continue
-                await ws.send(json.dumps(message))
-                while True:
-                    reply = json.loads(await ws.recv())
-                    if reply.get("type") != "balance":
-                        break
+                reply = await p.settle(message)
                 assert reply["type"] == "bet_result" and reply["id"] == rid, reply
                 self.acked[rid] = reply["bet_id"]
 
@@ -206,8 +166,9 @@ async def rows_per_user(pool: asyncpg.Pool, users: list[int]) -> dict[int, int]:
 
 
 async def test_game_server_killed_with_bets_in_flight(
-    stack: Stack, pool: asyncpg.Pool
+    stack: Stack, stack_pool: asyncpg.Pool
 ) -> None:
+    pool = stack_pool
     address = f"{stack.settings.host}:{stack.settings.port}"
     server = stack.server()
     procs = [stack.worker(), stack.scheduler()]
@@ -220,27 +181,25 @@ async def test_game_server_killed_with_bets_in_flight(
         runs = [asyncio.create_task(b.run(address, stop)) for b in bettors]
 
         async def busy() -> bool:  # every socket has bets settled and more in flight
-            return all(len(b.acked) >= 20 for b in bettors)
+            return all(len(b.acked) >= 20 and b.inflight > 0 for b in bettors)
 
         await eventually(busy, 20.0, every=0.01)
-        await asyncio.sleep(0.3)
+        for b in bettors:  # and one sent just now, that the server cannot have answered yet
+            await b.send_bet()
+        in_flight = {rid for b in bettors for rid in b.sent if rid not in b.acked}
         server.kill()  # SIGKILL, mid-traffic
-        killed_at = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*runs), 10)
         stop.set()
-        assert time.monotonic() - killed_at < 10
-        unacked = sum(len(b.sent) - len(b.acked) for b in bettors)
+        acked_before = {rid for b in bettors for rid in b.acked}
+        # Replies already on their way were read after the kill; the rest were in flight.
+        never_answered = in_flight - acked_before
+        assert never_answered, f"all {len(in_flight)} bets in flight were answered"
 
         # The workers drain what the dead server settled: every acknowledged bet exactly
         # once; an unacknowledged one is absent or there once (bet_id is the key).
         acked_ids = [bet_id for b in bettors for bet_id in b.acked.values()]
         assert len(set(acked_ids)) == len(acked_ids)
-
-        async def drained() -> bool:
-            return await stack.pending() == 0 and await bet_counts(pool, acked_ids) == (
-                dict.fromkeys(acked_ids, 1))
-
-        await eventually(drained, 30.0)
+        await persisted_once(stack, pool, acked_ids, drained=True, within=30.0)
         per_user = await rows_per_user(pool, [b.user_id for b in bettors])
         for b in bettors:
             assert len(b.acked) <= per_user[b.user_id] <= len(b.sent), (
@@ -258,8 +217,8 @@ async def test_game_server_killed_with_bets_in_flight(
         # before the kill was answered from its record, not played again.
         assert await rows_per_user(pool, [b.user_id for b in bettors]) == {
             b.user_id: len(b.sent) for b in bettors}
-        print(f"server killed with {unacked} bets unacknowledged of "
-              f"{sum(len(b.sent) for b in bettors)}")
+        print(f"server killed with {len(never_answered)} of {len(in_flight)} bets in flight"
+              f" never answered, of {sum(len(b.sent) for b in bettors)} sent")
     finally:
         for proc in reversed(procs):
             assert proc.stop() == 0, stack.logs()

@@ -20,9 +20,8 @@ async def test_echo_is_not_served_by_default(api: Api) -> None:
 
 
 async def test_echo_answers_like_the_player_socket(settings: Settings) -> None:
-    server, task, address = await serve(settings.model_copy(update={"debug_echo": True}))
-    try:
-        async with connect(f"ws://{address}/debug/echo/ws/play") as ws:
+    async with serve(settings.model_copy(update={"debug_echo": True})) as served:
+        async with connect(f"ws://{served.address}/debug/echo/ws/play") as ws:
             await ws.send(json.dumps({"type": "auth", "token": "x"}))
             assert json.loads(await ws.recv())["type"] == "welcome"
             for n in (1, 2):
@@ -31,9 +30,6 @@ async def test_echo_answers_like_the_player_socket(settings: Settings) -> None:
                 reply = json.loads(await ws.recv())
                 assert reply["type"] == "bet_result" and reply["id"] == f"b{n}"
                 assert reply["nonce"] == n
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.mark.parametrize("encoding", ["msgpack", "json"])

@@ -16,40 +16,33 @@ from plumbing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
 from tests.helpers import Api
 
+
+def bet(without: str = "", **fields: Any) -> dict[str, Any]:
+    """A valid bet of 1.00 USDT under 50, with ``fields`` changed and ``without`` left out."""
+    message = {"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "50",
+               "direction": "under", **fields}
+    message.pop(without, None)
+    return message
+
+
 BAD_BETS: list[tuple[dict[str, Any], str]] = [  # (message, code); the reply echoes the id
-    ({"type": "bet", "currency": "USDT", "amount": "1.00", "target": "50", "direction": "under"},
-     "BAD_MESSAGE"),  # no id
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": 1, "target": "50",
-      "direction": "under"}, "BAD_MESSAGE"),  # number where a decimal string belongs
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "50",
-      "direction": "sideways"}, "BAD_MESSAGE"),
-    ({"type": "bet", "id": {"x": 1}, "currency": "USDT", "amount": "1.00", "target": "50",
-      "direction": "under"}, "BAD_MESSAGE"),
-    ({"type": "bet", "id": "x" * 65, "currency": "USDT", "amount": "1.00", "target": "50",
-      "direction": "under"}, "BAD_MESSAGE"),
+    (bet(without="id"), "BAD_MESSAGE"),
+    (bet(amount=1), "BAD_MESSAGE"),  # number where a decimal string belongs
+    (bet(direction="sideways"), "BAD_MESSAGE"),
+    (bet(id={"x": 1}), "BAD_MESSAGE"),
+    (bet(id="x" * 65), "BAD_MESSAGE"),
     ({"type": "dance", "id": 1}, "BAD_MESSAGE"),
-    ({"type": "bet", "id": 1, "currency": "EUR", "amount": "1.001", "target": "50",
-      "direction": "under"}, "UNKNOWN_CURRENCY"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.001", "target": "150",
-      "direction": "under"}, "INVALID_AMOUNT"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "-1.00", "target": "50",
-      "direction": "under"}, "INVALID_AMOUNT"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1e3", "target": "50",
-      "direction": "under"}, "INVALID_AMOUNT"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "98.01",
-      "direction": "under"}, "INVALID_TARGET"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "0.00",
-      "direction": "under"}, "INVALID_TARGET"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "1.00", "target": "1.999",
-      "direction": "over"}, "INVALID_TARGET"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "10000.01", "target": "50",
-      "direction": "under"}, "BET_LIMIT"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "100.00", "target": "0.01",
-      "direction": "under"}, "BET_LIMIT"),  # profit over 100,000.00
-    ({"type": "bet", "id": 1, "currency": "BTC", "amount": "0.00000001", "target": "50",
-      "direction": "under"}, "INSUFFICIENT_FUNDS"),
-    ({"type": "bet", "id": 1, "currency": "USDT", "amount": "10.01", "target": "50",
-      "direction": "under"}, "INSUFFICIENT_FUNDS"),
+    (bet(currency="EUR", amount="1.001"), "UNKNOWN_CURRENCY"),
+    (bet(amount="1.001", target="150"), "INVALID_AMOUNT"),
+    (bet(amount="-1.00"), "INVALID_AMOUNT"),
+    (bet(amount="1e3"), "INVALID_AMOUNT"),
+    (bet(target="98.01"), "INVALID_TARGET"),
+    (bet(target="0.00"), "INVALID_TARGET"),
+    (bet(target="1.999", direction="over"), "INVALID_TARGET"),
+    (bet(amount="10000.01"), "BET_LIMIT"),
+    (bet(amount="100.00", target="0.01"), "BET_LIMIT"),  # profit over 100,000.00
+    (bet(currency="BTC", amount="0.00000001"), "INSUFFICIENT_FUNDS"),
+    (bet(amount="10.01"), "INSUFFICIENT_FUNDS"),
     ({"type": "rotate_seed", "id": 1, "client_seed": "has space"}, "INVALID_SEED"),
     ({"type": "rotate_seed", "id": 1, "client_seed": "x" * 65}, "INVALID_SEED"),
     ({"type": "rotate_seed", "id": 1, "client_seed": ""}, "INVALID_SEED"),
@@ -109,18 +102,15 @@ async def test_frame_over_the_limit_closes_with_1009(api: Api) -> None:
 
 
 @pytest_asyncio.fixture
-async def fragile(settings: Settings) -> AsyncIterator[tuple[str, RedisServer, Settings]]:
+async def fragile(
+    settings: Settings, own_redis: RedisServer
+) -> AsyncIterator[tuple[str, RedisServer, Settings]]:
     """A second server with its own Redis (to kill) and a tiny rate limit."""
-    redis = RedisServer()
-    redis.start()
     own = settings.model_copy(
-        update={"redis_url": redis.url, "rate_per_socket": 5.0, "rate_burst": 5}
+        update={"redis_url": own_redis.url, "rate_per_socket": 5.0, "rate_burst": 5}
     )
-    server, task, address = await serve(own)
-    yield address, redis, own
-    server.should_exit = True
-    await task
-    redis.cleanup()
+    async with serve(own) as served:
+        yield served.address, own_redis, own
 
 
 async def test_rate_limited(fragile: tuple[str, RedisServer, Settings]) -> None:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
-import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import httpx
@@ -26,20 +23,11 @@ from server.feed import FEED_FIELDS, Feed
 from server.metrics import Metrics
 from server.wslink import framed
 from tests.conftest import serve
-from tests.helpers import Api, Player
-
-#: Time for a new spectator's instance to SUBSCRIBE before bets it must see are placed.
-SUBSCRIBED = 0.3
+from tests.helpers import Api, Player, RawSocket, eventually, json_or_msgpack
 
 
 def feed_url(address: str, fmt: str | None = None) -> str:
     return f"ws://{address}/ws/feed" + (f"?format={fmt}" if fmt else "")
-
-
-def decode(frame: str | bytes) -> dict[str, Any]:
-    message = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
-    assert isinstance(message, dict)
-    return message
 
 
 async def collect(
@@ -56,7 +44,7 @@ async def collect(
         frame = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
         times.append(time.monotonic())
         frames.append(frame)
-        message = decode(frame)
+        message = json_or_msgpack(frame)
         assert message["type"] == "feed" and isinstance(message["bets"], list)
         for bet in message["bets"]:
             if bet["bet_id"] in wanted:
@@ -79,7 +67,7 @@ async def collect_until(
         frame = await asyncio.wait_for(ws.recv(), 10)
         times.append(time.monotonic())
         frames.append(frame)
-        message = decode(frame)
+        message = json_or_msgpack(frame)
         assert message["type"] == "feed"
         bets += message["bets"]
 
@@ -104,7 +92,7 @@ async def test_a_bet_reaches_json_and_msgpack_spectators(api: Api) -> None:
         connect(feed_url(api.address), compression=None) as as_json,
         connect(feed_url(api.address, "msgpack"), compression=None) as as_msgpack,
     ):
-        await asyncio.sleep(SUBSCRIBED)
+        await api.feed_is_live(as_json, as_msgpack)
         before = int(time.time() * 1000)
         async with api.play(token) as p:
             reply = await p.bet("1.50", "37.21", "over")
@@ -131,7 +119,7 @@ async def test_a_bet_reaches_json_and_msgpack_spectators(api: Api) -> None:
 async def test_batches_at_most_ten_a_second_every_bet_once_in_order(api: Api) -> None:
     _, token = await api.player(deposit="100.00")
     async with connect(feed_url(api.address), compression=None, max_size=2**22) as ws:
-        await asyncio.sleep(SUBSCRIBED)
+        await api.feed_is_live(ws)
         ids: list[str] = []
         # Read while betting, so that arrival times are the server's sending times.
         done = asyncio.get_running_loop().create_future()
@@ -140,7 +128,7 @@ async def test_batches_at_most_ten_a_second_every_bet_once_in_order(api: Api) ->
             started = time.monotonic()
             while time.monotonic() - started < 1.5:
                 reply = await p.bet("0.01", "50.00", "under")
-                assert reply["type"] == "bet_result"
+                assert reply["type"] == "bet_result", reply
                 ids.append(reply["bet_id"])
         assert len(ids) > 50  # settled quickly: many bets per batch
         done.set_result(ids)
@@ -155,10 +143,8 @@ async def test_batches_at_most_ten_a_second_every_bet_once_in_order(api: Api) ->
 async def instance_b(settings: Settings) -> AsyncIterator[tuple[str, uvicorn.Server]]:
     """A second server instance on the same Redis and key prefix, with tiny feed queues."""
     own = settings.model_copy(update={"feed_queue_batches": 2, "inprocess_persister": False})
-    server, task, address = await serve(own)
-    yield address, server
-    server.should_exit = True
-    await task
+    async with serve(own) as served:
+        yield served.address, served.server
 
 
 def _narrow_link(server: uvicorn.Server, client: socket.socket) -> None:
@@ -171,60 +157,6 @@ def _narrow_link(server: uvicorn.Server, client: socket.socket) -> None:
     transport = cast(Any, conn).transport
     transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     transport.set_write_buffer_limits(high=8192)
-
-
-def _raw_handshake(address: str, path: str) -> socket.socket:
-    """A WebSocket client on a plain socket with a tiny receive buffer, never read by itself."""
-    host, port = address.split(":")
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-    s.settimeout(10)
-    s.connect((host, int(port)))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .encode()
-    )
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        chunk = s.recv(1)
-        assert chunk, "closed during the handshake"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return s
-
-
-def _read_until_close(s: socket.socket) -> int | None:
-    """Read every frame; the close code, or None if the connection ended without one."""
-    buffer = b""
-
-    def need(n: int) -> bool:
-        nonlocal buffer
-        while len(buffer) < n:
-            chunk = s.recv(65536)
-            if not chunk:
-                return False
-            buffer += chunk
-        return True
-
-    while need(2):
-        opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
-        header = 2
-        if length == 126:
-            if not need(4):
-                return None
-            length, header = struct.unpack("!H", buffer[2:4])[0], 4
-        elif length == 127:
-            if not need(10):
-                return None
-            length, header = struct.unpack("!Q", buffer[2:10])[0], 10
-        if not need(header + length):
-            return None
-        payload, buffer = buffer[header:header + length], buffer[header + length:]
-        if opcode == 8:
-            return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
-    return None
 
 
 async def metric(address: str, name: str) -> float:
@@ -243,11 +175,12 @@ async def test_a_spectator_that_does_not_read_is_dropped_not_waited_on(
     address_b, server_b = instance_b
     dropped_name = 'stakepro_feed_dropped_spectators_total{reason="too_slow"}'
     dropped_before = await metric(address_b, dropped_name)
-    slow = await asyncio.to_thread(_raw_handshake, address_b, "/ws/feed")
-    _narrow_link(server_b, slow)
+    # A tiny receive buffer, and never read by itself.
+    slow = await asyncio.to_thread(RawSocket, address_b, "/ws/feed", 2048)
+    _narrow_link(server_b, slow.s)
     try:
         async with connect(feed_url(address_b), compression=None, max_size=2**22) as fast:
-            await asyncio.sleep(SUBSCRIBED)
+            await api.feed_is_live(fast)
             _, token = await api.player(deposit="100.00")
             ids: list[str] = []
             async with api.play(token) as p:
@@ -260,7 +193,7 @@ async def test_a_spectator_that_does_not_read_is_dropped_not_waited_on(
             assert [b["bet_id"] for b in ours] == ids
             assert await metric(address_b, dropped_name) == dropped_before + 1
             # Reading now drains what was buffered for it, then the close frame.
-            assert await asyncio.to_thread(_read_until_close, slow) == 1008
+            assert await asyncio.to_thread(slow.close_code) == 1008
     finally:
         slow.close()
 
@@ -271,7 +204,7 @@ async def test_client_frames_are_ignored(api: Api) -> None:
         await ws.send("hello")
         await ws.send(json.dumps({"type": "bet", "id": 1, "amount": "1.00"}))
         await ws.send(b"\x93\x01\x02")
-        await asyncio.sleep(SUBSCRIBED)
+        await api.feed_is_live(ws)
         async with api.play(token) as p:
             reply = await p.bet("0.10")
         _, _, ours = await collect(ws, [reply["bet_id"]])
@@ -359,16 +292,20 @@ async def test_a_batch_is_broadcast_on_arrival_at_most_once_per_interval() -> No
     feed = Feed(cast(Any, None), cast(Any, hub), "feed", metrics, 0.2)
     sink = RecordingSink("json", 100)
     await feed.join(sink)
+    def frames(n: int) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            return len(sink.frames) == n
+
+        return probe
+
     # An instance from before FEED_FIELDS sends maps: still accepted.
     feed.received(msgpack.packb([{"bet_id": "a", "ts": 1}]))
-    await asyncio.sleep(0.05)
-    assert len(sink.frames) == 1  # at once: no tick to wait for
+    await eventually(frames(1), within=0.15, every=0.005)  # at once: no tick to wait for
     feed.received(msgpack.packb([{"bet_id": "b", "ts": 2}]))
     feed.received(msgpack.packb([{"bet_id": "c", "ts": 3}]))
     await asyncio.sleep(0.05)
     assert len(sink.frames) == 1  # less than one interval after the last frame: held
-    await asyncio.sleep(0.3)
-    assert len(sink.frames) == 2
+    await eventually(frames(2))
     assert [b["bet_id"] for b in json.loads(sink.frames[1][0])["bets"]] == ["b", "c"]
     await feed.close()
 
@@ -392,7 +329,11 @@ async def test_feed_channel_entries_are_lists() -> None:
             "0.00000101", 20]
     early = ["b1", "ann", "USDT", "1.00", "50.00", "over", "75.10", True, "1.9800", "1.98", 10]
     feed.received(msgpack.packb([late, early, early[:-1], [*early[:-1], "10"]]))
-    await asyncio.sleep(0.05)
+
+    async def broadcast() -> bool:
+        return bool(sink.frames)
+
+    await eventually(broadcast)
     bets = json.loads(sink.frames[0][0])["bets"]
     assert bets == [dict(zip(FEED_FIELDS, early, strict=True)),
                     dict(zip(FEED_FIELDS, late, strict=True))]

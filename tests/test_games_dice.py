@@ -6,6 +6,7 @@ import itertools
 import math
 import re
 import statistics
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -215,12 +216,13 @@ def test_target_rejects_malformed(text: str) -> None:
         parse_target(text)
 
 
-@given(not_str)
-def test_target_and_direction_of_wrong_type(value: object) -> None:
+@pytest.mark.parametrize("parse", [parse_target, parse_direction, parse_client_seed])
+@given(value=not_str)
+def test_text_fields_of_wrong_type_are_bad_message(
+    parse: Callable[[object], object], value: object
+) -> None:
     with pytest.raises(BadMessage):
-        parse_target(value)
-    with pytest.raises(BadMessage):
-        parse_direction(value)
+        parse(value)
 
 
 @pytest.mark.parametrize("value", ["", "Under", "OVER", "under ", "sideways", "<"])
@@ -435,12 +437,6 @@ def test_client_seed_rejects_everything_else(seed: str) -> None:
     else:
         with pytest.raises(InvalidSeed):
             parse_client_seed(seed)
-
-
-@given(not_str)
-def test_client_seed_of_wrong_type(value: object) -> None:
-    with pytest.raises(BadMessage):
-        parse_client_seed(value)
 
 
 def test_new_seeds() -> None:

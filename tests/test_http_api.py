@@ -36,6 +36,12 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+def ok(r: httpx.Response) -> Any:
+    """The body of a 200 answer."""
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def error_of(r: httpx.Response) -> str:
     body = r.json()
     assert set(body) == {"code", "message"}, body
@@ -53,9 +59,7 @@ async def user_count(db: asyncpg.Connection) -> int:
 async def test_demo_player_is_credited_playable_and_under_the_demo_chain(
     api: Api, anon: httpx.AsyncClient, settings: Settings
 ) -> None:
-    r = await anon.post("/api/demo")
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = ok(await anon.post("/api/demo"))
     assert set(body) == {"user_id", "token"}
     view = await api.user(body["user_id"])
     assert view["role"] == "player"
@@ -324,8 +328,7 @@ async def test_bet_view_shows_the_server_seed_only_after_reveal(
     )
     try:
         r = await anon.get(f"/api/bets/{bet_id}")
-        assert r.status_code == 200, r.text
-        assert r.json() == {
+        assert ok(r) == {
             "bet_id": bet_id, "player": "Viewed Player", "currency": "USDT",
             "amount": "2.50", "payout": "4.95" if win else "0.00",
             "roll": dice.format_hundredths(roll), "target": "50.00", "direction": "under",
@@ -378,9 +381,7 @@ async def test_a_played_bet_is_stored_then_revealed(api: Api, anon: httpx.AsyncC
 async def test_limits_are_the_ones_bets_are_held_to(
     api: Api, anon: httpx.AsyncClient, settings: Settings
 ) -> None:
-    r = await anon.get("/api/limits")
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = ok(await anon.get("/api/limits"))
     assert set(body["currencies"]) == set(settings.currencies)
     assert body["currencies"]["USDT"] == {"decimals": 2, "min_bet": "0.01",
                                           "max_bet": "10000.00", "max_profit": "100000.00"}
@@ -404,12 +405,10 @@ VECTOR_ROLLS = known_answers.load()["rolls"]
 async def test_verify_reproduces_the_shared_vectors(
     anon: httpx.AsyncClient, vector: dict[str, Any]
 ) -> None:
-    r = await anon.get("/api/verify", params={
+    body = ok(await anon.get("/api/verify", params={
         "server_seed": vector["server_seed"], "client_seed": vector["client_seed"],
         "nonce": str(vector["nonce"]),
-    })
-    assert r.status_code == 200, r.text
-    body = r.json()
+    }))
     assert body["roll"] == vector["roll"] and body["hmac"] == vector["hmac"]
     assert body["windows"] == vector["windows_tried"]
 
@@ -461,14 +460,20 @@ async def test_healthz(anon: httpx.AsyncClient) -> None:
 
 
 async def test_metrics_from_loopback(anon: httpx.AsyncClient) -> None:
-    await anon.get("/api/bets/none")  # one NOT_FOUND at least
-    r = await anon.get("/metrics")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain")
-    for name in ("stakepro_bets_total", "stakepro_errors_total", "stakepro_bet_seconds",
-                 "stakepro_open_sockets"):
-        assert name in r.text
-    assert 'stakepro_errors_total{code="NOT_FOUND"}' in r.text
+    async def not_found_errors() -> float:
+        r = await anon.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        for name in ("stakepro_bets_total", "stakepro_errors_total", "stakepro_bet_seconds",
+                     "stakepro_open_sockets"):
+            assert name in r.text
+        found = [line.rsplit(" ", 1)[1] for line in r.text.splitlines()
+                 if line.startswith('stakepro_errors_total{code="NOT_FOUND"}')]
+        return float(found[0]) if found else 0.0
+
+    before = await not_found_errors()
+    assert (await anon.get("/api/bets/none")).status_code == 404
+    assert await not_found_errors() == before + 1  # this request's error, counted once
 
 
 @pytest.mark.parametrize(
@@ -487,13 +492,13 @@ def test_metrics_are_for_the_operator_network(host: str | None, allowed: bool) -
 # -- a server of its own: demo off, dependencies down ------------------------------------------
 
 
-async def test_demo_off_and_unavailable_dependencies(settings: Settings) -> None:
-    redis = RedisServer()
-    redis.start()
+async def test_demo_off_and_unavailable_dependencies(
+    settings: Settings, own_redis: RedisServer
+) -> None:
+    redis = own_redis
     own = settings.model_copy(update={"redis_url": redis.url, "demo_mode": False})
-    server, task, address = await serve(own)
-    try:
-        async with Api(address, ADMIN_TOKEN) as api:
+    async with serve(own) as served:
+        async with Api(served.address, ADMIN_TOKEN) as api:
             r = await api.http.post("/api/demo")
             assert r.status_code == 404 and error_of(r) == "NOT_FOUND"
             uid, _ = await api.player()
@@ -523,7 +528,3 @@ async def test_demo_off_and_unavailable_dependencies(settings: Settings) -> None
                     await asyncio.sleep(0.1)
             assert r.json() == {"balance": "2.00"}
             assert (await api.user(uid))["balances"]["USDT"] == "2.00"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-        redis.cleanup()

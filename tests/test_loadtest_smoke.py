@@ -4,22 +4,35 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from loadtest import serverstats
 from loadtest.__main__ import parser
 from loadtest.bets import run_bets
 from loadtest.options import BetsOptions
-from tests.conftest import ADMIN_TOKEN
+from plumbing.settings import Settings
+from tests.conftest import ADMIN_TOKEN, serve
 from tests.helpers import Api
 
 
-async def test_bets_smoke(api: Api) -> None:
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def unlimited(settings: Settings) -> AsyncIterator[str]:
+    """A server without a per-socket rate limit to speak of, for the closed-loop runs: on an
+    idle machine one socket of them passes the default 2,000 messages a second, and the
+    refusals that follow are the rate limit working, not the load tool failing."""
+    own = settings.model_copy(update={"rate_per_socket": 1e9, "rate_burst": 10**9})
+    async with serve(own) as served:
+        yield served.address
+
+
+async def test_bets_smoke(unlimited: str) -> None:
     options = BetsOptions(
-        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
+        url=f"ws://{unlimited}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
         duration=2.0, ramp_up=0.2, encoding="msgpack",
         # Paced well under the server's per-socket message limit (RATE_PER_SOCKET): an
         # unpaced socket on a fast machine passes it and is rightly answered RATE_LIMITED.
@@ -52,10 +65,10 @@ async def test_bets_smoke(api: Api) -> None:
     assert "throughput" in report.table()
 
 
-async def test_bets_json_encoding_and_shared_players(api: Api) -> None:
+async def test_bets_json_encoding_and_shared_players(unlimited: str) -> None:
     """JSON frames, and two sockets per player (their balance pushes are skipped)."""
     report = await run_bets(BetsOptions(
-        url=f"ws://{api.address}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
+        url=f"ws://{unlimited}", admin_token=ADMIN_TOKEN, connections=4, inflight=2,
         duration=1.0, ramp_up=0.0, encoding="json", players=2,
     ))
     assert report.bets > 0 and report.errors == {}, report.errors
@@ -435,12 +448,11 @@ async def test_storm_refuses_bad_stakes_before_creating_anyone(
     assert after == before + 1  # the storm made no user
 
 
-async def test_page_command_measures_a_first_bet(api: Api) -> None:
+async def test_page_command_measures_a_first_bet(api: Api, chromium_path: str) -> None:
     from loadtest.page import PageOptions, run_page
-    from tests.test_page import ensure_chromium
 
     report = await run_page(PageOptions(url=f"http://{api.address}/", runs=1,
-                                        chromium=ensure_chromium()))
+                                        chromium=chromium_path))
     assert report.ok, report.errors
     assert report.weights[0] > 10_000 and report.resources[0] >= 3
     assert report.first_bet_ms[0] > 0

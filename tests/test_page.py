@@ -9,15 +9,12 @@ errors and uncaught exceptions, and a test fails if there is any."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
@@ -26,30 +23,9 @@ from tests import vectors as known_answers
 from tests.helpers import Api
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DEMO_USDT = Decimal("1000.00")
-
-
-def ensure_chromium() -> str:
-    """Debian's chromium, installed with apt-get when missing; never a silent skip."""
-    if Path(CHROMIUM).exists():
-        return CHROMIUM
-    apt = shutil.which("apt-get")
-    if apt is not None:
-        for command in ([apt, "update"], [apt, "install", "-y", "chromium"]):
-            subprocess.run(command, check=False, timeout=900,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing and `apt-get install -y chromium` could not install it "
-                    "(run `scripts/devenv.sh browser` as root, or install Debian's chromium)")
-    return CHROMIUM
-
-
-@pytest.fixture(scope="session")
-def chromium_path() -> str:
-    return ensure_chromium()
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -7,11 +7,8 @@ in-process persister.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -23,7 +20,7 @@ import redis.asyncio as aioredis
 from plumbing import events
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from tests.helpers import Api, eventually
+from tests.helpers import Api, Direct, eventually, minor
 from workers import outbox
 
 T = TypeVar("T")
@@ -31,23 +28,13 @@ T = TypeVar("T")
 
 
 
-@dataclass
-class Env:
-    redis: aioredis.Redis
-    pool: asyncpg.Pool
-    keys: Keys
-
+class Env(Direct):
     async def xadd(self, user_id: int, fields: dict[Any, Any]) -> bytes:
         entry_id: Any = await self.redis.xadd(self.keys.outbox_for(user_id), fields)
         return bytes(entry_id)
 
     async def drain(self, **kw: Any) -> int:
         return await outbox.drain_once(self.redis, self.pool, self.keys, "t", block_ms=0, **kw)
-
-    async def user(self) -> int:
-        return int(await self.pool.fetchval(
-            "INSERT INTO users (role, name, token_hash) VALUES ('player', 'p', $1)"
-            " RETURNING user_id", os.urandom(16)))
 
     async def pair(self, user_id: int) -> int:
         return int(await self.pool.fetchval(
@@ -58,14 +45,10 @@ class Env:
 @pytest_asyncio.fixture
 async def env(settings: Settings) -> AsyncIterator[Env]:
     """Streams of a prefix of their own (4 buckets), a pool on the test database."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    keys = Keys(f"p{uuid.uuid4().hex[:6]}", 4)
-    await outbox.ensure_groups(redis, keys)
-    await outbox.ensure_groups(redis, keys)  # BUSYGROUP is fine
-    yield Env(redis, pool, keys)
-    await pool.close()
-    await redis.aclose()
+    async with Env.on(settings, "p") as env:
+        await outbox.ensure_groups(env.redis, env.keys)
+        await outbox.ensure_groups(env.redis, env.keys)  # BUSYGROUP is fine
+        yield env
 
 
 def bet(user_id: int, pair_id: int, nonce: int = 1, amount: int = 100, payout: int = 198,
@@ -310,11 +293,6 @@ async def test_persister_close_flushes_what_is_left(env: Env) -> None:
 # -- through the real server -----------------------------------------------------------------
 
 
-def _minor(text: str) -> int:
-    whole, _, frac = text.partition(".")
-    return int(whole) * 100 + int((frac + "00")[:2])
-
-
 async def _balance(redis_url: str, keys: Keys, uid: int) -> dict[str, int]:
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -344,15 +322,15 @@ async def test_socket_bet_lands_in_bets_once(
     assert row["user_id"] == uid
     assert row["currency"] == "USDT"
     assert row["amount"] == 125
-    assert row["payout"] == _minor(reply["payout"])
-    assert row["roll"] == _minor(reply["roll"])  # hundredths, same arithmetic
+    assert row["payout"] == minor(reply["payout"])
+    assert row["roll"] == minor(reply["roll"])  # hundredths, same arithmetic
     assert row["target"] == 5000
     assert row["direction"] == "over"
     assert row["nonce"] == reply["nonce"]
     assert row["multiplier"] == round(float(reply["multiplier"]) * 10_000)
     assert row["server_seed_hash"] == reply["server_seed_hash"]
     assert row["client_seed"] == reply["client_seed"]
-    assert row["balance_after"] == _minor(reply["balance"])
+    assert row["balance_after"] == minor(reply["balance"])
     assert abs(row["created_at"].timestamp() - time.time()) < 60
     assert str(row["pair_id"]) == reply["bet_id"].split("-")[0]
     assert await db.fetchval(

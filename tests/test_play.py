@@ -7,15 +7,12 @@ import json
 from typing import Any
 
 import msgpack
-import pytest
 import redis.asyncio as aioredis
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from games import dice, seeds
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from tests.helpers import Api
+from tests.helpers import Api, assert_refused_then_closed
 
 
 async def test_welcome_lists_every_currency_and_the_seed_commitment(api: Api) -> None:
@@ -185,20 +182,8 @@ async def test_new_pair_starts_at_nonce_one(api: Api) -> None:
 
 
 async def test_bad_token_is_unauthorized_then_closed(api: Api) -> None:
-    async with connect(f"ws://{api.address}/ws/play") as ws:
-        await ws.send(json.dumps({"type": "auth", "token": "nope"}))
-        err = json.loads(await ws.recv())
-        assert err["type"] == "error" and err["code"] == "UNAUTHORIZED"
-        with pytest.raises(ConnectionClosed) as closed:
-            await ws.recv()
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    await assert_refused_then_closed(api.address, {"type": "auth", "token": "nope"})
 
 
 async def test_first_frame_of_another_type_is_unauthorized(api: Api) -> None:
-    async with connect(f"ws://{api.address}/ws/play") as ws:
-        await ws.send(json.dumps({"type": "ping", "id": 3}))
-        err = json.loads(await ws.recv())
-        assert err["code"] == "UNAUTHORIZED"
-        with pytest.raises(ConnectionClosed) as closed:
-            await ws.recv()
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    await assert_refused_then_closed(api.address, {"type": "ping", "id": 3})

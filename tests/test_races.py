@@ -6,7 +6,7 @@ import asyncio
 import itertools
 from typing import Any
 
-from tests.helpers import Api, Player
+from tests.helpers import Api, Player, minor
 
 _round_ids = itertools.count()
 
@@ -27,17 +27,11 @@ async def test_double_spend_twenty_bets_of_the_whole_balance_settle_once(api: Ap
     rounds = 0
     while rounds < 50:
         uid, token = await api.player(deposit="10.00")
-        players = [api.play(token) for _ in range(5)]
-        for p in players:
-            await p.__aenter__()
-        try:
+        async with api.sockets(token, 5) as players:
             n = next(_round_ids)
             ids = [[f"r{n}-{s}-{i}" for i in range(4)] for s in range(5)]
             replies = [r for rs in await asyncio.gather(
                 *(_fire(p, i) for p, i in zip(players, ids, strict=True))) for r in rs]
-        finally:
-            for p in players:
-                await p.__aexit__(None, None, None)
         settled = [r for r in replies if r["type"] == "bet_result"]
         if settled and settled[0]["win"]:
             continue
@@ -51,28 +45,23 @@ async def test_double_spend_twenty_bets_of_the_whole_balance_settle_once(api: Ap
 
 async def test_thousand_concurrent_bets_get_distinct_contiguous_nonces(api: Api) -> None:
     uid, token = await api.player(deposit="1000.00")
-    players = [api.play(token) for _ in range(4)]
-    for p in players:
-        await p.__aenter__()
-    try:
-        async def run(p: Player, k: int) -> list[dict[str, Any]]:
-            ids = [f"n{k}-{i}" for i in range(250)]
-            for bet_id in ids:
-                await p.send({"type": "bet", "id": bet_id, "currency": "USDT",
-                              "amount": "0.01", "target": "50.00", "direction": "over"})
-            return [await p.recv() for _ in ids]
 
+    async def run(p: Player, k: int) -> list[dict[str, Any]]:
+        ids = [f"n{k}-{i}" for i in range(250)]
+        for bet_id in ids:
+            await p.send({"type": "bet", "id": bet_id, "currency": "USDT",
+                          "amount": "0.01", "target": "50.00", "direction": "over"})
+        return [await p.recv() for _ in ids]
+
+    async with api.sockets(token, 4) as players:
         replies = [r for rs in await asyncio.gather(
             *(run(p, k) for k, p in enumerate(players))) for r in rs]
-    finally:
-        for p in players:
-            await p.__aexit__(None, None, None)
     assert all(r["type"] == "bet_result" for r in replies), [
         r for r in replies if r["type"] != "bet_result"][:3]
     assert sorted(r["nonce"] for r in replies) == list(range(1, 1001))
     assert len({r["bet_id"] for r in replies}) == 1000
     # the last balance reported equals the real one, and money adds up
     stake = 1000 * 1
-    paid = sum(int(r["payout"].replace(".", "")) for r in replies)
+    paid = sum(minor(r["payout"]) for r in replies)
     final = (await api.user(uid))["balances"]["USDT"]
-    assert int(final.replace(".", "")) == 100000 - stake + paid
+    assert minor(final) == 100000 - stake + paid

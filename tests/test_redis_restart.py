@@ -31,41 +31,31 @@ import asyncio
 import hashlib
 import itertools
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from server.db import drop_database, migrate
 from tests.conftest import ADMIN_TOKEN, RedisServer, serve
-from tests.helpers import Api
-from workers import outbox
+from tests.helpers import Api, eventually, minor, outbox_drained, tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parent.parent
 PLAYERS = 10
 IN_FLIGHT = 4  # bets in flight per socket
-LOAD_BEFORE_S = (1.5, 2.5)  # the kill comes at a random moment in this window
-#: Half the players lose their socket this long before the kill and come back after it.
-DROP_BEFORE_KILL_S = 0.5
+#: Half the players lose their socket at a random moment in this window (the seed of the
+#: ``seeded`` fixture), the kill follows once the server settled their bets in flight.
+LOAD_BEFORE_S = (1.5, 2.5)
 LOAD_AFTER_S = 3.0  # load continues this long after Redis answers again
 RESOLVE_S = 20.0  # a bet still unanswered this long after the load stopped is given up
 REPLY_TIMEOUT_S = 10.0  # no reply on a live socket this long: resend
@@ -124,6 +114,8 @@ class Bettor:
     #: Cleared by drop(): the client stays away until the test sets it again.
     may_connect: asyncio.Event = field(default_factory=asyncio.Event)
     dropped_at: float = float("inf")
+    #: Client ids written to the socket and unanswered when it was dropped.
+    in_flight_at_drop: list[str] = field(default_factory=list)
     #: No new bet from this moment on (moved by the test); pending ones are given up at
     #: ``stop_at + RESOLVE_S``.
     stop_at: float = float("inf")
@@ -246,6 +238,7 @@ class Bettor:
                 break
             await asyncio.sleep(0.0002)
         self.dropped_at = time.monotonic()
+        self.in_flight_at_drop = [cid for cid in self.waiting if cid in self.written]
         self.may_connect.clear()
         self.ready.clear()
         for future in self.waiting.values():
@@ -262,98 +255,69 @@ class Bettor:
             await self.ws.close()
 
 
-def minor(text: str, decimals: int = 2) -> int:
-    value = Decimal(text) * 10**decimals
-    assert value == value.to_integral_value(), text
-    return int(value)
-
-
-@pytest_asyncio.fixture
-async def aof_redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(appendonly=True)
-    server.start()
-    yield server
-    server.cleanup()
-
-
-@pytest_asyncio.fixture
-async def own_database(database_url: str) -> AsyncIterator[str]:
-    dsn = database_url.rsplit("/", 1)[0] + f"/stakepro_restart_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    await migrate(dsn)
-    yield dsn
-    await drop_database(dsn)
-
-
-def tool(settings: Settings, module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
-           "KEY_PREFIX": settings.key_prefix}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
-async def outbox_drained(client: aioredis.Redis, keys: Keys, within: float) -> None:
-    deadline = time.monotonic() + within
-    while (left := await outbox.pending_count(client, keys)) != 0:
-        assert time.monotonic() < deadline, f"{left} outbox entries still pending"
-        await asyncio.sleep(0.1)
+async def settled(client: aioredis.Redis, keys: Keys, bettors: list[Bettor]) -> bool:
+    """Whether the server settled every bet these bettors had in flight when they dropped
+    their socket: bet-n.lua writes a bet's idempotency record in the call that settles it."""
+    names = [keys.bet_idem(b.user_id, cid) for b in bettors for cid in b.in_flight_at_drop]
+    return not names or await client.exists(*names) == len(names)
 
 
 async def test_redis_killed_under_load_keeps_acknowledged_bets_and_rotates_pairs(
-    aof_redis: RedisServer, own_database: str, settings: Settings
+    aof_redis: RedisServer, own_database: str, settings: Settings, seeded: random.Random
 ) -> None:
     own = settings.model_copy(update={
         "redis_url": aof_redis.url, "database_url": own_database,
         "key_prefix": f"rr{uuid.uuid4().hex[:6]}",
     })
     keys = Keys(own.key_prefix, own.buckets)
-    rng = random.Random()
-    server, task, address = await serve(own)
+    rng = seeded  # the moment of the kill and every player's bets
     bettors: list[Bettor] = []
-    tasks: list[asyncio.Task[None]] = []
-    client = aioredis.Redis.from_url(own.redis_url)
-    try:
-        async with Api(address, ADMIN_TOKEN) as api:
-            master, _ = await api.create_user("master", commission_bps=20)
-            agent, _ = await api.create_user("agent", parent_id=master, commission_bps=40)
-            for i in range(PLAYERS):
-                uid, token = await api.player(deposit="500.00", parent_id=agent)
-                bettors.append(Bettor(address, uid, token, random.Random(rng.random() + i)))
-
-        connections = [asyncio.create_task(b.keep_connected()) for b in bettors]
-        loops = [asyncio.create_task(b.bet_loop(n)) for b in bettors for n in range(IN_FLIGHT)]
-        tasks = connections + loops
-        await asyncio.sleep(rng.uniform(*LOAD_BEFORE_S) - DROP_BEFORE_KILL_S)
-        dropped = bettors[::2]
-        await asyncio.gather(*(b.drop() for b in dropped))
-        # Long enough for the server to settle the dropped sockets' bets in flight.
-        await asyncio.sleep(DROP_BEFORE_KILL_S)
-        # Non-zero would mean a write() was postponed: a kill could then lose acked bets.
-        delayed = (await client.info("persistence"))["aof_delayed_fsync"]
-        killed = time.monotonic()
-        await asyncio.to_thread(aof_redis.stop, True)
-        dead = time.monotonic()  # the old Redis can settle nothing from here on
-        await asyncio.to_thread(aof_redis.start)  # same port and dir: reloads the AOF
-        back = time.monotonic()
-        await client.aclose()  # its pooled connection went with the old Redis
+    async with serve(own) as served:
+        address = served.address
+        tasks: list[asyncio.Task[None]] = []
         client = aioredis.Redis.from_url(own.redis_url)
-        for b in bettors:
-            b.stop_at = back + LOAD_AFTER_S
-            b.may_connect.set()
-        await asyncio.gather(*loops)
-        for b in bettors:
-            await b.close()
-        await asyncio.gather(*connections)
-        await outbox_drained(client, keys, 20.0)
-    finally:
-        for b in bettors:
-            b.closing = True
-            await b.close()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.aclose()
-        server.should_exit = True
-        await task  # the persister drains what is left and pays the last commissions
+        try:
+            async with Api(address, ADMIN_TOKEN) as api:
+                master, _ = await api.create_user("master", commission_bps=20)
+                agent, _ = await api.create_user("agent", parent_id=master, commission_bps=40)
+                for i in range(PLAYERS):
+                    uid, token = await api.player(deposit="500.00", parent_id=agent)
+                    bettors.append(Bettor(address, uid, token, random.Random(rng.random() + i)))
+
+            connections = [asyncio.create_task(b.keep_connected()) for b in bettors]
+            loops = [asyncio.create_task(b.bet_loop(n)) for b in bettors for n in range(IN_FLIGHT)]
+            tasks = connections + loops
+            await asyncio.sleep(rng.uniform(*LOAD_BEFORE_S))
+            dropped = bettors[::2]
+            await asyncio.gather(*(b.drop() for b in dropped))
+            await eventually(lambda: settled(client, keys, dropped))
+            # Non-zero would mean a write() was postponed: a kill could then lose acked bets.
+            delayed = (await client.info("persistence"))["aof_delayed_fsync"]
+            killed = time.monotonic()
+            await asyncio.to_thread(aof_redis.stop, True)
+            dead = time.monotonic()  # the old Redis can settle nothing from here on
+            await asyncio.to_thread(aof_redis.start)  # same port and dir: reloads the AOF
+            back = time.monotonic()
+            await client.aclose()  # its pooled connection went with the old Redis
+            client = aioredis.Redis.from_url(own.redis_url)
+            for b in bettors:
+                b.stop_at = back + LOAD_AFTER_S
+                b.may_connect.set()
+            await asyncio.gather(*loops)
+            for b in bettors:
+                await b.close()
+            await asyncio.gather(*connections)
+            await outbox_drained(client, keys, 20.0)
+        finally:
+            for b in bettors:
+                b.closing = True
+                await b.close()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
+    # The server has stopped: its persister drained what was left and paid the last
+    # commissions.
 
     acks = [a for b in bettors for a in b.acks]
     players = [b.user_id for b in bettors]

@@ -391,8 +391,15 @@ async def _run(url: str, plan: list[tuple[Any, ...]], example: int) -> list[Call
             for c, reply in zip(batch, replies, strict=True):
                 c.answers.append(reply)
         await until(lambda: all(c.answers for c in calls), 10)  # every caller is answered
-        # Whatever happened, the connection serves the next call correctly.
-        assert await fast.execute([("ECHO", f"{example}.after")]) == [f"{example}.after".encode()]
+        # Whatever happened, the connection serves the next call correctly. A drop still in
+        # progress (QUIT answered, or a kill, whose close has not reached us yet) may fail one
+        # call with a connection error, never with another caller's reply; the next call
+        # reconnects.
+        try:
+            after = await fast.execute([("ECHO", f"{example}.after")])
+        except RedisConnectionError:
+            after = await fast.execute([("ECHO", f"{example}.after")])
+        assert after == [f"{example}.after".encode()]
     finally:
         await fast.close()
         await admin.aclose()

@@ -9,16 +9,14 @@ what the protocol promises.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import socket
 import struct
 from typing import Any
 
 import msgpack
 
-from tests.helpers import Api
+from tests.helpers import Api, RawSocket
 
 
 def frame(payload: bytes, opcode: int = 0x1, fin: bool = True, mask: bool = True) -> bytes:
@@ -40,62 +38,6 @@ def text(message: dict[str, Any]) -> bytes:
     return frame(json.dumps(message).encode())
 
 
-class Raw:
-    """A blocking WebSocket client on a plain socket (run in a thread)."""
-
-    def __init__(self, address: str, path: str = "/ws/play") -> None:
-        host, port = address.split(":")
-        self.s = socket.create_connection((host, int(port)), timeout=10)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.s.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.s.recv(4096)
-            assert chunk, "closed during the handshake"
-            self.buffer += chunk
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 101"), head
-
-    def _need(self, n: int) -> None:
-        while len(self.buffer) < n:
-            chunk = self.s.recv(65536)
-            if not chunk:
-                raise EOFError
-            self.buffer += chunk
-
-    def read(self) -> tuple[int, bytes]:
-        """The next frame: (opcode, payload)."""
-        self._need(2)
-        opcode, n = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
-        head = 2
-        if n == 126:
-            self._need(4)
-            n, head = struct.unpack("!H", self.buffer[2:4])[0], 4
-        elif n == 127:
-            self._need(10)
-            n, head = struct.unpack("!Q", self.buffer[2:10])[0], 10
-        self._need(head + n)
-        payload, self.buffer = self.buffer[head:head + n], self.buffer[head + n:]
-        return opcode, payload
-
-    def message(self) -> dict[str, Any]:
-        while True:
-            opcode, payload = self.read()
-            if opcode == 0x1:
-                decoded: dict[str, Any] = json.loads(payload)
-                return decoded
-            assert opcode in (0x9, 0xA), (opcode, payload)  # a ping or pong in between
-
-    def close_code(self) -> int:
-        while True:
-            opcode, payload = self.read()
-            if opcode == 0x8:
-                return int(struct.unpack("!H", payload[:2])[0])
-
-
 def bet(i: int) -> dict[str, Any]:
     return {"type": "bet", "id": i, "currency": "USDT", "amount": "0.01", "target": "50.00",
             "direction": "under"}
@@ -105,7 +47,7 @@ async def test_mixed_frames_in_one_write_are_all_answered_in_order(api: Api) -> 
     _, token = await api.player(deposit="10.00")
 
     def run() -> list[dict[str, Any]]:
-        c = Raw(api.address)
+        c = RawSocket(api.address)
         c.s.sendall(text({"type": "auth", "token": token}))
         assert c.message()["type"] == "welcome"
         big_id = "x" * 60
@@ -147,8 +89,8 @@ async def test_mixed_frames_in_one_write_are_all_answered_in_order(api: Api) -> 
 async def test_invalid_utf8_closes_1007_and_unmasked_frames_close_1002(api: Api) -> None:
     _, token = await api.player(deposit="1.00")
 
-    def run(bad: bytes) -> int:
-        c = Raw(api.address)
+    def run(bad: bytes) -> int | None:
+        c = RawSocket(api.address)
         c.s.sendall(text({"type": "auth", "token": token}))
         assert c.message()["type"] == "welcome"
         c.s.sendall(text({"type": "ping", "id": 1}))
@@ -165,8 +107,8 @@ async def test_invalid_utf8_closes_1007_and_unmasked_frames_close_1002(api: Api)
 async def test_a_frame_over_the_size_limit_closes_1009_even_when_whole(api: Api) -> None:
     _, token = await api.player(deposit="1.00")
 
-    def run() -> int:
-        c = Raw(api.address)
+    def run() -> int | None:
+        c = RawSocket(api.address)
         c.s.sendall(text({"type": "auth", "token": token}))
         assert c.message()["type"] == "welcome"
         c.s.sendall(frame(b"a" * (64 * 1024 + 1)))

@@ -3,11 +3,14 @@
 :class:`Stack` owns a redis-server and a PostgreSQL database of its own (so ``ops.audit``
 judges only what these tests did), builds the environment every child reads its settings
 from, and starts the Dramatiq workers, the scheduler and the game server as subprocesses
-that a test may SIGKILL.
+that a test may SIGKILL. The conftest fixtures ``stack``, ``stack_api`` and ``stack_pool``
+give a test module one of them; the helpers below play bets on it and wait until they are
+persisted and paid.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -27,7 +30,13 @@ from games.types import Minor, UserId
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from server.db import drop_database, migrate
-from tests.conftest import ADMIN_TOKEN, RedisServer, free_port
+from tests.conftest import (
+    ADMIN_TOKEN,
+    RedisServer,
+    database_named,
+    free_port,
+    fresh_database_name,
+)
 from tests.helpers import Api
 from tests.helpers import eventually as helpers_eventually
 from workers import outbox
@@ -92,9 +101,7 @@ class Stack:
     async def create(cls, tmp: Path, **overrides: Any) -> Stack:
         redis_server = RedisServer()
         redis_server.start()
-        base = os.environ.get("TEST_DATABASE_URL") or os.environ.get(
-            "DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
-        dsn = base.rsplit("/", 1)[0] + f"/stakepro_w{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        dsn = database_named(fresh_database_name("w"))
         await migrate(dsn)
         settings = Settings(
             redis_url=redis_server.url, database_url=dsn, admin_token=ADMIN_TOKEN,
@@ -169,10 +176,28 @@ class Stack:
         return subprocess.run([sys.executable, "-m", "ops.audit"], cwd=ROOT,
                               env=self.env(), capture_output=True, text=True, timeout=120)
 
+    def assert_audit_passes(self) -> None:
+        audit = self.audit()
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+
     async def pending(self) -> int:
         client = aioredis.Redis.from_url(self.settings.redis_url)
         try:
             return await outbox.pending_count(client, self.keys)
+        finally:
+            await client.aclose()
+
+    async def commissions_idle(self) -> bool:
+        """Nothing left that could still pay a commission: no outbox entry (its ack accrues),
+        no pending hash, no batch taken and unfinished."""
+        client = aioredis.Redis.from_url(self.settings.redis_url)
+        try:
+            buckets = range(self.settings.buckets)
+            return (await outbox.pending_count(client, self.keys) == 0
+                    and not await client.exists(*(self.keys.commission_pending(b)
+                                                  for b in buckets))
+                    and sum([int(await client.scard(self.keys.commission_batches(b)))
+                             for b in buckets]) == 0)
         finally:
             await client.aclose()
 
@@ -236,6 +261,74 @@ async def bet_counts(pool: asyncpg.Pool, bet_ids: list[str]) -> dict[str, int]:
         "SELECT bet_id, count(*) AS n FROM bets WHERE bet_id = ANY($1::text[]) GROUP BY bet_id",
         bet_ids)
     return {r["bet_id"]: int(r["n"]) for r in rows}
+
+
+async def betting_tree(api: Api, players: int,
+                       bets: int) -> tuple[Tree, list[str], list[int]]:
+    """A new :class:`Tree` with ``players`` players who made ``bets`` bets each: the tree,
+    the acknowledged bet ids and their stakes."""
+    tree = await Tree.create(api, players)
+    ids, stakes = await play(api, tree, bets)
+    return tree, ids, stakes
+
+
+async def play(api: Api, tree: Tree, bets: int) -> tuple[list[str], list[int]]:
+    """``bets`` bets for each player; returns the acknowledged bet ids and stakes."""
+    ids: list[str] = []
+    stakes: list[int] = []
+
+    async def one(token: str) -> None:
+        async with api.play(token) as p:
+            for i in range(bets):
+                amount = 100 + 37 * i  # 1.00, 1.37, ... (minor units below)
+                reply = await p.bet(amount=f"{amount // 100}.{amount % 100:02d}",
+                                    target="49.50", direction="under" if i % 2 else "over")
+                assert reply["type"] == "bet_result", reply
+                ids.append(reply["bet_id"])
+                stakes.append(amount)
+
+    await asyncio.gather(*(one(token) for _, token in tree.players))
+    return ids, stakes
+
+
+async def persisted_once(stack: Stack, pool: asyncpg.Pool, ids: list[str],
+                         drained: bool = False, within: float = 20.0) -> None:
+    """Wait until every bet of ``ids`` is in ``bets`` exactly once (and, with ``drained``,
+    the outbox is empty too)."""
+
+    async def all_in() -> bool:
+        return await bet_counts(pool, ids) == dict.fromkeys(ids, 1) and (
+            not drained or await stack.pending() == 0)
+
+    await eventually(all_in, within)
+
+
+async def paid_exactly(pool: asyncpg.Pool, stack: Stack, tree: Tree, stakes: list[int],
+                       nudge: Callable[[], None] | None = None) -> None:
+    """Every ancestor earned exactly its shares of ``stakes``, in PostgreSQL and in Redis,
+    and nothing that could pay again is left. ``nudge`` runs at each look (without a
+    scheduler: enqueue a flush)."""
+    owed = tree.expected(stakes)
+    ancestors = list(owed)
+
+    async def settled() -> bool:
+        if nudge is not None:
+            nudge()
+        return (await stack.commissions_idle()
+                and await earned(pool, ancestors) == owed
+                and await redis_balances(stack, ancestors) == owed)
+
+    await eventually(settled)
+    assert await earned(pool, ancestors) == owed
+    assert await redis_balances(stack, ancestors) == owed
+
+
+async def recovered(stack: Stack, pool: asyncpg.Pool, tree: Tree, ids: list[str],
+                    stakes: list[int]) -> None:
+    """Every bet once, outbox empty, every commission once, and the audit passes."""
+    await persisted_once(stack, pool, ids, drained=True)
+    await paid_exactly(pool, stack, tree, stakes)
+    stack.assert_audit_passes()
 
 
 async def persisted_stakes(pool: asyncpg.Pool, user_ids: list[int]) -> list[int]:
