@@ -153,7 +153,14 @@ class Child:
             if now - self.died_at < STOP_TIMEOUT_S:
                 return
             self._group(signal.SIGKILL)
-        self.proc = self._spawn()
+        try:
+            proc = self._spawn()
+        except OSError as exc:  # no memory, no process slot: try again later
+            delay = self.backoff.delay(0.0)
+            self.restart_at = now + delay
+            self.say(f"{self.name} could not be started ({exc}): retrying in {delay:.1f}s")
+            return
+        self.proc = proc
         self.started_at = self.clock()
         self.died_at = None
         self.restarts += 1

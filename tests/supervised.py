@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,17 +105,17 @@ class Supervised:
     def lines(self, text: str) -> list[str]:
         return [line for line in self.output().splitlines() if text in line]
 
-    async def up(self, within: float = 60.0) -> Pids:
-        """Wait for the banner and for every child (and the Dramatiq worker process)."""
+    async def up(self, within: float = 60.0) -> None:
+        """Wait for the banner (the server answers /healthz)."""
         async def banner() -> bool:
             assert self.proc.alive(), self.output()
             return bool(self.lines("StakePro is up"))
 
         await eventually(banner, within)
-        return await self.pids()
 
-    async def pids(self, within: float = 30.0) -> Pids:
-        """The children as they are once all of them run (waits through a restart)."""
+    async def pids(self, until: Callable[[Pids], bool] = lambda p: True,
+                   within: float = 30.0) -> Pids:
+        """The children once all of them run and ``until`` holds (e.g. a new pid)."""
         async def found() -> Pids | None:
             kids = {pid: cmdline(pid) for pid in children_of(self.proc.popen.pid)}
             server = [p for p, c in kids.items() if "stakepro serve" in c]
@@ -125,7 +126,8 @@ class Supervised:
             workers = children_of(dramatiq[0])
             if len(workers) != 1:  # --processes 1 (forked; its cmdline is the parent's)
                 return None
-            return Pids(server[0], scheduler[0], dramatiq[0], workers[0])
+            pids = Pids(server[0], scheduler[0], dramatiq[0], workers[0])
+            return pids if until(pids) else None
 
         return await eventually(found, within)
 

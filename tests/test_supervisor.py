@@ -15,6 +15,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -23,11 +25,12 @@ import pytest
 import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
 
 from stakepro.supervisor import Backoff, ending
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, free_port
 from tests.helpers import Api
-from tests.supervised import Bettor, Supervised, audit, running, tree
+from tests.supervised import Bettor, Supervised, audit, children_of, cmdline, running, tree
 from tests.test_workers import paid_exactly
 from tests.workerprocs import Stack, Tree, bet_counts, eventually
 
@@ -124,8 +127,8 @@ async def test_worker_process_killed_under_load(
         os.kill(before.worker, signal.SIGKILL)
         killed = time.monotonic()
 
-        after = await supervised.pids()
-        assert after.dramatiq != before.dramatiq and after.worker != before.worker
+        after = await supervised.pids(lambda p: p.worker != before.worker)
+        assert after.dramatiq != before.dramatiq
         assert (after.server, after.scheduler) == (before.server, before.scheduler)
 
         async def still_answered() -> bool:  # on the same sockets, well after the kill
@@ -158,8 +161,7 @@ async def test_scheduler_killed_is_restarted(
 ) -> None:
     before = await supervised.pids()
     os.kill(before.scheduler, signal.SIGKILL)
-    after = await supervised.pids()
-    assert after.scheduler != before.scheduler
+    after = await supervised.pids(lambda p: p.scheduler != before.scheduler)
     assert (after.server, after.dramatiq, after.worker) == (
         before.server, before.dramatiq, before.worker)
     assert len(supervised.lines(f"scheduler (pid {before.scheduler}) was killed by SIGKILL")) == 1
@@ -184,10 +186,9 @@ async def test_game_server_killed_is_restarted(
             first = await p.bet(amount="0.10")
             assert first["type"] == "bet_result"
             os.kill(before.server, signal.SIGKILL)
-            with pytest.raises(Exception):  # noqa: B017 (the socket's end, whatever form)
+            with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(p.bet(amount="0.10"), 10)
-        after = await supervised.pids()
-        assert after.server != before.server
+        after = await supervised.pids(lambda p: p.server != before.server)
         assert (after.scheduler, after.dramatiq, after.worker) == (
             before.scheduler, before.dramatiq, before.worker)
         assert len(supervised.lines(f"server (pid {before.server}) was killed by SIGKILL")) == 1
@@ -214,12 +215,13 @@ async def test_sigterm_stops_everything_and_restarts_back_off(
     stack = await Stack.create(tmp_path_factory.mktemp("sigterm"))
     try:
         sup = Supervised.start(stack)
-        pids = await sup.up()
+        await sup.up()
+        pids = await sup.pids()
         # Two quick deaths in a row: the second waits twice as long.
         os.kill(pids.scheduler, signal.SIGKILL)
-        second = await sup.pids()
+        second = await sup.pids(lambda p: p.scheduler != pids.scheduler)
         os.kill(second.scheduler, signal.SIGKILL)
-        await sup.pids()
+        await sup.pids(lambda p: p.scheduler != second.scheduler)
         delays = [re.search(r"restarting in ([0-9.]+)s", line)
                   for line in sup.lines("scheduler (pid")]
         assert [m.group(1) for m in delays if m] == ["0.5", "1.0"], sup.output()
@@ -238,3 +240,96 @@ async def test_sigterm_stops_everything_and_restarts_back_off(
         assert len(deaths) == 2, sup.output()  # the two kills: stopping is no death
     finally:
         await stack.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_dramatiq_main_killed_leaves_no_orphan_worker(
+    supervised: Supervised, stack: Stack, pool: asyncpg.Pool
+) -> None:
+    """Its worker process outlives it (no parent-death signal there): the supervisor stops
+    what is left in the child's process group before starting the child again."""
+    before = await supervised.pids()
+    os.kill(before.dramatiq, signal.SIGKILL)
+    after = await supervised.pids(lambda p: p.dramatiq != before.dramatiq)
+    assert not running(before.worker), "the old worker process still runs beside the new"
+    assert (after.server, after.scheduler) == (before.server, before.scheduler)
+    assert supervised.lines(f"workers (pid {before.dramatiq}) was killed by SIGKILL")
+    async with Api(supervised.address, ADMIN_TOKEN) as api:
+        _, token = await api.player(deposit="10.00")
+        async with api.play(token) as p:
+            ids = [str((await p.bet(amount="0.10"))["bet_id"]) for _ in range(5)]
+    await persisted(stack, pool, ids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_supervisor_killed_takes_its_children_along(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """SIGKILL leaves the supervisor no say: the children's parent-death signal (SIGTERM)
+    stops them, and Dramatiq's main process stops its worker process."""
+    stack = await Stack.create(tmp_path_factory.mktemp("sigkill"))
+    try:
+        sup = Supervised.start(stack)
+        await sup.up()
+        await sup.pids()  # every child and the Dramatiq worker process run
+        everything = tree(sup.proc.popen.pid)
+        assert len(everything) == 5
+        sup.proc.kill()
+
+        async def all_gone() -> bool:
+            return not any(running(pid) for pid in everything)
+
+        await eventually(all_gone, 30.0)
+    finally:
+        await stack.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_one_worker_process_of_two_killed_stops_only_its_own(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    stack = await Stack.create(tmp_path_factory.mktemp("two"))
+    try:
+        sup = Supervised.start(stack, WORKER_PROCESSES="2")
+        await sup.up()
+
+        async def dramatiqs() -> dict[int, int] | None:
+            """Each dramatiq child of the supervisor -> its one worker process."""
+            mains = [p for p in children_of(sup.proc.popen.pid) if "dramatiq" in cmdline(p)]
+            workers = {m: children_of(m) for m in mains}
+            if len(mains) != 2 or any(len(w) != 1 for w in workers.values()):
+                return None
+            return {m: w[0] for m, w in workers.items()}
+
+        before = await eventually(dramatiqs)
+        victim, survivor = sorted(before)
+        os.kill(before[victim], signal.SIGKILL)
+
+        async def replaced() -> dict[int, int] | None:
+            now = await dramatiqs()
+            return now if now is not None and victim not in now else None
+
+        after = await eventually(replaced, 30.0)
+        assert after[survivor] == before[survivor]  # the sibling never stopped
+        deaths = [line for line in sup.output().splitlines()
+                  if f"(pid {victim}) exited with code 1" in line]
+        assert len(deaths) == 1 and deaths[0].startswith("workers-"), sup.output()
+        assert await sup.terminate() == 0, sup.output()
+    finally:
+        await stack.close()
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "٢"])
+def test_bad_worker_processes_is_refused_before_anything_starts(value: str) -> None:
+    env = {**os.environ, "WORKER_PROCESSES": value,
+           # Nothing answers here: reaching the migration would fail differently.
+           "DATABASE_URL": f"postgresql://root@127.0.0.1:{free_port()}/none"}
+    done = subprocess.run([sys.executable, "-m", "stakepro"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"WORKER_PROCESSES must be a whole number from 1 to 64, got {value!r}" in (
+        done.stderr), done.stderr
+    assert done.stdout == ""
