@@ -7,13 +7,16 @@
    supervisor, which then stops them in order):
    - the game server, ``python -m stakepro serve`` (uvicorn, :func:`uvicorn_config`) with
      ``INPROCESS_PERSISTER=false``: the workers persist the outbox and pay commissions;
-   - the Dramatiq workers, ``python -m dramatiq workers.actors`` (``--processes`` and
-     ``--threads`` from ``WORKER_PROCESSES`` / ``WORKER_THREADS``, default 1 and 4);
+   - the Dramatiq workers, ``python -m dramatiq workers.actors --processes 1``, one such
+     child per worker process (``WORKER_PROCESSES``, default 1; ``--threads`` from
+     ``WORKER_THREADS``, default 4), so that one killed worker stops no other;
    - the scheduler, ``python -m workers.scheduler``;
 3. prints the page URL once ``/healthz`` answers 200;
-4. on Ctrl-C or SIGTERM stops the scheduler, then the server (open sockets are closed, bets
+4. restarts a child that dies on its own, with backoff and one log line per death and per
+   restart, while the others keep running (:mod:`stakepro.supervisor`);
+5. on Ctrl-C or SIGTERM stops the scheduler, then the server (open sockets are closed, bets
    in hand settle), then the workers (they finish their batch and flush commissions), and
-   exits 0; if a child dies on its own it says which, stops the others and exits 1.
+   exits 0.
 
 Children are also asked (PR_SET_PDEATHSIG) to receive SIGTERM should the supervisor itself
 be killed, so none is left running behind it.
@@ -27,11 +30,8 @@ use it too).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -45,9 +45,8 @@ from plumbing.settings import Settings
 from server.db import migrate
 from server.wslink import DirectProtocol
 from stakepro.app import create_app
+from stakepro.supervisor import STOP_TIMEOUT_S, Children, Spec
 
-#: Seconds each child gets to stop after SIGTERM before it is killed.
-STOP_TIMEOUT_S = 20.0
 #: Seconds the game server gets to answer /healthz after it started.
 START_TIMEOUT_S = 60.0
 
@@ -92,36 +91,6 @@ def serve(settings: Settings) -> int:
 # -- the supervisor --------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: own process group, SIGTERM when the supervisor dies."""
-    os.setpgrp()
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Child:
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(list(argv), env=env, preexec_fn=_die_with_parent)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{self.name} did not stop within {timeout:.0f}s: killing it", flush=True)
-            self.proc.kill()
-            return self.proc.wait()
-
-
 def _healthy(settings: Settings) -> bool:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     try:
@@ -140,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m stakepro [serve]", file=sys.stderr)
         return 2
 
+    text = os.environ.get("WORKER_PROCESSES", "1")
+    processes = int(text) if text.isascii() and text.isdigit() else 0
+    if not 1 <= processes <= 64:
+        print(f"WORKER_PROCESSES must be a whole number from 1 to 64, got {text!r}",
+              file=sys.stderr)
+        return 2
+
     applied = asyncio.run(migrate(settings.database_url))
     if applied:
         print(f"migrated: {', '.join(applied)}")
@@ -156,28 +132,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     env = dict(os.environ)
     py = sys.executable
-    children = [
-        Child("workers", [py, "-m", "dramatiq", "workers.actors",
-                          "--processes", os.environ.get("WORKER_PROCESSES", "1"),
-                          "--threads", os.environ.get("WORKER_THREADS", "4"),
-                          "--worker-shutdown-timeout", str(int(STOP_TIMEOUT_S * 1000) - 2000)],
-              env),
-        Child("server", [py, "-m", "stakepro", "serve"],
-              {**env, "INPROCESS_PERSISTER": "false"}),
-        Child("scheduler", [py, "-m", "workers.scheduler"], env),
+    workers = [
+        Spec("workers" if processes == 1 else f"workers-{n + 1}",
+             [py, "-m", "dramatiq", "workers.actors", "--processes", "1",
+              "--threads", os.environ.get("WORKER_THREADS", "4"),
+              "--worker-shutdown-timeout", str(int(STOP_TIMEOUT_S * 1000) - 2000)],
+             env)
+        for n in range(processes)
     ]
-    by_name = {c.name: c for c in children}
+    children = Children([
+        *workers,
+        Spec("server", [py, "-m", "stakepro", "serve"], {**env, "INPROCESS_PERSISTER": "false"}),
+        Spec("scheduler", [py, "-m", "workers.scheduler"], env),
+    ], say=lambda line: print(line, flush=True))
     code = 0
     announced = False
     started = time.monotonic()
     while not stop_requested:
-        dead = [c for c in children if not c.alive()]
-        if dead:
-            for c in dead:
-                print(f"{c.name} exited unexpectedly (code {c.proc.returncode}): stopping",
-                      flush=True)
-            code = 1
-            break
+        children.poll()
         if not announced:
             if _healthy(settings):
                 announced = True
@@ -192,9 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.sleep(0.2)
 
     # Ticks first, then no new bets, then the workers persist what was settled and stop.
-    for name in ("scheduler", "server", "workers"):
-        by_name[name].terminate()
-        by_name[name].wait(STOP_TIMEOUT_S)
+    children.stop(("scheduler", "server", "workers"))
     print("stopped", flush=True)
     return code
 
