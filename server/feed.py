@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import msgpack
@@ -39,14 +39,12 @@ import structlog
 from redis.exceptions import RedisError
 
 from games.bets import Checked
+from plumbing.settings import Settings
 from server import codec
 from server.codec import Encoding
 from server.metrics import Metrics
 from server.pubsub import Hub
 from server.wslink import Endpoint, Link, Receive, Send, framed
-
-if TYPE_CHECKING:
-    from server.services import Services
 
 log = structlog.get_logger(__name__)
 
@@ -327,9 +325,18 @@ class Spectator:
             await self.endpoint.finish()
 
 
+class FeedHost(Protocol):
+    """What ``/ws/feed`` needs of its process: :class:`server.services.Services`, which
+    builds the :class:`Feed` (so this module does not import it back)."""
+
+    settings: Settings
+    metrics: Metrics
+    feed: Feed
+
+
 async def feed_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """The ASGI app of ``/ws/feed`` (plain ASGI: frames go straight to the sockets)."""
-    services: Services = scope["app"].state.services
+    services: FeedHost = scope["app"].state.services
     endpoint = Endpoint(scope, receive, send)
     if not await endpoint.accept():
         return
