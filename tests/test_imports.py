@@ -4,16 +4,22 @@ import-linter (``make lint``) keeps the layers apart, but a cycle between two mo
 package breaks none of its contracts. This walks the import graph that grimp (the library
 import-linter runs on) builds of every root package pyproject.toml names, imports under
 ``if TYPE_CHECKING:`` included, and fails on any group of modules that import each other.
+The page's ES modules (static/js) are held to the same rule.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import grimp
 
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = ROOT / "pyproject.toml"
+JS = ROOT / "static" / "js"
+#: A static import of a sibling module: ``import ... from "./x.js"`` or ``import "./x.js"``.
+JS_IMPORT = re.compile(r'^\s*import\b[^"\']*?["\']\./([\w-]+)\.js["\']', re.MULTILINE | re.DOTALL)
 
 
 def root_packages() -> list[str]:
@@ -85,6 +91,25 @@ def describe(graph: grimp.ImportGraph, group: list[str]) -> str:
 def test_no_module_of_ours_takes_part_in_an_import_circle() -> None:
     graph = grimp.build_graph(*root_packages(), cache_dir=None)
     assert len(graph.modules) > 50  # the packages were found and read
+    found = cycles(graph)
+    assert not found, "import circles:\n" + "\n".join(describe(graph, g) for g in found)
+
+
+def js_graph() -> grimp.ImportGraph:
+    """The import graph of the page's modules, one node per file of static/js."""
+    graph = grimp.ImportGraph()
+    files = sorted(JS.glob("*.js"))
+    for path in files:
+        graph.add_module(path.stem)
+    for path in files:
+        for imported in JS_IMPORT.findall(path.read_text()):
+            graph.add_import(importer=path.stem, imported=imported)
+    return graph
+
+
+def test_no_module_of_the_page_takes_part_in_an_import_circle() -> None:
+    graph = js_graph()
+    assert graph.direct_import_exists(importer="app", imported="mybets")  # imports were read
     found = cycles(graph)
     assert not found, "import circles:\n" + "\n".join(describe(graph, g) for g in found)
 

@@ -37,7 +37,7 @@ async function loadLimits() {
 function main() {
   wireBetPanel(play);
   wireAutobet();
-  wireVerify();
+  wireVerify(rotate);
   wireFairness();
   $("signin").addEventListener("click", signIn);
   $("signout").addEventListener("click", signOut);
