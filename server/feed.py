@@ -62,8 +62,8 @@ CLOSE_TIMEOUT_S = 5.0
 
 #: The fields of one feed entry, in the order the instances send them to each other: on the
 #: feed channel an entry is a list (no keys to pack or parse ten times a second for every
-#: bet); the broadcaster turns it into the protocol's map. A map (an instance from before
-#: this order) is accepted too.
+#: bet); the broadcaster turns it into the protocol's map. A map with these keys is accepted
+#: too (the earlier format: docs/decisions.md, "Formats still read").
 FEED_FIELDS = ("bet_id", "player", "currency", "amount", "target", "direction", "roll", "win",
                "multiplier", "payout", "ts")
 
@@ -263,10 +263,10 @@ class Feed:
 
 
 class Spectator:
-    """One ``/ws/feed`` socket. Frames are written straight to it (server/wslink.py); one
-    that has more than ``queue_batches`` frames' worth of bytes unread is closed (1008, "too
-    slow"). What the client sends is read and ignored (so its close frame is seen), but a
-    client that sends more than a few frames a second is closed (1008)."""
+    """One ``/ws/feed`` socket, written to straight (server/wslink.py) and closed when too
+    slow (the module docstring). What the client sends is read and ignored (so its close
+    frame is seen), but a client that sends more than a few frames a second is closed
+    (1008)."""
 
     def __init__(self, endpoint: Endpoint, encoding: Encoding, queue_batches: int,
                  metrics: Metrics) -> None:

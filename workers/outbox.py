@@ -270,7 +270,7 @@ async def _read(
         args += (b"BLOCK", block_ms)
     # The command name as bytes: redis-py then applies no response callback (its callbacks
     # are keyed by str names) and hands back the raw reply, which _entries reads in one
-    # pass instead of redis-py's three (a fifth of the worker's CPU per entry).
+    # pass instead of redis-py's three (docs/benchmarks.md has what they cost).
     reply = await redis.execute_command(  # type: ignore[no-untyped-call]
         *args, b"STREAMS", *streams, *[start] * len(streams))
     return _entries(reply)

@@ -30,7 +30,7 @@ async function loadLimits() {
     }
     updateBetPanel();
   } catch {
-    // offline or an older server: the server's checks remain
+    // offline, or no limits to show: the server's own checks remain
   }
 }
 
