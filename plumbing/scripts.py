@@ -5,7 +5,7 @@ NOSCRIPT reply (a restarted or failed-over Redis) loads them again and retries o
 retry is safe: NOSCRIPT means the script did not run. Their reply codes are
 :mod:`games.codes`.
 
-:func:`to_resend` is that rule, and :func:`send_loading_once` applies it to any way of
+:func:`needs_load` is that rule, and :func:`send_loading_once` applies it to any way of
 sending: :func:`run` for the redis-py clients (the workers, the lease), and
 :class:`server.redisbatch.Batcher` for the calls of the game server, which go over a
 connection of its own.
@@ -52,11 +52,16 @@ Call = tuple[Script, Sequence[str], Sequence[Any]]
 C = TypeVar("C")
 
 
+def needs_load(reply: Any) -> bool:
+    """Whether a call that got ``reply`` is sent again, once, after loading the scripts:
+    only when Redis answered NOSCRIPT. That means the script did not run, so the resend
+    cannot apply it twice; every other reply, error or not, stands."""
+    return isinstance(reply, NoScriptError)
+
+
 def to_resend(replies: Sequence[Any]) -> list[int]:
-    """The positions of the calls to send again, once, after loading the scripts: those
-    Redis answered NOSCRIPT. Only those: NOSCRIPT means the script did not run, so the
-    resend cannot apply it twice; every other reply, error or not, stands."""
-    return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    """The positions of the calls :func:`needs_load` sends again."""
+    return [i for i, reply in enumerate(replies) if needs_load(reply)]
 
 
 async def send_loading_once(
