@@ -134,9 +134,10 @@ class BetChecker:
     """:func:`validate_bet` with a bounded memo of the requests that passed.
 
     Players and autobets repeat the same few bets (currency, amount, target, direction)
-    thousands of times; parsing them again each time was a measurable share of a bet's
-    CPU. Only requests whose four fields are all strings are remembered (the key compares
-    them exactly), and the memo is emptied when it reaches ``size`` entries.
+    thousands of times; parsing them again each time is a measurable share of a bet's CPU
+    (docs/benchmarks.md). Only requests whose four fields are all strings are remembered
+    (the key compares them exactly), and the memo is emptied when it reaches ``size``
+    entries.
     """
 
     def __init__(

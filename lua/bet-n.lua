@@ -8,9 +8,9 @@
   is still the next one of the same seed pair, so a roll is never applied to a nonce other
   than the one it was computed for; when an earlier bet of the call did not use its nonce
   (refused, or a replay), the later ones come back STALE, having changed nothing, and the
-  server recomputes them. One call per user instead of one per bet: the cost of a script
-  call (argument tables, the Lua VM's entry and exit, the AOF's MULTI/EXEC) was most of a
-  bet's Redis time (docs/benchmarks.md).
+  server recomputes them. One call per user instead of one per bet: the fixed cost of a
+  script call (argument tables, the Lua VM's entry and exit, the AOF's MULTI/EXEC) is most
+  of a bet's Redis time (docs/benchmarks.md).
 
   Every amount is an integer count of minor units carried as a decimal string and handed to
   HINCRBY untouched (Lua numbers are doubles: no arithmetic on money happens here).
@@ -33,10 +33,10 @@
     the pair's nonce the server believes is stored when this bet runs (it uses that + 1)
     request fingerprint (currency|amount|target|direction)
     outbox event blob (opaque to this script); the record keeps it too, since it holds every
-      field a replay answers with (a separate result blob was the same fields again)
+      field a replay answers with
     id of the socket that placed the bet (pushed so that socket can skip it)
 
-  For each bet, in order (the checks of the former single-bet script, bet-5):
+  For each bet, in order:
   1. a record under its id: REPLAY with the same fingerprint, else CONFLICT;
   2. no active pair: NO_SEED; a pair installed under another Redis run id: EPOCH; another
      pair id or another stored nonce: STALE;
@@ -51,8 +51,9 @@
   (games/codes.py: BetCode):
   {0, balance, nonce}          SETTLED: balance after the bet, the nonce used
   {1, balance, blob}           REPLAY: same bet id and fields within the window; blob is the
-                               bet's event blob (or, from a record of an older server, its
-                               result blob: the caller tells them apart)
+                               bet's event blob (or, from a record in the earlier format, a
+                               result blob: the caller tells them apart; docs/decisions.md,
+                               "Formats still read")
   {2}                          CONFLICT: same bet id, other fields
   {3, balance}                 INSUFFICIENT_FUNDS: nothing changed, no nonce used
   {4, pair_id, nonce}          STALE: the stored pair or nonce differs; recompute and retry
@@ -69,11 +70,12 @@
   HSET right after the balance moves (never deferred to the end of the call: should a later
   command fail, the stored nonce must already cover every bet settled, or a nonce would be
   used twice); a currency's balance is read once per call (later bets of the call compare
-  against the previous one's result); a record is one string with its expiry (SET PX). Redis time per bet is mostly the per-command cost of redis.call, so
-  every call saved counts. The balance moves first and
-  its HINCRBY runs protected (pcall), so one that fails (overflow) leaves nothing of that
-  bet changed and the call goes on (a script error would end the call with the earlier
-  bets applied and their replies lost: Redis does not roll a script back).
+  against the previous one's result); a record is one string with its expiry (SET PX).
+  Redis time per bet is mostly the per-command cost of redis.call, so every call saved
+  counts. The balance moves first and its HINCRBY runs protected (pcall), so one that fails
+  (overflow) leaves nothing of that bet changed and the call goes on (a script error would
+  end the call with the earlier bets applied and their replies lost: Redis does not roll a
+  script back).
 ]]
 
 local pid, rid, window, others = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -90,7 +92,7 @@ for i = 1, #KEYS - 4 do
   local idem = KEYS[4 + i]
   local rec = redis.pcall('GET', idem)
   if type(rec) == 'table' and rec.err then
-    -- A record of the former bet-5.lua (a hash f, b, r), within its window after an upgrade.
+    -- A record in the earlier hash format (f, b, r): docs/decisions.md, "Formats still read".
     local h = redis.call('HMGET', idem, 'f', 'b', 'r')
     rec = h[1] .. '\n' .. h[2] .. '\n' .. h[3]
   end

@@ -5,9 +5,10 @@ pair to the bucket's outbox stream (docs/architecture.md). An entry's fields:
 
 - ``k``: the kind, ``bet``, ``deposit`` or ``reveal``;
 - ``e`` (bet, deposit): the event blob the server prepared, msgpack. A bet's is the list of
-  :data:`BET_FIELDS` in that order (:func:`encode_bet`; a map with those keys is read too), a
-  deposit's the map :func:`encode_deposit` writes. Integers in a blob are msgpack integers,
-  strings msgpack strings;
+  :data:`BET_FIELDS` in that order (:func:`encode_bet`; a map with those keys, the earlier
+  format, is read too: docs/decisions.md, "Formats still read"), a deposit's the map
+  :func:`encode_deposit` writes. Integers in a blob are msgpack integers, strings msgpack
+  strings;
 - ``b`` (bet, deposit): the balance after, written by the script (decimal digits);
 - ``pid``, ``n``, ``ts`` (reveal): written by rotate-2.lua (decimal digits).
 

@@ -5,18 +5,19 @@ NOSCRIPT reply (a restarted or failed-over Redis) loads them again and retries o
 retry is safe: NOSCRIPT means the script did not run. Their reply codes are
 :mod:`games.codes`.
 
-:func:`run` is that EVALSHA-and-retry for the redis-py clients (the workers, the lease);
-the bet path sends its calls over its own connection (:class:`server.redisbatch.Batcher`)
-and loads :data:`ALL` the same way when it meets NOSCRIPT.
+:func:`needs_load` is that rule, and :func:`send_loading_once` applies it to any way of
+sending: :func:`run` for the redis-py clients (the workers, the lease), and
+:class:`server.redisbatch.Batcher` for the calls of the game server, which go over a
+connection of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -48,6 +49,43 @@ ALL = (BET, DEPOSIT, ROTATE, OUTBOX_ACK_ACCRUE, COMMISSION_TAKE, COMMISSION_CRED
 #: One script call: the script, its KEYS, its ARGV.
 Call = tuple[Script, Sequence[str], Sequence[Any]]
 
+C = TypeVar("C")
+
+
+def needs_load(reply: Any) -> bool:
+    """Whether a call that got ``reply`` is sent again, once, after loading the scripts:
+    only when Redis answered NOSCRIPT. That means the script did not run, so the resend
+    cannot apply it twice; every other reply, error or not, stands."""
+    return isinstance(reply, NoScriptError)
+
+
+def to_resend(replies: Sequence[Any]) -> list[int]:
+    """The positions of the calls :func:`needs_load` sends again."""
+    return [i for i, reply in enumerate(replies) if needs_load(reply)]
+
+
+async def send_loading_once(
+    send: Callable[[Sequence[C]], Awaitable[list[Any]]],
+    calls: Sequence[C],
+    load: Callable[[Sequence[C]], Awaitable[None]],
+) -> list[Any]:
+    """The replies of ``calls`` (in order) sent with ``send``: the ones :func:`to_resend`
+    names are sent again after one ``load`` of the scripts (given the calls to resend)."""
+    replies = await send(calls)
+    again = to_resend(replies)
+    if again:
+        resend = [calls[i] for i in again]
+        await load(resend)
+        for i, reply in zip(again, await send(resend), strict=True):
+            replies[i] = reply
+    return replies
+
+
+async def load(redis: aioredis.Redis, which: Iterable[Script] = ALL) -> None:
+    """SCRIPT LOAD each of ``which``."""
+    for script in which:
+        await redis.script_load(script.source)
+
 
 async def run(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
     """EVALSHA every call in one pipeline; load and retry the NOSCRIPT ones once.
@@ -64,13 +102,10 @@ async def run(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 
-    replies = await send(calls)
-    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-    if again:
-        for script in {calls[i][0] for i in again}:
-            await redis.script_load(script.source)
-        for i, reply in zip(again, await send([calls[i] for i in again]), strict=True):
-            replies[i] = reply
+    async def load_missing(again: Sequence[Call]) -> None:
+        await load(redis, {script for script, _, _ in again})
+
+    replies = await send_loading_once(send, calls, load_missing)
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply

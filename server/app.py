@@ -48,8 +48,8 @@ def create_app(settings: Settings | None = None,
                     await running.enter_async_context(companion(services))
                 # Everything built so far lives as long as the process: move it out of the
                 # cyclic collector's sight, so the full collections that the bet path's
-                # allocations trigger do not walk it again each time (they showed as p99
-                # spikes).
+                # allocations trigger do not walk it again each time (they show as p99
+                # spikes: docs/benchmarks.md).
                 gc.collect()
                 gc.freeze()
                 yield

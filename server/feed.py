@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import msgpack
@@ -39,14 +39,12 @@ import structlog
 from redis.exceptions import RedisError
 
 from games.bets import Checked
+from plumbing.settings import Settings
 from server import codec
 from server.codec import Encoding
 from server.metrics import Metrics
 from server.pubsub import Hub
 from server.wslink import Endpoint, Link, Receive, Send, framed
-
-if TYPE_CHECKING:
-    from server.services import Services
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +62,8 @@ CLOSE_TIMEOUT_S = 5.0
 
 #: The fields of one feed entry, in the order the instances send them to each other: on the
 #: feed channel an entry is a list (no keys to pack or parse ten times a second for every
-#: bet); the broadcaster turns it into the protocol's map. A map (an instance from before
-#: this order) is accepted too.
+#: bet); the broadcaster turns it into the protocol's map. A map with these keys is accepted
+#: too (the earlier format: docs/decisions.md, "Formats still read").
 FEED_FIELDS = ("bet_id", "player", "currency", "amount", "target", "direction", "roll", "win",
                "multiplier", "payout", "ts")
 
@@ -265,10 +263,10 @@ class Feed:
 
 
 class Spectator:
-    """One ``/ws/feed`` socket. Frames are written straight to it (server/wslink.py); one
-    that has more than ``queue_batches`` frames' worth of bytes unread is closed (1008, "too
-    slow"). What the client sends is read and ignored (so its close frame is seen), but a
-    client that sends more than a few frames a second is closed (1008)."""
+    """One ``/ws/feed`` socket, written to straight (server/wslink.py) and closed when too
+    slow (the module docstring). What the client sends is read and ignored (so its close
+    frame is seen), but a client that sends more than a few frames a second is closed
+    (1008)."""
 
     def __init__(self, endpoint: Endpoint, encoding: Encoding, queue_batches: int,
                  metrics: Metrics) -> None:
@@ -327,9 +325,18 @@ class Spectator:
             await self.endpoint.finish()
 
 
+class FeedHost(Protocol):
+    """What ``/ws/feed`` needs of its process: :class:`server.services.Services`, which
+    builds the :class:`Feed` (so this module does not import it back)."""
+
+    settings: Settings
+    metrics: Metrics
+    feed: Feed
+
+
 async def feed_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """The ASGI app of ``/ws/feed`` (plain ASGI: frames go straight to the sockets)."""
-    services: Services = scope["app"].state.services
+    services: FeedHost = scope["app"].state.services
     endpoint = Endpoint(scope, receive, send)
     if not await endpoint.accept():
         return

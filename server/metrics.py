@@ -58,9 +58,10 @@ class Metrics:
 class BetStats(Collector):
     """The per-bet counters, kept as plain numbers and exported at scrape time.
 
-    prometheus_client's Counter and Histogram take a lock per update; at thousands of bets
-    a second that was ~4 % of the bet path's CPU. The event loop is the only writer, so
-    plain integers suffice; a scrape reads them on the same thread.
+    prometheus_client's Counter and Histogram take a lock per update, a measurable share of
+    the bet path's CPU at thousands of bets a second (docs/benchmarks.md, "Figures behind
+    choices in the code"). The event loop is the only writer, so plain integers suffice; a
+    scrape reads them on the same thread.
     """
 
     def __init__(self, buckets: tuple[float, ...]) -> None:

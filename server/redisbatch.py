@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from plumbing.scripts import ALL, Script
+from plumbing import scripts
+from plumbing.scripts import Script
 from server.resp import FastConnection
 
 Arg = str | bytes | int
@@ -37,8 +38,8 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def load_scripts(self) -> None:
-        for script in ALL:
-            await self.client.script_load(script.source)
+        """Load every script (a restarted Redis has none: the bet path meets them all)."""
+        await scripts.load(self.client)
 
     def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Queue one EVALSHA; the future resolves to its reply or raises its error."""
@@ -58,14 +59,11 @@ class Batcher:
     async def _send(
         self, batch: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]]
     ) -> None:
+        async def load(_: object) -> None:
+            await self.load_scripts()
+
         try:
-            replies = await self._pipeline(batch)
-            if any(isinstance(r, NoScriptError) for r in replies):
-                await self.load_scripts()
-                again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                retried = await self._pipeline([batch[i] for i in again])
-                for i, reply in zip(again, retried, strict=True):
-                    replies[i] = reply
+            replies = await scripts.send_loading_once(self._pipeline, batch, load)
         except Exception as exc:  # RedisError, or a bug: every caller still gets an answer
             for *_, future in batch:
                 if not future.done():
@@ -80,7 +78,7 @@ class Batcher:
                 future.set_result(reply)
 
     async def _pipeline(
-        self, batch: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]]
+        self, batch: Sequence[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]]
     ) -> list[Any]:
         return await self.fast.execute(
             [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in batch]

@@ -102,8 +102,8 @@ class PendingBet:
 
 def _replayed(balance: Minor, blob: bytes) -> BetResult:
     """The result a replay answers with, from the blob of the bet's idempotency record: its
-    outbox event (:func:`plumbing.events.encode_bet`), or the 8-field result list a server
-    before that stored (within its window after an upgrade)."""
+    outbox event (:func:`plumbing.events.encode_bet`), or a result list of 8 fields (the
+    earlier record format: docs/decisions.md, "Formats still read")."""
     fields = msgpack.unpackb(blob)
     if len(fields) == 8:
         b_id, r, w, m, p, n, sh, cs = fields

@@ -7,7 +7,7 @@ so the replies of many bets answered together leave in one ``write`` system call
 
 Two links implement it:
 
-- :class:`DirectLink`, when the server runs :class:`DirectProtocol` (``server.run`` and the
+- :class:`DirectLink`, when the server runs :class:`DirectProtocol` (the launcher and the
   tests do): uvicorn's sans-I/O WebSocket protocol, except that once the endpoint attaches,
   each data frame is handed to the session straight from ``data_received`` instead of going
   through the ASGI receive queue, and outgoing frames are framed here and written together.
@@ -93,7 +93,7 @@ def framed(payload: str | bytes) -> bytes:
 
 class DirectProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, with the :data:`EXTENSION` offered in the
-    scope (pass it as ``ws=`` to ``uvicorn.Config``; :func:`server.run.uvicorn_config` does).
+    scope (pass it as ``ws=`` to ``uvicorn.Config``; :func:`stakepro.run.uvicorn_config` does).
     Endpoints that do not attach are served exactly as by uvicorn."""
 
     session: Session | None = None

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from games.errors import StakeProError, Unavailable
 from games.money import parse_amount
+from plumbing import scripts
 from plumbing.settings import Settings
 from server import users
 from server.services import Services
@@ -134,3 +135,25 @@ async def test_a_redis_that_stops_answering_bets(pausable: tuple[str, RedisServe
 
         await eventually(healthy, within=10)
     await control.aclose()
+
+
+async def test_the_batched_calls_load_the_scripts_redis_forgot(services: Services) -> None:
+    """A Redis without the scripts (SCRIPT FLUSH; a restarted one answers the same): a
+    deposit and a rotation sent together through the Batcher meet NOSCRIPT, the scripts are
+    loaded and the two calls sent again, and each applies exactly once."""
+    wallet = services.wallet
+    uid = await _player(services, "10.00")
+    state = wallet.user(uid)
+    await wallet.pair(state)
+    await services.redis.script_flush()
+    usdt = services.settings.currencies["USDT"]
+    balance, rotation = await asyncio.wait_for(asyncio.gather(
+        wallet.deposit(uid, usdt, parse_amount("5.00", usdt), uuid.uuid4().hex),
+        wallet.rotate(state, "after-the-flush"),
+    ), 10)
+    assert balance == parse_amount("15.00", usdt)
+    assert (await wallet.balances(uid))["USDT"] == balance
+    assert rotation.current.client_seed == "after-the-flush" and rotation.current.nonce == 0
+    assert await services.redis.hget(services.keys.seed(uid), "pid") == (
+        rotation.current.pid.encode())
+    assert all(await services.redis.script_exists(*(s.sha for s in scripts.ALL)))

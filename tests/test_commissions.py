@@ -98,8 +98,8 @@ class Env(Direct):
     async def leftovers(self) -> list[Any]:
         """Every commission key still in Redis except the markers (pending, batches)."""
         found = []
-        for pattern in ("cpend", "cbatch", "cbatches"):
-            found += [k async for k in self.redis.scan_iter(f"{self.keys.prefix}:{pattern}:*")]
+        for kind in ("cpend", "cbatch", "cbatches"):
+            found += [k async for k in self.redis.scan_iter(self.keys.scan_match(kind))]
         return found
 
 

@@ -244,6 +244,15 @@ async def test_rotate_and_verify_in_page(api: Api, open_page: Any) -> None:
     # The next pair uses the edited client seed, from nonce 1.
     bet = await roll(page)
     assert bet["client_seed"] == "my-own-seed_1.0" and bet["nonce"] == 1
+
+    # A secret bet's proof offers the rotation itself, then shows the proof.
+    await page.click("#mybets tbody tr[data-nonce='1']")
+    await page.wait_for_selector("[data-testid=proof-secret]")
+    await page.click("#proof-bet button")
+    await page.wait_for_selector("[data-testid=v-roll]")
+    assert await page.text_content("[data-testid=v-roll]") == bet["roll"]
+    assert "✓" in (await page.text_content("[data-testid=v-match]") or "")
+    assert await page.text_content("#seed-nonce") == "0"
     w.assert_clean()
 
 

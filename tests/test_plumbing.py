@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgpack
@@ -13,6 +13,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.exceptions import NoScriptError, ResponseError
 
 from games.commission import accrued, commission
 from games.types import Minor
@@ -128,3 +129,27 @@ async def test_the_runner_loads_a_script_redis_forgot(redis: aioredis.Redis) -> 
     assert replies == [1, 0]
     assert await scripts.run_one(redis, scripts.LEASE, [key], ["release", "t", 0]) == 1
     assert not await redis.exists(key)
+
+
+async def test_only_the_calls_redis_answered_noscript_are_sent_again_after_one_load() -> None:
+    sent: list[list[str]] = []
+    loads: list[list[str]] = []
+    loaded = False
+
+    async def send(calls: Sequence[str]) -> list[Any]:
+        sent.append(list(calls))
+        return [NoScriptError("NOSCRIPT") if c.startswith("new") and not loaded
+                else ResponseError("ERR") if c == "bad" else f"{c}:ok" for c in calls]
+
+    async def load(calls: Sequence[str]) -> None:
+        nonlocal loaded
+        loads.append(list(calls))
+        loaded = True
+
+    replies = await scripts.send_loading_once(send, ["old", "new1", "bad", "new2"], load)
+    assert replies[0] == "old:ok" and replies[1] == "new1:ok" and replies[3] == "new2:ok"
+    assert isinstance(replies[2], ResponseError)  # another error stands, never resent
+    assert loads == [["new1", "new2"]]
+    assert sent == [["old", "new1", "bad", "new2"], ["new1", "new2"]]
+    assert await scripts.send_loading_once(send, ["old"], load) == ["old:ok"]
+    assert len(loads) == 1  # nothing missing: no load

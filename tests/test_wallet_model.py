@@ -1,7 +1,7 @@
 """The real Lua money scripts against games.wallet_model, step by step (STYLE.md, point 2).
 
 A hypothesis state machine plays random sequences of bets, deposits, rotations and
-idempotency expiries for one user on our own redis-server (EVALSHA of server.scripts) and
+idempotency expiries for one user on our own redis-server (EVALSHA of plumbing.scripts) and
 on :class:`~games.wallet_model.WalletModel`. After every step the two replies must be
 identical (value and RESP type), and the whole key space of the example (balances, seed
 pair, bet and deposit records with their TTLs, the outbox stream, the pushes) must be what

@@ -9,16 +9,15 @@ workers/commissions.py); the leases only keep the work from being done twice for
 
 ``persist_outbox(shard)``
     Shard ``s`` of ``settings.persist_shards`` (``n``) owns the bucket streams ``b`` with
-    ``b % n == s``. The job takes the shard's lease (SET NX PX with a token of its own,
-    renewed every second, released by compare-and-delete: plumbing/lease.py), and while it
-    holds it, for ``settings.persist_run_s``: first the shard consumer's own pending entries
-    (a previous holder died or failed between COMMIT and XACK: they are written again,
-    idempotently, and acknowledged), then entries idle on any other consumer for 30 s
-    (XAUTOCLAIM: a consumer name of another shard count, or the in-process persister of a
-    server that died), then new entries, batch after batch (workers.outbox.drain_once).
-    Without the lease it asks again every 50 ms for up to ``persist_every_s`` (the next
-    job is then already waiting when the holder releases), then returns: another job drains
-    the shard.
+    ``b % n == s``. The job takes the shard's lease (plumbing/lease.py, renewed while it
+    works), and while it holds it, for ``settings.persist_run_s``: first the shard
+    consumer's own pending entries (a previous holder died or failed between COMMIT and
+    XACK: they are written again, idempotently, and acknowledged), then entries idle on any
+    other consumer for 30 s (XAUTOCLAIM: a consumer name of another shard count, or the
+    in-process persister of a server that died), then new entries, batch after batch
+    (workers.outbox.drain_once). Without the lease it asks again every 50 ms for up to
+    ``persist_every_s`` (the next job is then already waiting when the holder releases),
+    then returns: another job drains the shard.
 
     The consumer name is the shard's (``persist-<s>/<n>``), not the process's: the lease
     makes its holder the shard's only reader, so the next holder finds a dead holder's
@@ -193,8 +192,8 @@ async def persist(res: Resources, shard: int, run_s: float, batch: int = BATCH) 
     lease = Lease(res.redis, keys.persist_lease(shard, shards), LEASE_MS)
     # The scheduler enqueues a job per shard every persist_every_s; while one drains, the
     # next waits up to that long for the lease, so it takes over within LEASE_POLL_S of
-    # the release instead of at the next tick plus Dramatiq's dispatch (a gap that showed
-    # as seconds of persistence lag at 5,000 bets/s).
+    # the release instead of at the next tick plus Dramatiq's dispatch (a gap that shows as
+    # persistence lag under load: docs/benchmarks.md).
     waited_until = time.monotonic() + res.settings.persist_every_s
     while not await lease.acquire():
         if time.monotonic() >= waited_until or _stopping:

@@ -126,7 +126,7 @@ _REVEALS_SQL = """
 UPDATE seed_pairs AS s
 SET revealed_at = COALESCE(s.revealed_at, to_timestamp(x.ts / 1000.0)),
     -- Redis's count can be behind the bets already stored if Redis lost writes (its pairs
-    -- are then rotated, see lua/bet-5.lua EPOCH): the final nonce is the highest known.
+    -- are then rotated, see lua/bet-n.lua EPOCH): the final nonce is the highest known.
     final_nonce = GREATEST(x.n, COALESCE(s.final_nonce, 0),
                            (SELECT COALESCE(max(b.nonce), 0) FROM bets b
                             WHERE b.pair_id = x.pair_id))
@@ -270,7 +270,7 @@ async def _read(
         args += (b"BLOCK", block_ms)
     # The command name as bytes: redis-py then applies no response callback (its callbacks
     # are keyed by str names) and hands back the raw reply, which _entries reads in one
-    # pass instead of redis-py's three (a fifth of the worker's CPU per entry).
+    # pass instead of redis-py's three (docs/benchmarks.md has what they cost).
     reply = await redis.execute_command(  # type: ignore[no-untyped-call]
         *args, b"STREAMS", *streams, *[start] * len(streams))
     return _entries(reply)

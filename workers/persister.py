@@ -1,10 +1,10 @@
 """The in-process persister: a task draining the outbox into PostgreSQL beside a game server.
 
-The launcher runs it inside the game server's process while ``settings.inprocess_persister``
-(:mod:`stakepro.app`; ``make run`` turns it off and runs the Dramatiq workers instead; both
-can run at once: they are consumers of one group, and every write is idempotent). All the
-work is :mod:`workers.outbox`; this is only the loop around it: block on the streams,
-persist, back off on errors, take over what dead consumers left every ``reclaim_every_s``.
+The launcher runs it inside the game server's process (:mod:`stakepro.app` says when). It
+and the Dramatiq workers can run at once: they are consumers of one group, and every write
+is idempotent. All the work is :mod:`workers.outbox`; this is only the loop around it:
+block on the streams, persist, back off on errors, take over what dead consumers left every
+``reclaim_every_s``.
 
 ``close()`` never interrupts a batch: it asks the loop to stop, lets the batch in hand reach
 COMMIT and its ack, then drains what is still in the streams (bets settled just before the

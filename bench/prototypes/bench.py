@@ -3,7 +3,7 @@
 A  hmac_in_lua.lua: one call; Redis computes HMAC-SHA256 and the roll in Lua.
 B  two_step_reserve.lua + two_step_settle.lua: reserve (nonce, stake, pending record), roll
    in Python, settle (payout, outbox); two calls per bet.
-C  lua/bet-5.lua through the real server.wallet.Wallet: roll in Python for the expected
+C  lua/bet-n.lua through the real server.wallet.Wallet: roll in Python for the expected
    nonce, one call that settles only if the pair and nonce still hold.
 
 Every design sends its calls through server.redisbatch.Batcher (one pipeline per loop tick)
@@ -190,7 +190,7 @@ BET: dict[str, Callable[[Ctx, int, int, BetSpec], Awaitable[None]]] = {
 NAMES = {
     "A": "hmac_in_lua (1 call, HMAC in Lua)",
     "B": "two_step (2 calls, pending record)",
-    "C": "bet-5 (1 call, roll in Python)",
+    "C": "bet-n (1 call, roll in Python)",
 }
 
 

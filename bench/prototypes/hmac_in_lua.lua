@@ -4,8 +4,9 @@
   HMAC-SHA256(server_seed, client_seed .. ":" .. nonce) is computed here in Lua 5.1 with the
   `bit` library (Redis has no native SHA-256 for scripts), then PROTOCOL.md's roll rule
   (12 windows of 5 hex characters, accept v < 1040104, roll = v mod 10001) decides the bet.
-  Apart from that, it does what lua/bet-5.lua does (idempotency record, stake and payout,
-  nonce, outbox, push), so the two can be compared like for like.
+  Apart from that, it does what design C's script did for one bet when they were measured
+  (lua/bet-5.lua then, lua/bet-n.lua now: idempotency record, stake and payout, nonce,
+  outbox, push), so the two can be compared like for like.
 
   Money: the stake and the balance stay decimal strings (exact comparison, HINCRBY). The
   payout is floor(stake * multiplier_bp / 10000) computed in doubles, exact only while

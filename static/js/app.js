@@ -30,14 +30,14 @@ async function loadLimits() {
     }
     updateBetPanel();
   } catch {
-    // offline or an older server: the server's checks remain
+    // offline, or no limits to show: the server's own checks remain
   }
 }
 
 function main() {
   wireBetPanel(play);
   wireAutobet();
-  wireVerify();
+  wireVerify(rotate);
   wireFairness();
   $("signin").addEventListener("click", signIn);
   $("signout").addEventListener("click", signOut);

@@ -4,9 +4,10 @@ import { $, el } from "./dom.js";
 import { betRow } from "./betrow.js";
 import { showVerification } from "./verifyview.js";
 import { MAX_HISTORY, state } from "./state.js";
-// fairness.js imports this module too (a proof can rotate the pair, a revealed pair opens a
-// proof): the cycle is safe because neither module calls the other while loading.
-import { rotate } from "./fairness.js";
+
+// The seed rotation (fairness.js, which opens proofs from here): handed in by wireVerify, so
+// that this module does not import fairness.js back.
+let rotate = async () => false;
 
 export function addHistoryRow(bet, atTop) {
   const table = $("mybets");
@@ -91,7 +92,9 @@ export async function runVerify() {
   await showVerification($("v-out"), $("v-server-seed").value.trim(), $("v-client-seed").value, $("v-nonce").value.trim(), expect);
 }
 
-export function wireVerify() {
+/** rotateSeed: rotates the pair and resolves to whether it did (fairness.js's rotate). */
+export function wireVerify(rotateSeed) {
+  rotate = rotateSeed;
   $("verify-form").addEventListener("submit", (e) => { e.preventDefault(); runVerify(); });
   for (const id of ["v-server-seed", "v-client-seed", "v-nonce"]) {
     $(id).addEventListener("input", () => { state.verifyExpect = null; $("proof-bet").hidden = true; });
