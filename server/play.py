@@ -30,10 +30,13 @@ from server import codec, users
 from server.codec import ClientId, Encoding
 from server.feed import bet_entry
 from server.services import Services
+from server.throttle import LogThrottle
 from server.wallet import BetResult, Pair, PendingBet, Rotation, UserState
 from server.wslink import Endpoint, Link, Receive, Send, TickWriter
 
 log = structlog.get_logger(__name__)
+#: Bad frames are the client's doing and come as fast as it likes: warn at a bounded rate.
+_frame_warnings = LogThrottle(log)
 
 _socket_numbers = itertools.count(1)
 #: Every roll's text, "0.00" ... "100.00".
@@ -168,6 +171,7 @@ class PlaySession:
         try:
             return codec.decode(data), encoding
         except BadMessage as exc:
+            _frame_warnings.warning("bad_frame", socket=self.socket_id, error=exc.message[:200])
             self.send_error(exc, None, encoding)
             return None, encoding
 
@@ -185,7 +189,10 @@ class PlaySession:
             token = message.get("token")
             if message.get("type") != "auth" or not isinstance(token, str):
                 raise Unauthorized("the first frame must be {\"type\": \"auth\", \"token\": ...}")
-            user = await users.by_token(self.services.pool, token)
+            try:
+                user = await users.by_token(self.services.pool, token)
+            except UnicodeEncodeError:  # a lone surrogate (JSON allows them): no token has one
+                user = None
             if user is None:
                 raise Unauthorized("unknown token")
             state = self.services.wallet.user(user.user_id)
@@ -248,6 +255,14 @@ class PlaySession:
                 raise BadMessage(f"unknown message type {kind!r}")
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
+        except Exception as exc:
+            # A shape no check foresaw: refuse the frame (nothing was submitted, since
+            # submitting is the last step) and keep the socket, rather than let the
+            # exception reach the socket layer, which would drop it with a traceback.
+            _frame_warnings.warning("frame_not_handled", socket=self.socket_id,
+                                    error=repr(exc)[:200])
+            self.send_error(BadMessage(f"message could not be handled: {type(exc).__name__}"),
+                            request_id, encoding)
 
     def _take_token(self, now: float) -> None:
         """Token bucket: ``rate_per_socket`` messages a second, bursts of ``rate_burst``
