@@ -1,7 +1,11 @@
 """Frames on the wire: a text frame is one JSON object, a binary frame one msgpack map.
 
-Decoding checks only the envelope (a map with a string ``type`` and a valid ``id``); each
-message's fields are checked by the handler that reads them.
+Decoding checks the frame's shape and the envelope (a map with a string ``type`` and a
+valid ``id``); each message's fields are checked by the handler that reads them. A frame from
+a stranger may decode to anything msgpack or JSON can express: maps keyed by numbers, lists
+or maps (unhashable, so the decoder itself fails), extension types, nesting deep enough to
+exhaust the C stack. Whatever fails to decode, or decodes to a shape no message has, is
+:class:`BadMessage`, so a handler only ever sees string keys and plain values.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ _INT64 = 2**63
 #: "\ud800" decodes to one; it cannot be encoded as UTF-8, so it could reach neither Redis
 #: nor PostgreSQL, nor a msgpack reply).
 _BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: The deepest nesting a frame may have (a message is one level; none nests today, so this
+#: only leaves room for additions while refusing frames built to be costly to walk).
+MAX_DEPTH = 32
+#: The values a frame may carry besides maps and lists (msgpack's ``bin`` decodes to bytes).
+_PLAIN = frozenset((str, int, float, bool, type(None), bytes))
 
 
 def _reject_constant(name: str) -> Any:
@@ -36,11 +45,45 @@ def decode(data: str | bytes) -> dict[str, Any]:
             message = json.loads(data, parse_constant=_reject_constant)
         else:
             message = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise BadMessage(f"frame could not be decoded: {exc}") from None
+    except RecursionError:
+        raise BadMessage("frame could not be decoded: nested too deeply") from None
+    except Exception as exc:  # a stranger's bytes may fail in any way: all are BAD_MESSAGE
+        raise BadMessage(f"frame could not be decoded: {type(exc).__name__}: {exc}") from None
     if not isinstance(message, dict):
         raise BadMessage("a message must be a map")
+    _check_shape(message)
     return message
+
+
+def _check_shape(message: dict[Any, Any]) -> None:
+    """Raise BadMessage unless every map key is a string, every value plain, a map or a
+    list, and nothing nests deeper than :data:`MAX_DEPTH`. The top level (all there is in
+    every message today) is one pass over its items; nesting is walked without recursion,
+    so a frame cannot make it recurse."""
+    nested: list[tuple[Any, int]] = []
+    for key, value in message.items():
+        if type(key) is not str:
+            raise BadMessage(f"map keys must be strings, not {type(key).__name__}")
+        kind = type(value)
+        if kind not in _PLAIN:
+            if kind is not dict and kind is not list:
+                raise BadMessage(f"{kind.__name__} values are not part of the protocol")
+            nested.append((value, 2))
+    while nested:
+        container, depth = nested.pop()
+        if depth > MAX_DEPTH:
+            raise BadMessage(f"a message may nest at most {MAX_DEPTH} levels")
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    raise BadMessage(f"map keys must be strings, not {type(key).__name__}")
+            container = container.values()
+        for value in container:
+            kind = type(value)
+            if kind is dict or kind is list:
+                nested.append((value, depth + 1))
+            elif kind not in _PLAIN:
+                raise BadMessage(f"{kind.__name__} values are not part of the protocol")
 
 
 def client_id(message: dict[str, Any]) -> ClientId:

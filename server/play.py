@@ -30,10 +30,13 @@ from server import codec, users
 from server.codec import ClientId, Encoding
 from server.feed import bet_entry
 from server.services import Services
+from server.throttle import LogThrottle
 from server.wallet import BetResult, Pair, PendingBet, Rotation, UserState
 from server.wslink import Endpoint, Link, Receive, Send, TickWriter
 
 log = structlog.get_logger(__name__)
+#: Bad frames are the client's doing and come as fast as it likes: warn at a bounded rate.
+_frame_warnings = LogThrottle(log)
 
 _socket_numbers = itertools.count(1)
 #: Every roll's text, "0.00" ... "100.00".
@@ -168,6 +171,7 @@ class PlaySession:
         try:
             return codec.decode(data), encoding
         except BadMessage as exc:
+            _frame_warnings.warning("bad_frame", socket=self.socket_id, error=exc.message[:200])
             self.send_error(exc, None, encoding)
             return None, encoding
 
@@ -250,6 +254,14 @@ class PlaySession:
                 raise BadMessage(f"unknown message type {kind!r}")
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
+        except Exception as exc:
+            # A shape no check foresaw: refuse the frame (nothing was submitted, since
+            # submitting is the last step) and keep the socket, rather than let the
+            # exception reach the socket layer, which would drop it with a traceback.
+            _frame_warnings.warning("frame_not_handled", socket=self.socket_id,
+                                    error=repr(exc)[:200])
+            self.send_error(BadMessage(f"message could not be handled: {type(exc).__name__}"),
+                            request_id, encoding)
 
     def _take_token(self, now: float) -> None:
         """Token bucket: ``rate_per_socket`` messages a second, bursts of ``rate_burst``
@@ -282,13 +294,19 @@ class PlaySession:
             message.get("direction"),
         )
         self._inflight += 1
+        try:
+            services.wallet.submit(state, PendingBet(
+                request_id, checked.spec, self.socket_id,
+                services.pushes.local_count(state.user_id) - 1, self._bet_done,
+                (encoding, received, checked), checked.fingerprint,
+            ))
+        except BaseException:
+            # Not queued, so _bet_done will never run: a leaked slot would, after
+            # max_inflight of them, stop this socket from being read at all.
+            self._inflight -= 1
+            raise
         if self._inflight >= self._max_inflight:
             self._pause()
-        services.wallet.submit(state, PendingBet(
-            request_id, checked.spec, self.socket_id,
-            services.pushes.local_count(state.user_id) - 1, self._bet_done,
-            (encoding, received, checked), checked.fingerprint,
-        ))
 
     def _bet_done(self, bet: PendingBet, outcome: BetResult | StakeProError) -> None:
         self._inflight -= 1

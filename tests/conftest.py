@@ -187,8 +187,14 @@ async def serve(settings: Settings, ws: Any = DirectProtocol) -> AsyncIterator[S
             await asyncio.sleep(0.01)
         yield Served(f"127.0.0.1:{config.port}", server)
     finally:
+        # A socket whose handler never ends (a stalled client) would hold the shutdown: after
+        # 10 s the wait is cut short.
         server.should_exit = True
-        await asyncio.wait_for(task, 30)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        except TimeoutError:
+            server.force_exit = True
+            await asyncio.wait_for(task, 20)
 
 
 @pytest_asyncio.fixture(scope="session")
