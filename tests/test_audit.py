@@ -28,7 +28,7 @@ from ops import audit, rebuild
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from server.db import drop_database, migrate
-from tests.conftest import ADMIN_TOKEN, RedisServer, serve
+from tests.conftest import ADMIN_TOKEN, TEST_SETTINGS, RedisServer, serve
 from tests.helpers import Api, Player, eventually
 from workers import outbox
 
@@ -357,8 +357,8 @@ async def own_database(database_url: str) -> AsyncIterator[str]:
 
 
 def own_settings(redis_url: str, database_url: str) -> Settings:
-    return Settings(redis_url=redis_url, database_url=database_url, admin_token=ADMIN_TOKEN,
-                    key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning")
+    return Settings(redis_url=redis_url, database_url=database_url,
+                    key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning", **TEST_SETTINGS)
 
 
 async def test_global_audit_of_a_whole_system(
