@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
-import structlog
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError
 
 from games.bets import BetChecker
 from plumbing.keys import Keys
@@ -26,8 +25,6 @@ from server.redisconn import RunId
 from server.resp import FastConnection
 from server.tokens import Tokens
 from server.wallet import Wallet
-
-log = structlog.get_logger(__name__)
 
 #: The only eviction policy under which Redis never deletes a key to make room: any other
 #: would silently delete balances, seed pairs or unpersisted outbox entries.
@@ -111,14 +108,9 @@ class UnsafeRedis(RuntimeError):
 
 
 async def check_eviction_policy(client: aioredis.Redis) -> None:
-    """Refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``. A Redis that does
-    not allow CONFIG (some managed services) cannot be checked: that is logged, and the
-    operator answers for the policy."""
-    try:
-        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
-    except ResponseError as exc:
-        log.warning("redis_policy_unchecked", error=repr(exc))
-        return
+    """Refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``. Read from INFO, not
+    CONFIG, which managed services often forbid."""
+    policy = (await client.info("memory")).get("maxmemory_policy")
     text = policy.decode() if isinstance(policy, bytes) else str(policy)
     if text != SAFE_EVICTION:
         raise UnsafeRedis(
