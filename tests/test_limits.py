@@ -219,3 +219,61 @@ def test_rate_script_never_lets_more_than_the_burst_through_at_once(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+@hsettings(max_examples=40, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(places=st.integers(1, 4),
+       steps=st.lists(st.tuples(st.sampled_from(["take", "release"]), st.integers(0, 6)),
+                      min_size=1, max_size=30))
+def test_hold_script_never_gives_more_places_than_there_are(
+    redis_server: RedisServer, places: int, steps: list[tuple[str, int]]
+) -> None:
+    """Against a plain set as the model: a holder keeps (renews) its place, a new one gets
+    a place only while fewer than ``places`` are held, a release frees one."""
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        key = f"prop:hold:{uuid.uuid4().hex}"
+        held: set[str] = set()
+        try:
+            for op, n in steps:
+                holder = f"s{n}"
+                if op == "release":
+                    await client.zrem(key, holder)
+                    held.discard(holder)
+                    continue
+                ok, count = await scripts.run_one(
+                    client, scripts.HOLD, (key,), (holder, "60000", str(places)))
+                expected = holder in held or len(held) < places
+                assert bool(ok) == expected
+                if ok:
+                    held.add(holder)
+                assert count == len(held)
+                assert await client.zcard(key) == len(held) <= places
+        finally:
+            await client.delete(key)
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+async def test_places_of_a_vanished_holder_come_free(redis_server: RedisServer) -> None:
+    """A holder that stops renewing (its instance died) loses its place when it expires."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    key = f"prop:hold:{uuid.uuid4().hex}"
+    try:
+        held, _ = await scripts.run_one(client, scripts.HOLD, (key,), ("dead", "200", "1"))
+        assert held == 1
+        refused, _ = await scripts.run_one(client, scripts.HOLD, (key,), ("new", "200", "1"))
+        assert refused == 0
+
+        async def free() -> bool:
+            ok, _ = await scripts.run_one(client, scripts.HOLD, (key,), ("new", "200", "1"))
+            return bool(ok)
+
+        assert await eventually(free, within=3)
+        assert await client.zrange(key, 0, -1) == [b"new"]
+    finally:
+        await client.delete(key)
+        await client.aclose()
