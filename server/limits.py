@@ -109,16 +109,23 @@ class UserMeter:
             if left > 0:
                 raise RateLimited(f"too many {name} for this user; slow down", left)
             del self._blocked[key]
-        if not self._pending:
+        if not self._pending and not self._tasks:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending[key] = self._pending.get(key, 0) + 1
 
     def _flush(self) -> None:
+        """Charge what is pending; one charge at a time, so a slow Redis gathers the usage
+        of many ticks into the next call instead of opening connections for each."""
         pending, self._pending = self._pending, {}
         if pending:
             task = asyncio.create_task(self._charge(pending))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._charged)
+
+    def _charged(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._pending and not task.cancelled():
+            self._flush()
 
     async def _charge(self, pending: dict[tuple[str, int], int]) -> None:
         keys = list(pending)
