@@ -77,9 +77,10 @@ class PlaySession:
         self._refilled = time.perf_counter()
         self._bet_stats = services.metrics.bet_stats
         self._meter = services.meter
-        #: Timers of the signed-in socket: token expiry, renewal of its place among the
-        #: user's sockets (server/limits.py).
-        self._timers: list[asyncio.TimerHandle] = []
+        #: Timers of the signed-in socket: its token's expiry, and the next renewal of its
+        #: place among the user's sockets (server/limits.py).
+        self._expiry: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.TimerHandle | None = None
         self._holds_place = False
 
     # -- outgoing ---------------------------------------------------------------------
@@ -122,7 +123,7 @@ class PlaySession:
         if user is None or self._closing:
             return
         self._spawn(self._hold_place(user.user_id))
-        self._timers.append(self._loop.call_later(SOCKET_HOLD_MS / 3000, self._renew_place))
+        self._renewal = self._loop.call_later(SOCKET_HOLD_MS / 3000, self._renew_place)
 
     async def _hold_place(self, user_id: int) -> None:
         with contextlib.suppress(Exception):  # a failed renewal is retried at the next one
@@ -151,8 +152,9 @@ class PlaySession:
             self._closing = True
             self._out.stop(flush=False)
             timer.cancel()
-            for handle in self._timers:
-                handle.cancel()
+            for handle in (self._expiry, self._renewal):
+                if handle is not None:
+                    handle.cancel()
             metrics.sockets.labels("play").dec()
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -265,10 +267,10 @@ class PlaySession:
                 for currency, reason in held.items():
                     self.push_balance(reason, currency, now[currency])
         if signed.expires_at is not None:
-            self._timers.append(
-                self._loop.call_later(max(0.0, signed.expires_at - time.time()), self._expired)
+            self._expiry = self._loop.call_later(
+                max(0.0, signed.expires_at - time.time()), self._expired
             )
-        self._timers.append(self._loop.call_later(SOCKET_HOLD_MS / 3000, self._renew_place))
+        self._renewal = self._loop.call_later(SOCKET_HOLD_MS / 3000, self._renew_place)
         self._signing_in = False
         self._drain_backlog()
 
