@@ -85,7 +85,8 @@ def banner(settings: Settings) -> list[str]:
 
 
 def serve(settings: Settings) -> int:
-    """Run the game server in this process until SIGINT / SIGTERM (uvicorn's handlers)."""
+    """Run the game server in this process until SIGINT / SIGTERM (uvicorn's handlers);
+    first print :func:`banner` (under the supervisor too: it is the server's child)."""
     import uvloop
 
     for line in banner(settings):
@@ -156,8 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     applied = asyncio.run(migrate(settings.database_url))
     if applied:
         print(f"migrated: {', '.join(applied)}")
-    for line in banner(settings):
-        print(line, flush=True)
 
     stop_requested: list[int] = []
 
