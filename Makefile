@@ -35,8 +35,12 @@ setup:
 	@$(DEVENV) venv
 	@$(DEVENV) services
 
+# The local demo: what a deployment keeps off (python -m stakepro alone), make run turns on.
 run: setup
-	exec $(PY) -m stakepro
+	@[ -n "$${ADMIN_TOKEN:-}" ] || echo "make run: ADMIN_TOKEN not set: using 'dev-admin-token'"
+	@[ -n "$${DEMO_MODE:-}" ] || echo "make run: DEMO_MODE not set: DEMO_MODE=true (local demo)"
+	ADMIN_TOKEN="$${ADMIN_TOKEN:-dev-admin-token}" DEMO_MODE="$${DEMO_MODE:-true}" \
+	  exec $(PY) -m stakepro
 
 # The tests create their own database on the PostgreSQL server and start their own Redis
 # on a free port (so the redis-server binary must exist even when a Redis is reused).

@@ -23,6 +23,7 @@ class BetCode(enum.IntEnum):
     NO_SEED = 5
     EPOCH = 6
     REFUSED = 7
+    OUTBOX_FULL = 8
 
 
 class DepositCode(enum.IntEnum):
@@ -31,6 +32,7 @@ class DepositCode(enum.IntEnum):
     CREDITED = 0
     REPLAY = 1
     CONFLICT = 2
+    OUTBOX_FULL = 3
 
 
 class RotateCode(enum.IntEnum):

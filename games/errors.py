@@ -115,8 +115,15 @@ class InvalidSeed(StakeProError):
 
 
 class RateLimited(StakeProError):
+    """A limit was hit; nothing was done. ``retry_after_s``: when a retry can pass (HTTP
+    sends it as ``Retry-After``, rounded up to whole seconds)."""
+
     code = "RATE_LIMITED"
     http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class IdempotencyConflict(StakeProError):

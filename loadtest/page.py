@@ -93,12 +93,13 @@ async def run_page(options: PageOptions) -> PageReport:
                 start = time.perf_counter()
                 await page.goto(options.url, timeout=options.timeout_s * 1000)
                 await page.click("#signin")
+                # A function, not a bare expression: the page's CSP forbids eval.
                 await page.wait_for_function(
-                    "document.getElementById('conn').textContent === 'live'",
+                    "() => document.getElementById('conn').textContent === 'live'",
                     timeout=options.timeout_s * 1000)
                 await page.click("#roll")
                 await page.wait_for_function(
-                    "document.querySelectorAll('#mybets tbody tr').length > 0",
+                    "() => document.querySelectorAll('#mybets tbody tr').length > 0",
                     timeout=options.timeout_s * 1000)
                 report.first_bet_ms.append((time.perf_counter() - start) * 1000)
                 await page.wait_for_load_state("networkidle")

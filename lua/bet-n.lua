@@ -35,6 +35,8 @@
     outbox event blob (opaque to this script); the record keeps it too, since it holds every
       field a replay answers with
     id of the socket that placed the bet (pushed so that socket can skip it)
+  then, optionally, ARGV[5 + 7 n] (n bets): the outbox limit: when KEYS[3] holds at least
+    that many entries (not yet persisted), every bet answers OUTBOX_FULL ("0": no limit)
 
   For each bet, in order:
   1. a record under its id: REPLAY with the same fingerprint, else CONFLICT;
@@ -63,6 +65,7 @@
                                come again: the caller rotates the pair and retries
   {7, error}                   REFUSED: Redis refused the balance change (it would pass
                                2^63 - 1); nothing of this bet changed
+  {8}                          OUTBOX_FULL: the outbox is at its limit; nothing changed
 
   HINCRBY's integer reply becomes a Lua double: below 2^53 it is exact and printed with
   '%d'; from 2^53 the balance is read back with HGET (a double would be inexact there, and
@@ -79,6 +82,12 @@
 ]]
 
 local pid, rid, window, others = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local cap = tonumber(ARGV[5 + 7 * (#KEYS - 4)] or '0')
+if cap > 0 and redis.call('XLEN', KEYS[3]) >= cap then
+  local full = {}
+  for i = 1, #KEYS - 4 do full[i] = {8} end
+  return full
+end
 local seed = redis.call('HMGET', KEYS[2], 'pid', 'n', 'rid')
 local n = seed[2]
 local nonce = tonumber(n)

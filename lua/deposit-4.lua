@@ -10,11 +10,14 @@
   ARGV[2]  amount, minor units, canonical positive integer string
   ARGV[3]  request fingerprint (user|currency|amount)
   ARGV[4]  outbox event blob (opaque to this script)
+  ARGV[5]  optional outbox limit: at least that many entries in KEYS[3] refuses the credit
+           ("0" or absent: no limit)
 
   Returns (games/codes.py: DepositCode):
   {0, balance}   CREDITED: balance after the deposit
   {1, balance}   REPLAY: this key was credited before; the balance it answered then
   {2}            CONFLICT: this key was used with other fields
+  {3}            OUTBOX_FULL: the outbox is at its limit; nothing changed
 
   The balance is read back with HGET after HINCRBY, so it stays an exact integer string.
 ]]
@@ -25,6 +28,10 @@ if rec[1] then
     return {1, rec[2]}
   end
   return {2}
+end
+local cap = tonumber(ARGV[5] or '0')
+if cap > 0 and redis.call('XLEN', KEYS[3]) >= cap then
+  return {3}
 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 local after = redis.call('HGET', KEYS[1], ARGV[1])

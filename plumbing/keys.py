@@ -105,6 +105,20 @@ class Keys:
         ``bal``, ``cpend``, ...), for the operator commands that walk them."""
         return f"{self.prefix}:{kind}:*"
 
+    # -- limits and tokens (server/limits.py, server/tokens.py) -----------------------------
+
+    def rate(self, limit: str, subject: str) -> str:
+        """GCRA state of one rate limit for one subject (an address, a user id)."""
+        return f"{self.prefix}:rate:{limit}:{subject}"
+
+    def user_sockets(self, user_id: int) -> str:
+        """Sorted set of the user's open sockets on every instance (lua/hold-1.lua)."""
+        return f"{self.prefix}:socks:{self.tag(user_id)}:{user_id}"
+
+    def token(self, token_hash_hex: str) -> str:
+        """Cached sign-in answer for one token hash (server/tokens.py)."""
+        return f"{self.prefix}:tok:{token_hash_hex}"
+
     def epoch(self) -> str:
         """Redis incarnation marker: set once; if missing, Redis lost data (see docs)."""
         return f"{self.prefix}:epoch"

@@ -44,7 +44,10 @@ OUTBOX_ACK_ACCRUE = Script.load("outbox-ack-accrue-n.lua")
 COMMISSION_TAKE = Script.load("commission-take-3.lua")
 COMMISSION_CREDIT = Script.load("commission-credit-n.lua")
 LEASE = Script.load("lease-1.lua")
-ALL = (BET, DEPOSIT, ROTATE, OUTBOX_ACK_ACCRUE, COMMISSION_TAKE, COMMISSION_CREDIT, LEASE)
+RATE = Script.load("rate-1.lua")
+HOLD = Script.load("hold-1.lua")
+ALL = (BET, DEPOSIT, ROTATE, OUTBOX_ACK_ACCRUE, COMMISSION_TAKE, COMMISSION_CREDIT, LEASE,
+       RATE, HOLD)
 
 #: One script call: the script, its KEYS, its ARGV.
 Call = tuple[Script, Sequence[str], Sequence[Any]]

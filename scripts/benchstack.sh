@@ -19,6 +19,11 @@ DIR=${BENCH_DIR:-/tmp/stakepro-bench}
 DB=stakepro_bench
 export ADMIN_TOKEN=${ADMIN_TOKEN:-bench} REDIS_URL=redis://127.0.0.1:$RPORT/0 \
     DATABASE_URL=postgresql://root@127.0.0.1:5432/$DB DEBUG_ECHO=true PORT LOG_LEVEL=warning
+# The load tools sign in thousands of players from one loopback address: lift the
+# per-address and per-user limits that protect a deployment (docs/security.md).
+export SIGNIN_PER_MINUTE=1e9 SIGNIN_BURST=1000000000 ADMIN_PER_MINUTE=1e9 \
+    ADMIN_BURST=1000000000 USER_MAX_SOCKETS=1000000 USER_BETS_PER_S=1e9 \
+    USER_BETS_BURST=1000000000 USER_MESSAGES_PER_S=1e9 USER_MESSAGES_BURST=1000000000
 
 stop() {
     local pids=()

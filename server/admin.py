@@ -111,4 +111,24 @@ async def user_view(request: Request) -> Response:
     )
 
 
-ROUTES: list[Route] = [create_user, deposit, user_view]
+@endpoint("/api/admin/users/{user_id}/revoke", "POST", admin=True)
+async def revoke_token(request: Request) -> Response:
+    """The user's token stops working: sign-in answers UNAUTHORIZED and its open sockets,
+    on every instance, are closed (server/tokens.py). Repeating it is harmless."""
+    services = services_of(request)
+    user_id = path_id(request, "user_id")
+    await services.tokens.revoke(user_id)
+    return JSONResponse({"user_id": user_id, "revoked": True})
+
+
+@endpoint("/api/admin/users/{user_id}/token", "POST", admin=True)
+async def new_token(request: Request) -> Response:
+    """A new token for the user (an expired or revoked one is replaced); the old token is
+    revoked as by /revoke."""
+    services = services_of(request)
+    user_id = path_id(request, "user_id")
+    token = await services.tokens.reissue(user_id)
+    return JSONResponse({"user_id": user_id, "token": token})
+
+
+ROUTES: list[Route] = [create_user, deposit, user_view, revoke_token, new_token]

@@ -7,6 +7,7 @@ under ``/api/`` is 404 ``NOT_FOUND`` rather than the static mount's plain-text 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,9 @@ from games.errors import BadMessage, Forbidden, InvalidSeed, NotFound
 from games.money import format_amount, parse_amount
 from plumbing.settings import Settings
 from server import admin, users
-from server.rest import ALL_METHODS, MAX_BIGINT, endpoint, services_of
+from server.limits import Rate
+from server.rest import ALL_METHODS, MAX_BIGINT, endpoint, per_address, services_of
+from server.services import Services
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,8 @@ async def demo(request: Request) -> Response:
     settings = services.settings
     if not settings.demo_mode:
         raise NotFound("demo mode is off")
+    await per_address(request, Rate("demo", settings.demo_per_minute / 60, settings.demo_burst),
+                      "demo players from this address")
     credits = [
         (currency, parse_amount(text, currency))
         for code, text in settings.demo_credit.items()
@@ -188,23 +193,45 @@ async def healthz(request: Request) -> Response:
     async def postgres() -> None:
         await services.pool.fetchval("SELECT 1")
 
-    r, p = await asyncio.gather(_probe("redis", redis), _probe("postgres", postgres))
+    full: list[int] = []
+
+    async def outbox() -> None:
+        full.extend(await outbox_full(services))
+
+    r, p, _ = await asyncio.gather(
+        _probe("redis", redis), _probe("postgres", postgres), _probe("outbox", outbox)
+    )
     # A ping can pass while bets go unanswered (a stuck pipeline, a hung connection of the
     # bet path): what players see is the truth.
     stalled = max(services.wallet.unanswered_for(), services.batcher.fast.stalled_for())
     body = {"redis": r, "postgres": p}
+    if full:
+        body["outbox"] = "full"
     if stalled >= services.settings.health_stall_s:
         body["bets"] = "stalled"
-    elif r == p == "ok":
+    elif r == p == "ok" and not full:
         return JSONResponse(body)
     services.metrics.errors.labels("UNAVAILABLE").inc()
     failed = [f"{n} did not answer" for n, s in (("Redis", r), ("PostgreSQL", p)) if s != "ok"]
+    if full:
+        failed.append(f"the outbox of buckets {full} is at its limit: bets there are refused")
     if "bets" in body:
         failed.append(f"no bet or Redis call answered for {stalled:.1f}s")
     return JSONResponse(
         {**body, "code": "UNAVAILABLE", "message": "; ".join(failed)},
         status_code=503,
     )
+
+
+async def outbox_full(services: Services) -> list[int]:
+    """The buckets whose outbox is at OUTBOX_MAX_LEN (bets there are refused); sets the
+    outbox gauges of /metrics on the way."""
+    lengths = await services.wallet.outbox_lengths()
+    cap = services.settings.outbox_max_len
+    services.metrics.outbox_longest.set(max(lengths, default=0))
+    full = [b for b, n in enumerate(lengths) if cap and n >= cap]
+    services.metrics.outbox_full.set(len(full))
+    return full
 
 
 def operator_network(host: str | None) -> bool:
@@ -231,6 +258,9 @@ async def metrics(request: Request) -> Response:
         services.metrics.worker_stats.update(raw)
     except (TimeoutError, RedisError, OSError):
         pass
+    with contextlib.suppress(TimeoutError, RedisError, OSError):
+        async with asyncio.timeout(WORKER_STATS_TIMEOUT_S):
+            await outbox_full(services)
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Mount, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -24,6 +25,7 @@ from server import api
 from server.echo import echo_endpoint
 from server.feed import feed_endpoint
 from server.play import play_endpoint
+from server.security import SecurityHeaders, content_security_policy, origin_checked
 from server.services import Services
 from server.wslink import RawAsgi
 
@@ -58,10 +60,12 @@ def create_app(settings: Settings | None = None,
 
     routes = [
         *api.routes(settings),
-        WebSocketRoute("/ws/play", RawAsgi(play_endpoint)),
-        WebSocketRoute("/ws/feed", RawAsgi(feed_endpoint)),
+        WebSocketRoute("/ws/play", RawAsgi(origin_checked(play_endpoint))),
+        WebSocketRoute("/ws/feed", RawAsgi(origin_checked(feed_endpoint))),
         *([WebSocketRoute("/debug/echo/ws/play", RawAsgi(echo_endpoint))]
           if settings.debug_echo else []),
         Mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    policy = content_security_policy(STATIC)
+    return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[Middleware(SecurityHeaders, policy=policy)])

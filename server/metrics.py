@@ -46,6 +46,16 @@ class Metrics:
             "Feed sockets closed by the server (too_slow, chatty)", ["reason"],
             registry=self.registry,
         )
+        self.outbox_longest = Gauge(
+            "stakepro_outbox_longest_entries",
+            "Entries in the longest outbox stream (events not yet persisted)",
+            registry=self.registry,
+        )
+        self.outbox_full = Gauge(
+            "stakepro_outbox_full_buckets",
+            "Buckets whose outbox is at OUTBOX_MAX_LEN: their bets and deposits are refused",
+            registry=self.registry,
+        )
         self.feed_batches = Counter(
             "stakepro_feed_batches_total", "Feed batches published to Redis / broadcast locally",
             ["stage"], registry=self.registry,

@@ -29,6 +29,7 @@ from games.money import format_amount
 from server import codec, users
 from server.codec import ClientId, Encoding
 from server.feed import bet_entry
+from server.limits import SOCKET_HOLD_MS, Rate, client_address
 from server.services import Services
 from server.throttle import LogThrottle
 from server.wallet import BetResult, Pair, PendingBet, Rotation, UserState
@@ -78,6 +79,12 @@ class PlaySession:
         self._tokens = float(services.settings.rate_burst)
         self._refilled = time.perf_counter()
         self._bet_stats = services.metrics.bet_stats
+        self._meter = services.meter
+        #: Timers of the signed-in socket: its token's expiry, and the next renewal of its
+        #: place among the user's sockets (server/limits.py).
+        self._expiry: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.TimerHandle | None = None
+        self._holds_place = False
 
     # -- outgoing ---------------------------------------------------------------------
 
@@ -105,6 +112,28 @@ class PlaySession:
             self.encoding,
         )
 
+    def revoked(self) -> None:
+        """The user's token was revoked (server/tokens.py): this socket is closed."""
+        self.send_error(Unauthorized("this token was revoked"), None, self.encoding)
+        self.close(1008)
+
+    def _expired(self) -> None:
+        self.send_error(Unauthorized("this token has expired"), None, self.encoding)
+        self.close(1008)
+
+    def _renew_place(self) -> None:
+        user = self.user
+        if user is None or self._closing:
+            return
+        self._spawn(self._hold_place(user.user_id))
+        self._renewal = self._loop.call_later(SOCKET_HOLD_MS / 3000, self._renew_place)
+
+    async def _hold_place(self, user_id: int) -> None:
+        with contextlib.suppress(Exception):  # a failed renewal is retried at the next one
+            await self.services.limits.hold_socket(
+                user_id, self.socket_id, self.services.settings.user_max_sockets
+            )
+
     def close(self, code: int) -> None:
         """Write what is queued, then close with ``code``; later frames are ignored."""
         if self._closing:
@@ -126,6 +155,9 @@ class PlaySession:
             self._closing = True
             self._out.stop(flush=False)
             timer.cancel()
+            for handle in (self._expiry, self._renewal):
+                if handle is not None:
+                    handle.cancel()
             metrics.sockets.labels("play").dec()
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -133,6 +165,9 @@ class PlaySession:
             if self.user is not None:
                 with contextlib.suppress(Exception):  # best effort, like Hub.unsubscribe
                     await self.services.pushes.remove(self.user.user_id, self)
+            if self._holds_place and self.user is not None:
+                with contextlib.suppress(Exception):  # else it expires (SOCKET_HOLD_MS)
+                    await self.services.limits.release_socket(self.user.user_id, self.socket_id)
             await self.endpoint.finish()
 
     def _auth_timeout(self) -> None:
@@ -189,19 +224,30 @@ class PlaySession:
             token = message.get("token")
             if message.get("type") != "auth" or not isinstance(token, str):
                 raise Unauthorized("the first frame must be {\"type\": \"auth\", \"token\": ...}")
+            services = self.services
+            settings = services.settings
+            await services.limits.check(
+                Rate("signin", settings.signin_per_minute / 60, settings.signin_burst),
+                client_address(self.endpoint.scope), "sign-in attempts from this address",
+            )
             if not (token.isascii() and token.isprintable()):  # never a token we issued
                 raise Unauthorized("unknown token")
-            user = await users.by_token(self.services.pool, token)
-            if user is None:
-                raise Unauthorized("unknown token")
-            state = self.services.wallet.user(user.user_id)
-            await self.services.pushes.add(user.user_id, self)
-            self.user, self.state = user, state
+            signed = await services.tokens.sign_in(token)
+            user = signed.user
+            await services.limits.hold_socket(user.user_id, self.socket_id,
+                                              settings.user_max_sockets)
+            self._holds_place = True
+            self.user = user
+            state = services.wallet.user(user.user_id)
+            await services.pushes.add(user.user_id, self)
+            # A revocation published before the subscription above would be missed.
+            await services.tokens.sign_in(token)
+            self.state = state
             pair = await self.services.wallet.pair(state)
             balances = await self.services.wallet.balances(user.user_id)
         except StakeProError as exc:
             self.send_error(exc, request_id, encoding)
-            self.close(1013 if isinstance(exc, Unavailable) else 1008)
+            self.close(1013 if isinstance(exc, Unavailable | RateLimited) else 1008)
             return
         except Exception as exc:  # PostgreSQL or Redis failed: nothing was changed
             log.warning("sign_in_failed", error=repr(exc))
@@ -224,6 +270,11 @@ class PlaySession:
                 now = await self.services.wallet.balances(user.user_id)
                 for currency, reason in held.items():
                     self.push_balance(reason, currency, now[currency])
+        if signed.expires_at is not None:
+            self._expiry = self._loop.call_later(
+                max(0.0, signed.expires_at - time.time()), self._expired
+            )
+        self._renewal = self._loop.call_later(SOCKET_HOLD_MS / 3000, self._renew_place)
         self._signing_in = False
         self._drain_backlog()
 
@@ -239,10 +290,13 @@ class PlaySession:
             return
         try:
             self._take_token(received)
+            uid = self.user.user_id if self.user is not None else 0
+            self._meter.take("messages", uid)
             kind = codec.message_type(message)
             if kind == "bet":
                 if request_id is None:
                     raise BadMessage("a bet must carry an id")
+                self._meter.take("bets", uid)
                 self._bet(message, request_id, encoding, received)
             elif kind == "ping":
                 self.send({"type": "pong", "id": request_id}, encoding)

@@ -3,7 +3,8 @@ every server instance, except the socket whose own bet caused it.
 
 The Lua scripts publish ``reason|origin|currency|balance`` on the user's channel in the same
 atomic call that changes the balance; each instance subscribes to the channels of the users
-connected to it and fans the message out locally.
+connected to it and fans the message out locally. The same channel carries ``revoke``
+(server/tokens.py): every socket of that user is closed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class Sink(Protocol):
     socket_id: str
 
     def push_balance(self, reason: str, currency: str, balance: int) -> None: ...
+
+    def revoked(self) -> None: ...
 
 
 class Pushes:
@@ -49,6 +52,10 @@ class Pushes:
 
     def _deliver(self, user_id: int, data: bytes) -> None:
         reason, origin, currency, balance = data.decode().split("|")
+        if reason == "revoke":  # the user's token was revoked (server/tokens.py)
+            for sink in tuple(self._sinks.get(user_id, ())):
+                sink.revoked()
+            return
         for sink in tuple(self._sinks.get(user_id, ())):
             if sink.socket_id != origin:
                 sink.push_balance(reason, currency, int(balance))

@@ -21,8 +21,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from games.errors import BadMessage, NotFound, StakeProError, Unauthorized, Unavailable
+from games.errors import (
+    BadMessage,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    StakeProError,
+    Unauthorized,
+    Unavailable,
+)
 from server.auth import admin_ok
+from server.limits import Rate, client_address, retry_after_header
 from server.services import Services
 
 log = structlog.get_logger(__name__)
@@ -62,7 +71,14 @@ def services_of(request: Request) -> Services:
 
 def error_response(request: Request, exc: StakeProError) -> JSONResponse:
     services_of(request).metrics.errors.labels(exc.code).inc()
-    return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.http_status)
+    headers = retry_after_header(exc) if isinstance(exc, RateLimited) else None
+    return JSONResponse({"code": exc.code, "message": exc.message}, status_code=exc.http_status,
+                        headers=headers)
+
+
+async def per_address(request: Request, rate: Rate, what: str) -> None:
+    """Take one request of ``rate`` for the client's address, or raise RateLimited."""
+    await services_of(request).limits.check(rate, client_address(request.scope), what)
 
 
 def endpoint(path: str, *methods: str, admin: bool = False) -> Callable[[Handler], Route]:
@@ -77,6 +93,12 @@ def endpoint(path: str, *methods: str, admin: bool = False) -> Callable[[Handler
                     raise MethodNotAllowed(f"{path} takes {' or '.join(methods)}")
                 if admin:
                     settings = services_of(request).settings
+                    if not settings.admin_open:
+                        raise Forbidden("the admin API is closed: ADMIN_TOKEN is not set")
+                    # Before the token check: guessing tokens is limited too.
+                    await per_address(request, Rate(
+                        "admin", settings.admin_per_minute / 60, settings.admin_burst,
+                    ), "admin requests from this address")
                     if not admin_ok(request.headers.get("authorization"), settings.admin_token):
                         raise Unauthorized("this route needs Authorization: Bearer <ADMIN_TOKEN>")
                 return await handler(request)

@@ -16,13 +16,19 @@ from games.bets import BetChecker
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from server.feed import Feed
+from server.limits import Limits, Rate, UserMeter
 from server.metrics import Metrics
 from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher
 from server.redisconn import RunId
 from server.resp import FastConnection
+from server.tokens import Tokens
 from server.wallet import Wallet
+
+#: The only eviction policy under which Redis never deletes a key to make room: any other
+#: would silently delete balances, seed pairs or unpersisted outbox entries.
+SAFE_EVICTION = "noeviction"
 
 
 @dataclass
@@ -42,6 +48,10 @@ class Services:
     feed: Feed = field(init=False)
     #: Validates bet requests, remembering the ones seen before.
     checker: BetChecker = field(init=False)
+    limits: Limits = field(init=False)
+    #: Per-user message and bet rates (server/limits.py).
+    meter: UserMeter = field(init=False)
+    tokens: Tokens = field(init=False)
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -51,12 +61,19 @@ class Services:
             settings.redis_url, run_id, read_timeout=settings.redis_read_timeout_s
         )
         client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            await _when_loaded(lambda: check_eviction_policy(client))
+        except BaseException:
+            await client.aclose()
+            await fast.close()
+            raise
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         keys = Keys(settings.key_prefix, settings.buckets)
         batcher = Batcher(client, fast)
         await _when_loaded(batcher.load_scripts)
         wallet = Wallet(
-            batcher, pool, keys, settings.currencies, settings.idempotency_window_s
+            batcher, pool, keys, settings.currencies, settings.idempotency_window_s,
+            settings.outbox_max_len,
         )
         hub = Hub(client, keys.heartbeat())
         await hub.start()
@@ -65,6 +82,12 @@ class Services:
             uuid.uuid4().hex[:12],
         )
         services.checker = BetChecker(settings.currencies, settings.house_edge_bp)
+        services.limits = Limits(client, keys)
+        services.meter = UserMeter(services.limits, (
+            Rate("messages", settings.user_messages_per_s, settings.user_messages_burst),
+            Rate("bets", settings.user_bets_per_s, settings.user_bets_burst),
+        ))
+        services.tokens = Tokens(client, pool, keys, settings.token_ttl_s)
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
         )
@@ -72,11 +95,29 @@ class Services:
         return services
 
     async def close(self) -> None:
+        await self.meter.close()
         await self.feed.close()  # before the hub: it publishes the last bets settled here
         await self.hub.close()
         await self.pool.close()
         await self.batcher.fast.close()
         await self.redis.aclose()
+
+
+class UnsafeRedis(RuntimeError):
+    """Redis is configured so that it could lose money silently: the server does not start."""
+
+
+async def check_eviction_policy(client: aioredis.Redis) -> None:
+    """Refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``. Read from INFO, not
+    CONFIG, which managed services often forbid."""
+    policy = (await client.info("memory")).get("maxmemory_policy")
+    text = policy.decode() if isinstance(policy, bytes) else str(policy)
+    if text != SAFE_EVICTION:
+        raise UnsafeRedis(
+            f"Redis maxmemory-policy is {text!r}: it must be {SAFE_EVICTION!r} (eviction "
+            f"would silently delete balances). Run CONFIG SET maxmemory-policy "
+            f"{SAFE_EVICTION} and set it in redis.conf."
+        )
 
 
 #: Seconds a starting server waits for a Redis that is still loading its data (AOF replay).

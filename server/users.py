@@ -56,13 +56,6 @@ async def get(conn: asyncpg.Connection | asyncpg.Pool, user_id: int) -> User | N
     return User(*row) if row else None
 
 
-async def by_token(conn: asyncpg.Connection | asyncpg.Pool, token: str) -> User | None:
-    row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM users WHERE token_hash = $1", token_hash(token)
-    )
-    return User(*row) if row else None
-
-
 async def ancestors(conn: asyncpg.Connection | asyncpg.Pool, user_id: int) -> list[User]:
     """The chain above a user, nearest first (agent, master, super master)."""
     rows = await conn.fetch(

@@ -178,8 +178,11 @@ class Wallet:
         keys: Keys,
         currencies: dict[str, Currency],
         idempotency_window_s: int,
+        outbox_max_len: int = 0,
     ) -> None:
         self._batcher = batcher
+        #: The outbox length past which bets and deposits are refused (0: no limit).
+        self._outbox_cap = str(outbox_max_len)
         self._pool = pool
         self._keys = keys
         self._currencies = currencies
@@ -399,7 +402,7 @@ class Wallet:
                 )
             commands.append(
                 ("EVALSHA", sha, 4 + len(bets), balances, seed, outbox, channel, *idem_keys,
-                 *args)
+                 *args, self._outbox_cap)
             )
             state.inflight = True
             state.idle.clear()
@@ -482,6 +485,8 @@ class Wallet:
             return IdempotencyConflict("this bet id was already used with other fields")
         if code == BetCode.INSUFFICIENT_FUNDS:
             return InsufficientFunds(f"balance {_text(reply[1])} minor units is below the stake")
+        if code == BetCode.OUTBOX_FULL:
+            return Unavailable("bet not settled: events wait to be stored; retry later")
         if code == BetCode.REFUSED:
             log.error("bet_refused_by_redis", user_id=state.user_id, error=_text(reply[1]))
             return Unavailable("bet not settled: the balance change was refused")
@@ -582,11 +587,20 @@ class Wallet:
             self._keys.user_channel(user_id),
         )
         reply = await self._batcher.run(
-            scripts.DEPOSIT, keys, (currency.code, str(amount), fp, event)
+            scripts.DEPOSIT, keys, (currency.code, str(amount), fp, event, self._outbox_cap)
         )
+        if reply[0] == DepositCode.OUTBOX_FULL:
+            raise Unavailable("deposit not credited: events wait to be stored; retry later")
         if reply[0] == DepositCode.CONFLICT:
             raise IdempotencyConflict("this idempotency key was already used with other fields")
         return Minor(int(reply[1]))
+
+    async def outbox_lengths(self) -> list[int]:
+        """Entries in each bucket's outbox (XLEN is O(1)), in bucket order."""
+        async with self._batcher.client.pipeline(transaction=False) as pipe:
+            for key in self._keys.all_outboxes():
+                pipe.xlen(key)
+            return [int(n) for n in await pipe.execute()]
 
     async def balances(self, user_id: int) -> dict[str, Minor]:
         """Every configured currency's balance, zero where empty."""

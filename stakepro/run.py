@@ -73,9 +73,23 @@ def _options(settings: Settings, overrides: dict[str, object]) -> dict[str, Any]
     return options
 
 
+def banner(settings: Settings) -> list[str]:
+    """What a deployment must know at start: whether the admin API and demo mode are on."""
+    return [
+        "admin API: " + ("open (ADMIN_TOKEN is set)" if settings.admin_open
+                         else "closed (set ADMIN_TOKEN to open it)"),
+        "demo mode: " + ("on (DEMO_MODE=true: POST /api/demo gives out credited players)"
+                         if settings.demo_mode else "off (DEMO_MODE=true turns it on)"),
+    ]
+
+
 def serve(settings: Settings) -> int:
-    """Run the game server in this process until SIGINT / SIGTERM (uvicorn's handlers)."""
+    """Run the game server in this process until SIGINT / SIGTERM (uvicorn's handlers);
+    first print :func:`banner` (under the supervisor too: it is the server's child)."""
     import uvloop
+
+    for line in banner(settings):
+        print(line, flush=True)
 
     if settings.server_processes > 1:
         # uvicorn's process manager: one listening socket, N processes accepting on it,
@@ -119,8 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     applied = asyncio.run(migrate(settings.database_url))
     if applied:
         print(f"migrated: {', '.join(applied)}")
-    if settings.admin_token_is_default:
-        print("ADMIN_TOKEN not set: using the development token 'dev-admin-token'")
 
     stop_requested: list[int] = []
 
@@ -154,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if _healthy(settings):
                 announced = True
                 print(f"StakePro is up: http://{settings.host}:{settings.port}/  (demo mode: "
-                      f"{'on' if settings.demo_mode else 'off'}; workers and scheduler "
+                      f"{'on' if settings.demo_mode else 'off'}; admin API: "
+                      f"{'open' if settings.admin_open else 'closed'}; workers and scheduler "
                       f"running; Ctrl-C stops it)", flush=True)
             elif time.monotonic() - started > START_TIMEOUT_S:
                 print(f"the server did not answer /healthz within {START_TIMEOUT_S:.0f}s: "

@@ -43,6 +43,20 @@ if TYPE_CHECKING:
 ADMIN_TOKEN = "test-admin-token"
 CHROMIUM = "/usr/bin/chromium"
 
+#: What the tests' servers need on purpose (the defaults keep these closed or low): the
+#: admin API, demo mode, and limits far above what one test machine sends from 127.0.0.1.
+#: Tests of the limits and defaults build settings without them.
+TEST_SETTINGS: dict[str, Any] = {
+    "admin_token": ADMIN_TOKEN,
+    "demo_mode": True,
+    "demo_per_minute": 1e9, "demo_burst": 10**9,
+    "signin_per_minute": 1e9, "signin_burst": 10**9,
+    "admin_per_minute": 1e9, "admin_burst": 10**9,
+    "user_max_sockets": 10**6,
+    "user_bets_per_s": 1e9, "user_bets_burst": 10**9,
+    "user_messages_per_s": 1e9, "user_messages_burst": 10**9,
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -155,9 +169,9 @@ def settings(redis_server: RedisServer, database_url: str) -> Settings:
     return Settings(
         redis_url=redis_server.url,
         database_url=database_url,
-        admin_token=ADMIN_TOKEN,
         key_prefix=f"t{uuid.uuid4().hex[:6]}",
         log_level="warning",
+        **TEST_SETTINGS,
     )
 
 

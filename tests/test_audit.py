@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from ops import audit, rebuild
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from tests.conftest import ADMIN_TOKEN, RedisServer, serve
+from tests.conftest import ADMIN_TOKEN, TEST_SETTINGS, RedisServer, serve
 from tests.helpers import Api, Player, outbox_drained, tool
 
 T = TypeVar("T")
@@ -336,8 +336,8 @@ async def test_commissions_in_flight_are_pending_not_missing(
 
 
 def own_settings(redis_url: str, database_url: str) -> Settings:
-    return Settings(redis_url=redis_url, database_url=database_url, admin_token=ADMIN_TOKEN,
-                    key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning")
+    return Settings(redis_url=redis_url, database_url=database_url,
+                    key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning", **TEST_SETTINGS)
 
 
 async def test_global_audit_of_a_whole_system(

@@ -4,7 +4,9 @@ autobet, the live feed, the standalone verifier opened from disk, and a 375 px p
 
 Chromium is Debian's (/usr/bin/chromium); if it is missing the session installs it with apt-get
 and fails with a clear message when that is impossible. Every page is watched for console
-errors and uncaught exceptions, and a test fails if there is any."""
+errors and uncaught exceptions, and a test fails if there is any. Waits use function
+predicates (``"() => ..."``): the page's Content-Security-Policy forbids eval, which
+Playwright needs for a bare expression."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def url(api: Api) -> str:
 async def sign_in(page: Page) -> None:
     await page.click("#signin")
     await page.wait_for_selector("#wallet", state="visible")
-    await page.wait_for_function("document.getElementById('conn').textContent === 'live'")
+    await page.wait_for_function("() => document.getElementById('conn').textContent === 'live'")
 
 
 async def balance(page: Page) -> Decimal:
@@ -103,7 +105,8 @@ async def roll(page: Page, keyboard: bool = False) -> dict[str, Any]:
         await page.keyboard.press("Space")
     else:
         await page.click("#roll")
-    await page.wait_for_function(f"document.querySelectorAll('#mybets tbody tr').length > {before}")
+    await page.wait_for_function(
+        f"() => document.querySelectorAll('#mybets tbody tr').length > {before}")
     bet: dict[str, Any] = await page.evaluate("window.stakepro.state.history[0]")
     # The animated result settles on the roll, coloured as a win or a loss.
     await page.wait_for_function(
@@ -149,7 +152,7 @@ async def test_sign_in_bet_win_and_loss(api: Api, open_page: Any) -> None:
             bet = await roll(page, keyboard=attempt % 2 == 1)
             expected += Decimal(bet["payout"]) - Decimal("1.00")
             await page.wait_for_function(
-                f"document.getElementById('balance').textContent === '{expected:.2f}'")
+                f"() => document.getElementById('balance').textContent === '{expected:.2f}'")
             outcome = await page.get_attribute("#result", "data-outcome")
             assert outcome == ("win" if bet["win"] else "loss")
             assert await page.text_content("#marker-label") == bet["roll"]
@@ -164,7 +167,7 @@ async def test_sign_in_bet_win_and_loss(api: Api, open_page: Any) -> None:
     await api.deposit(await user_id(page), "5.00")
     expected += Decimal("5.00")
     await page.wait_for_function(
-        f"document.getElementById('balance').textContent === '{expected:.2f}'")
+        f"() => document.getElementById('balance').textContent === '{expected:.2f}'")
 
     await page.screenshot(path="/tmp/stakepro-desktop.png", full_page=True)
 
@@ -188,7 +191,7 @@ async def test_sign_in_bet_win_and_loss(api: Api, open_page: Any) -> None:
     # The token is kept: a reload signs straight back in, with the bets still listed.
     listed = await rows(page)
     await page.reload()
-    await page.wait_for_function("document.getElementById('conn').textContent === 'live'")
+    await page.wait_for_function("() => document.getElementById('conn').textContent === 'live'")
     assert await balance(page) == expected
     assert await rows(page) == listed
 
@@ -263,7 +266,7 @@ async def autobet(page: Page) -> str:
     await page.evaluate("document.getElementById('auto-status').dataset.state = 'starting'")
     await page.click("#auto-start")
     await page.wait_for_function(
-        "document.getElementById('auto-status').dataset.state === 'stopped'", timeout=60000)
+        "() => document.getElementById('auto-status').dataset.state === 'stopped'", timeout=60000)
     return await page.text_content("#auto-status") or ""
 
 
@@ -327,7 +330,7 @@ async def test_feed_shows_another_players_bet(api: Api, open_page: Any) -> None:
     await page.fill("#high-threshold", "5")
     await page.click("#tab-feed")
     await page.wait_for_function(
-        "document.getElementById('feed-status').textContent.includes('live')")
+        "() => document.getElementById('feed-status').textContent.includes('live')")
     name = f"watched-{uuid.uuid4().hex[:8]}"
     _, token = await api.player(deposit="10.00", name=name)
     async with api.play(token) as p:
@@ -575,7 +578,7 @@ async def test_reconnect_resends_unanswered_bet_once(api: Api, open_page: Any) -
             return await p;
         }""")
     assert bet["nonce"] == 1
-    await page.wait_for_function("document.getElementById('conn').textContent === 'live'")
+    await page.wait_for_function("() => document.getElementById('conn').textContent === 'live'")
     expected = DEMO_USDT - Decimal("2.00") + Decimal(bet["payout"])
     view = await api.user(await user_id(page))
     assert Decimal(view["balances"]["USDT"]) == expected == await balance(page)

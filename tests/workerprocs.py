@@ -31,7 +31,7 @@ from plumbing.keys import Keys
 from plumbing.settings import Settings
 from server.db import drop_database, migrate
 from tests.conftest import (
-    ADMIN_TOKEN,
+    TEST_SETTINGS,
     RedisServer,
     database_named,
     free_port,
@@ -104,7 +104,7 @@ class Stack:
         dsn = database_named(fresh_database_name("w"))
         await migrate(dsn)
         settings = Settings(
-            redis_url=redis_server.url, database_url=dsn, admin_token=ADMIN_TOKEN,
+            redis_url=redis_server.url, database_url=dsn, **TEST_SETTINGS,
             key_prefix=f"w{uuid.uuid4().hex[:6]}", log_level="warning", buckets=8,
             inprocess_persister=False, commission_flush_s=0.5, persist_run_s=2.0,
             persist_every_s=0.25, port=free_port(), **overrides,
@@ -134,6 +134,8 @@ class Stack:
             "PERSIST_RUN_S": str(s.persist_run_s), "PERSIST_EVERY_S": str(s.persist_every_s),
             "PERSIST_SHARDS": str(s.persist_shards), "HOST": s.host, "PORT": str(s.port),
             "LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
+            **{k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
+               for k, v in TEST_SETTINGS.items() if k != "admin_token"},
         })
         env.update(extra)
         return env
