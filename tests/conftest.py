@@ -6,6 +6,7 @@ Everything is removed at the end of the session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -146,3 +147,16 @@ async def base(settings: Settings) -> AsyncIterator[str]:
 async def api(base: str) -> AsyncIterator[Api]:
     async with Api(base, ADMIN_TOKEN) as client:
         yield client
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(like: str) -> AsyncIterator[str]:
+    """A migrated database of its own on the server of ``like``, dropped at the end: for
+    tests whose commission flushes must not pay (or be paid by) anyone else's bets, since a
+    flush pays every due bet of its database."""
+    dsn = like.rsplit("/", 1)[0] + f"/stakepro_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    await migrate(dsn)
+    try:
+        yield dsn
+    finally:
+        await drop_database(dsn)

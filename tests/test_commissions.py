@@ -1,8 +1,9 @@
 """Commissions: exactly once per (bet, ancestor), whatever is replayed, retried or crashes.
 
 The first tests drive :mod:`workers.commissions` (and :mod:`workers.outbox`) directly on
-keys of their own prefix, with a chain of users inserted into the test database; the last
-ones go through the real server: sockets, the in-process persister and its flush loop.
+keys of their own prefix and a database of their own (a flush pays every due bet of its
+database), with a chain of users inserted there; the last ones go through the real server:
+sockets, the in-process persister and its flush loop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 
 from plumbing.keys import Keys
 from plumbing.settings import Settings
+from tests.conftest import fresh_database
 from tests.helpers import Api, Player, eventually
 from workers import commissions, outbox
 
@@ -99,18 +101,35 @@ class Env:
             assert (ledger, total, balance) == (expected, expected, expected), ancestor
 
     async def leftovers(self) -> list[Any]:
-        """Every commission key still in Redis except the markers (pending, batches)."""
-        found = []
-        for pattern in ("cpend", "cbatch", "cbatches"):
-            found += [k async for k in self.redis.scan_iter(f"{self.keys.prefix}:{pattern}:*")]
-        return found
+        """What is still to do: due bets, and flushes not recorded as credited."""
+        due = await self.pool.fetch("SELECT bet_id FROM bets WHERE commission_flush IS NULL"
+                                    " AND commission_to IS NOT NULL")
+        open_ = await self.pool.fetch("SELECT flush_id FROM commission_flushes"
+                                      " WHERE credited_at IS NULL")
+        return [r[0] for r in [*due, *open_]]
+
+    async def settle(self) -> None:
+        """Two more flushes: the first credits what is left, the second records it."""
+        await self.flush()
+        await self.flush()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def own_database(settings: Settings) -> AsyncIterator[str]:
+    async with fresh_database(settings.database_url) as dsn:
+        yield dsn
 
 
 @pytest_asyncio.fixture
-async def env(settings: Settings) -> AsyncIterator[Env]:
+async def env(settings: Settings, own_database: str) -> AsyncIterator[Env]:
     redis = aioredis.Redis.from_url(settings.redis_url)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
+    pool = await asyncpg.create_pool(own_database, min_size=1, max_size=8)
     keys = Keys(f"c{uuid.uuid4().hex[:6]}", 4)
+    # An earlier test's leftovers (its key prefix, not ours) are not ours to pay or credit.
+    await pool.execute("UPDATE bets SET commission_flush = 'other-test'"
+                       " WHERE commission_flush IS NULL")
+    await pool.execute("UPDATE commission_flushes SET credited_at = now()"
+                       " WHERE credited_at IS NULL")
     yield Env(redis, pool, keys)
     await pool.close()
     await redis.aclose()
@@ -122,7 +141,9 @@ def bets_of(players: Sequence[int], amounts: Sequence[int]) -> list[dict[str, An
              "amount": amount} for i, amount in enumerate(amounts)]
 
 
-AMOUNTS = [1, 19, 199, 200, 333, 5000, 12345, 99999, 10**12 + 7]
+#: Stakes whose shares need flooring, and one near the top of bigint (amount * bps would
+#: overflow it: the statement must still floor exactly).
+AMOUNTS = [1, 19, 199, 200, 333, 5000, 12345, 99999, 10**12 + 7, 2**62 + 12345]
 
 
 # -- workers.commissions directly ------------------------------------------------------------
@@ -159,29 +180,28 @@ async def test_worker_dies_after_commit_before_ack(
         await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0)
     monkeypatch.undo()
     assert await outbox.pending_count(env.redis, env.keys) == len(bets)  # nothing acked
-    # The accrual is part of the ack (lua/outbox-ack-accrue-n.lua): nothing accrued.
-    assert await env.leftovers() == []
+    # The rows are in, each with its chain: due once, whatever is replayed.
+    assert len(await env.leftovers()) == len(bets)
+    await env.flush()
     # A second worker reclaims the entries of the dead one (Dramatiq's retry path is the
     # same replay: the same events through write() and the ack again).
     assert await outbox.reclaim(env.redis, env.pool, env.keys, "w2", min_idle_ms=0) == len(bets)
     assert await outbox.pending_count(env.redis, env.keys) == 0
-    await env.flush()
-    # Acknowledged entries are gone for good: nothing left to replay.
-    assert await outbox.drain_once(env.redis, env.pool, env.keys, "w3", block_ms=0) == 0
-    await env.flush()
+    await env.settle()
     n = await env.pool.fetchval("SELECT count(*) FROM bets WHERE bet_id = ANY($1::text[])",
                                 [b["bet_id"] for b in bets])
     assert n == len(bets)
     await env.assert_paid(chain, bets)
     for ancestor in chain.ancestors:
         assert (await env.paid(ancestor))[1] == 1  # one flush paid, one ledger row
+    assert await env.leftovers() == []
 
 
-async def test_two_consumers_holding_the_same_entries_accrue_once(
+async def test_two_consumers_holding_the_same_entries_pay_once(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow consumer's entries reclaimed by another (or a lease that failed to exclude):
-    both write the rows, both ack; only the first ack accrues, whatever the order."""
+    both write the rows, both ack, flushes run in between; each bet is paid once."""
     chain = await env.chain()
     bets = await _outbox_bets(env, chain, AMOUNTS)
     # w1 reads and writes, and is held up just before its ack ...
@@ -199,6 +219,7 @@ async def test_two_consumers_holding_the_same_entries_accrue_once(
         outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0))
     await reached.wait()
     monkeypatch.undo()
+    await env.flush()
     # ... w2 takes some of them over, persists and acknowledges them first.
     taken = 0
     for stream in env.keys.all_outboxes():
@@ -209,70 +230,98 @@ async def test_two_consumers_holding_the_same_entries_accrue_once(
             assert await outbox.handle(env.redis, env.pool, env.keys, entries,
                                        consumer="w2") == len(entries)
     assert 0 < taken < len(bets)
+    await env.flush()
     release.set()
     assert await slow == len(bets)
     assert await outbox.pending_count(env.redis, env.keys) == 0
-    await env.flush()
+    await env.settle()
     await env.assert_paid(chain, bets)
-    assert commissions.STATS.accrued >= len(bets)
 
 
-async def test_flush_dies_after_take_then_the_next_pays_once(env: Env) -> None:
+async def test_a_replayed_outbox_batch_pays_nothing_again(env: Env) -> None:
+    """A Redis rollback brings back entries already persisted, acknowledged and paid (the
+    same events, same bet ids): they are written again (nothing new) and pay nothing."""
     chain = await env.chain()
-    first = bets_of(chain.players, AMOUNTS)
-    await env.accrue(first)
-    units = await commissions.take(env.redis, env.keys, "crashed")
-    assert units and all(u.batch_id == "crashed" for u in units)
-    # ... the flusher dies here. Bets keep coming; a new flush finds both.
-    second = bets_of(chain.players, AMOUNTS[::-1])
-    await env.accrue(second)
-    report = await env.flush()
-    assert report.batches > len(units) and report.statements == 1
-    await env.assert_paid(chain, first + second)
-    assert (await env.flush()).batches == 0
-    await env.assert_paid(chain, first + second)
+    bets = await _outbox_bets(env, chain, AMOUNTS)
+    entries = {s: await env.redis.xrange(s) for s in env.keys.all_outboxes()}
+    while await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0):
+        pass
+    await env.settle()
+    await env.assert_paid(chain, bets)
+    for stream, items in entries.items():
+        for _, fields in items:
+            await env.redis.xadd(stream, fields)
+    while await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0):
+        pass
     assert await env.leftovers() == []
-
-
-@pytest.mark.parametrize("dies_after", ["write", "credit"])
-async def test_flush_dies_after_a_later_step(env: Env, dies_after: str) -> None:
-    chain = await env.chain()
-    bets = bets_of(chain.players, AMOUNTS)
-    await env.accrue(bets)
-    units = await commissions.take(env.redis, env.keys, uuid.uuid4().hex)
-    written = await commissions.write(env.pool, units)
-    assert written.batches == len(units)
-    if dies_after == "credit":
-        await commissions.credit(env.redis, env.keys, units)
-    # PostgreSQL paid; Redis credited or not. The next flush completes it, once.
-    report = await env.flush()
-    assert report.batches == len(units) and report.batches_paid == 0 and report.paid == {}
-    assert report.ancestors_credited == (3 if dies_after == "write" else 0)
+    await env.settle()
     await env.assert_paid(chain, bets)
     for ancestor in chain.ancestors:
         assert (await env.paid(ancestor))[1] == 1
-    assert await env.leftovers() == []
 
 
-async def test_a_retried_flush_with_the_same_batch_id(env: Env) -> None:
+async def test_each_bet_pays_the_rates_it_recorded(env: Env) -> None:
+    """The rate of a bet is the one its chain had when it was persisted: a later change
+    applies to later bets only, even when both are paid by the same flush."""
+    chain = await env.chain()
+    first = await _outbox_bets(env, chain, AMOUNTS)
+    while await outbox.drain_once(env.redis, env.pool, env.keys, "w1", block_ms=0):
+        pass
+    await env.pool.execute("UPDATE users SET commission_bps = 77 WHERE user_id = $1",
+                           chain.agent)
+    commissions.CHAINS.clear()
+    second = bets_of(chain.players, AMOUNTS[:5])
+    await env.accrue(second)
+    await env.settle()
+    ledger, _, total, balance = await env.paid(chain.agent)
+    expected = (sum(share(b["amount"], AGENT_BPS) for b in first)
+                + sum(share(b["amount"], 77) for b in second))
+    assert ledger == total == balance == expected
+
+
+@pytest.mark.parametrize("dies", ["before_commit", "after_commit", "after_credit"])
+async def test_flush_dies_at_each_step_then_the_next_pays_once(env: Env, dies: str) -> None:
+    """A flusher that dies before its statement, between its commit and the Redis credit,
+    or between the credit and its confirmation: the next flush (any process) completes it,
+    and every (bet, ancestor) is paid exactly once, in PostgreSQL and in Redis."""
     chain = await env.chain()
     first = bets_of(chain.players, AMOUNTS)
     await env.accrue(first)
-    units = await commissions.take(env.redis, env.keys, "job-7")
-    await commissions.write(env.pool, units)
-    second = bets_of(chain.players, AMOUNTS[3:])
+    if dies != "before_commit":
+        paid = await commissions.pay(env.pool, f"crashed-{uuid.uuid4().hex}")
+        assert paid.bets == len(first) and paid.plan is not None
+        if dies == "after_credit":
+            assert await commissions.credit(env.redis, env.keys, [paid.plan]) == 3
+    # ... the flusher dies here. Bets keep coming; the next flush finds both.
+    second = bets_of(chain.players, AMOUNTS[::-1])
     await env.accrue(second)
-    # Taking again under an id still unfinished in a bucket takes nothing there (BUSY: a
-    # RENAME over it would destroy it); the pending hash waits.
-    again = await commissions.take(env.redis, env.keys, "job-7")
-    assert sorted(u.name for u in again) == sorted(u.name for u in units)
-    assert await env.redis.exists(*(env.keys.commission_pending(u.bucket) for u in units))
-    # The job is retried with its id (a label: flush() makes every batch id unique, since a
-    # paid id must never name new money). It finishes job-7 and pays the rest, once.
-    await env.flush("job-7")
-    await env.flush("job-7")
-    await env.flush()
+    report = await env.flush()
+    assert report.statements == 1
+    assert report.bets == (len(second) if dies != "before_commit" else len(first + second))
+    assert report.plans == (1 if dies == "before_commit" else 2)
     await env.assert_paid(chain, first + second)
+    again = await env.flush()  # records the credits; pays and credits nothing
+    assert (again.bets, again.plans, again.ancestors_credited) == (0, 0, 0)
+    await env.assert_paid(chain, first + second)
+    assert await env.leftovers() == []
+
+
+async def test_a_repeated_flush_pays_nothing_twice(env: Env) -> None:
+    chain = await env.chain()
+    bets = bets_of(chain.players, AMOUNTS)
+    await env.accrue(bets)
+    first = await env.flush("job-7")
+    assert first.bets == len(bets)
+    # The same job retried, the same label: nothing is due any more.
+    for _ in range(3):
+        again = await env.flush("job-7")
+        assert again.bets == 0 and again.paid == {}
+    # A plan credited once is not credited again, even if PostgreSQL forgot it was.
+    await env.pool.execute("UPDATE commission_flushes SET credited_at = NULL"
+                           " WHERE flush_id LIKE 'job-7.%'")
+    assert (await env.flush()).ancestors_credited == 0
+    await env.settle()
+    await env.assert_paid(chain, bets)
     assert await env.leftovers() == []
 
 
@@ -284,6 +333,8 @@ async def test_concurrent_flushes_pay_once(env: Env) -> None:
     everything = sum(share(b["amount"], bps) for c in chains for b in bets[c.agent]
                      for bps in c.ancestors.values())
     assert sum(r.paid.get("USDT", 0) for r in reports) == everything
+    assert sum(r.bets for r in reports) == sum(len(b) for b in bets.values())
+    await env.settle()
     for c in chains:
         await env.assert_paid(c, bets[c.agent])
     assert await env.leftovers() == []
@@ -309,13 +360,13 @@ async def test_accruals_racing_flushes_lose_nothing(env: Env) -> None:
 
     _, rounds = await asyncio.gather(feed(), flushing())
     assert rounds >= 2
-    await env.flush()
+    await env.settle()
     await env.assert_paid(chain, bets)
     assert await env.leftovers() == []
 
 
 async def test_flushes_are_counted_for_metrics(env: Env) -> None:
-    """Each flush statement and the units it paid are added to the counters in Redis that
+    """Each flush statement and the bets it paid are added to the counters in Redis that
     the server's /metrics exports; a flush with nothing to pay adds nothing."""
     from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
 
@@ -326,14 +377,14 @@ async def test_flushes_are_counted_for_metrics(env: Env) -> None:
     assert await env.flush() and await counters() == {}
     await env.accrue(bets_of(chain.players, AMOUNTS))
     first = await env.flush()
-    assert first.statements == 1 and first.batches_paid >= 1
+    assert first.statements == 1 and first.bets == len(AMOUNTS)
     assert await counters() == {FLUSH_STATEMENTS.encode(): b"1",
-                                UNITS_PAID.encode(): str(first.batches_paid).encode()}
+                                UNITS_PAID.encode(): str(first.bets).encode()}
     await env.accrue(bets_of(chain.players, AMOUNTS))
     second = await env.flush()
     assert await counters() == {
         FLUSH_STATEMENTS.encode(): b"2",
-        UNITS_PAID.encode(): str(first.batches_paid + second.batches_paid).encode()}
+        UNITS_PAID.encode(): str(first.bets + second.bets).encode()}
     await env.redis.delete(env.keys.worker_stats())
 
 

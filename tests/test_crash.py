@@ -1,13 +1,13 @@
 """Crash safety with real processes killed by SIGKILL (no finally, no atexit, no flush).
 
 (a) a Dramatiq worker dies inside a persistence batch, before its COMMIT and after it
-    (before XACK); (b) the flusher dies between taking the commission aggregate and the
-    PostgreSQL statement that pays it; (c) the game server dies with bets in flight. After a
-    restart and the drain: every bet acknowledged to a client is in ``bets`` exactly once,
-    none twice, every commission is paid exactly once, and ``python -m ops.audit``
-    passes. The workers and the scheduler are the real ``dramatiq workers.actors`` and
-    ``workers.scheduler``; the kills come from workers/faults.py points (a and b) or from
-    the test (c).
+    (before XACK); (b) the flusher dies after the PostgreSQL statement that pays the
+    commissions, before Redis credits them and after; (c) the game server dies with bets in
+    flight. After a restart and the drain: every bet acknowledged to a client is in ``bets``
+    exactly once, none twice, every commission is paid exactly once, and
+    ``python -m ops.audit`` passes. The workers and the scheduler are the real
+    ``dramatiq workers.actors`` and ``workers.scheduler``; the kills come from
+    workers/faults.py points (a and b) or from the test (c).
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ADMIN_TOKEN, serve
 from tests.helpers import Api
 from tests.test_workers import paid_exactly, play
-from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually
+from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually, redis_balances
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -101,29 +100,37 @@ async def test_worker_killed_during_a_batch(
             assert proc.stop() == 0, stack.logs()
 
 
-async def test_flusher_killed_between_take_and_commit(
-    api: Api, stack: Stack, pool: asyncpg.Pool
+@pytest.mark.parametrize("point", ["flush_after_commit", "flush_after_credit"])
+async def test_flusher_killed_after_its_commit(
+    point: str, api: Api, stack: Stack, pool: asyncpg.Pool
 ) -> None:
     tree = await Tree.create(api, players=2)
     ids, stakes = await play(api, tree, bets=12)
     scheduler = stack.scheduler()
-    worker = stack.worker(fault="flush_after_take:kill")
+    worker = stack.worker(fault=f"{point}:kill")
     try:
         assert await worker.exited() != 0, stack.logs()
         ancestors = [int(uid) for uid, _ in tree.chain]
-        # The aggregate was taken (renamed to a batch in Redis) and nothing of it was paid.
-        assert await earned(pool, ancestors) == dict.fromkeys(ancestors, 0)
-        client = aioredis.Redis.from_url(stack.settings.redis_url)
-        try:
-            unfinished = sum([int(await client.scard(stack.keys.commission_batches(b)))
-                              for b in range(stack.settings.buckets)])
-        finally:
-            await client.aclose()
-        assert unfinished >= 1
+        # PostgreSQL paid (in the statement's own transaction); Redis has credited the plan
+        # or not, and nothing recorded it as credited.
+        owed, paid = tree.expected(stakes), await earned(pool, ancestors)
+        assert all(0 < paid[a] <= owed[a] for a in ancestors), (paid, owed)
+        uncredited = await pool.fetchval(
+            "SELECT count(*) FROM commission_flushes WHERE credited_at IS NULL")
+        assert uncredited >= 1
+        if point == "flush_after_commit":
+            assert await redis_balances(stack, ancestors) == dict.fromkeys(ancestors, 0)
 
         worker = stack.worker()
         try:
             await recovered(stack, pool, tree, ids, stakes)
+            assert await redis_balances(stack, ancestors) == tree.expected(stakes)
+
+            async def recorded() -> bool:
+                return await pool.fetchval("SELECT count(*) FROM commission_flushes"
+                                           " WHERE credited_at IS NULL") == 0
+
+            await eventually(recorded)
         finally:
             assert worker.stop() == 0, stack.logs()
     finally:

@@ -306,5 +306,5 @@ async def _report_overrun(job: asyncio.Task[Any] | None, after_s: float) -> None
 @dramatiq.actor(**_OPTIONS, time_limit=60_000)
 async def flush_commissions() -> None:
     report = await flush(await resources())
-    if report is not None and report.batches:
-        log.info("flushed", batches=report.batches, paid=report.paid)
+    if report is not None and (report.bets or report.plans):
+        log.info("flushed", bets=report.bets, plans=report.plans, paid=report.paid)
