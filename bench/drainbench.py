@@ -104,7 +104,7 @@ async def restore(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys) -> int:
     await pool.execute("TRUNCATE bets, ledger, commission_flushes, commission_totals")
     await pool.execute("VACUUM ANALYZE bets")
     await pool.execute("VACUUM ANALYZE ledger")
-    commissions.CHAINS.clear()  # a cold cache, as a new worker
+    commissions.clear_chains()  # a cold cache, as a new worker
     return total
 
 

@@ -269,7 +269,7 @@ async def test_each_bet_pays_the_rates_it_recorded(env: Env) -> None:
         pass
     await env.pool.execute("UPDATE users SET commission_bps = 77 WHERE user_id = $1",
                            chain.agent)
-    commissions.CHAINS.clear()
+    commissions.clear_chains()
     second = bets_of(chain.players, AMOUNTS[:5])
     await env.accrue(second)
     await env.settle()

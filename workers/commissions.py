@@ -157,7 +157,25 @@ class ChainCache:
         return out
 
 
-CHAINS = ChainCache()
+#: One cache per database (per pool): user ids of two databases are unrelated. The pool is
+#: held, so its id is never reused by another while its cache lives; a process has one or
+#: two pools (tests open more, hence the bound).
+_CACHES: OrderedDict[int, tuple[asyncpg.Pool, ChainCache]] = OrderedDict()
+
+
+def chains_for(pool: asyncpg.Pool) -> ChainCache:
+    """The chain cache of ``pool``'s database."""
+    hit = _CACHES.get(id(pool))
+    if hit is None:
+        hit = _CACHES[id(pool)] = (pool, ChainCache())
+        while len(_CACHES) > 8:
+            _CACHES.popitem(last=False)
+    return hit[1]
+
+
+def clear_chains() -> None:
+    """Forget every cached chain (a rate change that must apply at once, a benchmark)."""
+    _CACHES.clear()
 
 #: The chains of a batch's players as the persist statement takes them (workers/outbox.py):
 #: four columns, one row per (player, ancestor with bps > 0): player, ancestor, bps, and
@@ -169,7 +187,7 @@ async def chain_columns(pool: asyncpg.Pool, players: Iterable[int], *,
                         chains: ChainCache | None = None) -> ChainColumns:
     """What the bets of ``players`` record as their commission chain (see the module
     docstring): the cached chains, every rate checked, the ancestors earning 0 left out."""
-    chain_of = await (chains or CHAINS).get_many(pool, players)
+    chain_of = await (chains or chains_for(pool)).get_many(pool, players)
     cols: ChainColumns = ([], [], [], [])
     for player, chain in chain_of.items():
         place = 0
