@@ -88,6 +88,9 @@ class PgSide:
     totals: Counter[tuple[int, str]] = field(default_factory=Counter)
     #: flush id -> (plan, credited), in the order the flushes were paid
     flushes: dict[str, tuple[Plan, bool]] = field(default_factory=dict)
+    #: flush id -> number of the statement that recorded it as credited
+    recorded: dict[str, int] = field(default_factory=dict)
+    statements: int = 0
 
 
 @dataclass(slots=True)
@@ -155,13 +158,20 @@ class CommissionModel:
 
     # -- the flush: pay (one statement), credit (one script per ancestor), confirm ----------
 
-    def pay(self, flush_id: str) -> tuple[int, Plan | None, list[str]]:
+    def pay(self, flush_id: str, newest: int = 3
+            ) -> tuple[int, Plan | None, list[str], list[tuple[str, int]]]:
         """Take the confirmed ids, then the statement. Returns (bets paid, this flush's
-        plan, the other flushes still not recorded as credited)."""
+        plan, the other flushes still not recorded as credited, the ``newest`` flushes
+        last recorded as credited before it with their first ancestor)."""
+        last = sorted(self.pg.recorded, key=lambda f: (self.pg.recorded[f], f),
+                      reverse=True)[:newest]
+        checks = [(f, min(a for a, _ in self.pg.flushes[f][0])) for f in last]
         confirmed, self.redis.confirmed = self.redis.confirmed, set()
+        self.pg.statements += 1
         for fid in confirmed:
-            if fid in self.pg.flushes:
+            if fid in self.pg.flushes and not self.pg.flushes[fid][1]:
                 self.pg.flushes[fid] = (self.pg.flushes[fid][0], True)
+                self.pg.recorded[fid] = self.pg.statements
         plan: Plan = Counter()
         paid = 0
         for stored in self.pg.bets.values():
@@ -182,7 +192,17 @@ class CommissionModel:
                 self.pg.totals[(ancestor, currency)] += amount
             todo.insert(0, (flush_id, plan))
         self.memory.plans, self.memory.credited = todo, False
-        return paid, plan or None, older
+        return paid, plan or None, older, checks
+
+    def lost_plans(self, checks: list[tuple[str, int]]) -> list[str]:
+        """If Redis lost the marker of one of ``checks`` (a rollback): every flush recorded
+        as credited is credited again, by marker. Returns their ids."""
+        if all(check in self.redis.markers for check in checks):
+            return []
+        again = list(self.pg.recorded)
+        assert self.memory.plans is not None
+        self.memory.plans += [(fid, self.pg.flushes[fid][0]) for fid in again]
+        return again
 
     def credit(self) -> int:
         """The credit calls for the plans in memory; returns the ancestors credited now."""

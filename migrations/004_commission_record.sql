@@ -52,3 +52,7 @@ UPDATE bets b
 SET commission_to = c.ancestors, commission_bps = c.rates, commission_flush = 'legacy'
 FROM chains c
 WHERE c.player = b.user_id;
+-- The flushes last recorded as credited: each flush checks that Redis still holds their
+-- markers (a Redis rollback loses a credit and its marker together).
+CREATE INDEX commission_flushes_credited ON commission_flushes (credited_at)
+    WHERE credited_at IS NOT NULL;

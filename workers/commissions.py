@@ -38,9 +38,12 @@ Why each (bet, ancestor) is paid exactly once:
   increment: after a crash between the commit and the credit the plan is still uncredited
   in PostgreSQL and the next flush (any process) credits it; credited twice, the marker
   stops the second. A Redis that rolls back loses a credit and its marker together; while
-  the plan is not yet recorded as credited, the next flush makes it again. Once it is, the
-  balance is brought back by the heal that sets balances from the ledger (it sets the
-  markers of every credit the ledger holds, so nothing is added twice).
+  the plan is not yet recorded as credited, the next flush makes it again. Once it is
+  recorded, each flush checks that Redis still holds the markers of the last flushes
+  recorded (:data:`NEWEST`); one missing means Redis went back past it, and the flush
+  credits again every plan recorded in the last :data:`RECHECK_S`, by marker, so what
+  Redis kept is not added twice. A heal that sets balances from the ledger sets the
+  markers of the credits the ledger holds, so the two never add the same credit.
 
 Conservation: an ancestor's Redis balance and ``SUM(ledger.delta)`` agree once the flush has
 credited; between the statement and the credit PostgreSQL is ahead by the plan in hand.
@@ -83,6 +86,13 @@ FLUSH_LIMIT = 200_000
 #: (which live CREDIT_MARKER_TTL_S) could be gone, and a credit made again would double it.
 #: The audit reports it; the heal (balances from the ledger) settles it.
 CREDIT_HORIZON_S = CREDIT_MARKER_TTL_S - 24 * 3600
+#: How many of the flushes last recorded as credited each flush checks in Redis (their
+#: markers): a marker missing means Redis rolled back past that credit.
+NEWEST = 3
+#: How far back a flush then credits again what PostgreSQL recorded as credited (by
+#: marker: what Redis kept is not added twice). A rollback further back than this is a
+#: disaster for the heal or ``make rebuild-balances``.
+RECHECK_S = 3600.0
 
 Chain = tuple[tuple[UserId, int], ...]
 
@@ -261,7 +271,16 @@ SELECT (SELECT count(*) FROM paid) AS bets,
        ARRAY(SELECT flush_id FROM commission_flushes
              WHERE credited_at IS NULL AND flush_id <> ALL($2::text[])
                AND created_at > now() - make_interval(secs => $4)
-             ORDER BY created_at, flush_id) AS older
+             ORDER BY created_at, flush_id) AS older,
+       ARRAY(SELECT flush_id || ':' || user_ids[1] FROM commission_flushes
+             WHERE credited_at IS NOT NULL
+             ORDER BY credited_at DESC, flush_id DESC LIMIT $5) AS newest
+"""
+
+_RECENT_SQL = """
+SELECT flush_id, user_ids, currencies, amounts FROM commission_flushes
+WHERE credited_at > now() - make_interval(secs => $1)
+ORDER BY created_at, flush_id
 """
 
 _PLANS_SQL = """
@@ -284,6 +303,8 @@ class Paid:
     bets: int  # bets it marked paid
     plan: Plan | None  # its credit plan (None: nothing to credit, no flush row)
     older: tuple[str, ...]  # earlier flushes PostgreSQL still holds as not credited
+    #: the flushes last recorded as credited, each with one ancestor: (flush id, ancestor)
+    newest: tuple[tuple[str, int], ...] = ()
 
 
 async def pay(pool: asyncpg.Pool, flush_id: str, confirmed: Sequence[str] = (),
@@ -291,12 +312,14 @@ async def pay(pool: asyncpg.Pool, flush_id: str, confirmed: Sequence[str] = (),
     """ONE statement, its own transaction: pay every due bet (up to ``limit``) as
     ``flush_id``, record ``confirmed`` as credited, list the other uncredited flushes of the
     last ``horizon_s``. ``flush_id`` must be new (the caller makes it with a uuid4)."""
-    row = await pool.fetchrow(_PAY_SQL, flush_id, list(confirmed), limit, float(horizon_s))
+    row = await pool.fetchrow(_PAY_SQL, flush_id, list(confirmed), limit, float(horizon_s),
+                              NEWEST)
     assert row is not None
     STATS.statements += 1
     plan = None if row["user_ids"] is None else _plan(
         flush_id, row["user_ids"], row["currencies"], row["amounts"])
-    return Paid(int(row["bets"]), plan, tuple(row["older"]))
+    newest = tuple((f, int(a)) for f, _, a in (n.rpartition(":") for n in row["newest"]))
+    return Paid(int(row["bets"]), plan, tuple(row["older"]), newest)
 
 
 async def plans(pool: asyncpg.Pool, flush_ids: Sequence[str]) -> list[Plan]:
@@ -305,6 +328,25 @@ async def plans(pool: asyncpg.Pool, flush_ids: Sequence[str]) -> list[Plan]:
         return []
     return [_plan(r["flush_id"], r["user_ids"], r["currencies"], r["amounts"])
             for r in await pool.fetch(_PLANS_SQL, list(flush_ids))]
+
+
+async def lost_plans(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, paid: Paid,
+                     recheck_s: float = RECHECK_S) -> list[Plan]:
+    """After a Redis rollback: the plans of every flush recorded as credited in the last
+    ``recheck_s``, when Redis has lost the marker of one of the last recorded (so it lost
+    their credits: a marker and its credit go together); else none. Crediting them again
+    is by marker, so the ones Redis still holds are not credited twice."""
+    if not paid.newest:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for flush_id, ancestor in paid.newest:
+        pipe.exists(keys.credit_marker(flush_id, ancestor))
+    if all(await pipe.execute()):
+        return []
+    found = [_plan(r["flush_id"], r["user_ids"], r["currencies"], r["amounts"])
+             for r in await pool.fetch(_RECENT_SQL, float(recheck_s))]
+    log.warning("commission_credits_lost_in_redis", flushes=len(found))
+    return found
 
 
 async def credit(redis: aioredis.Redis, keys: Keys, plans: Sequence[Plan],
@@ -394,6 +436,7 @@ async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
         earlier = await plans(pool, paid.older)
         log.warning("commission_plans_recredited", flushes=[p.flush_id for p in earlier])
         todo += earlier
+    todo += await lost_plans(redis, pool, keys, paid)
     credited = await credit(redis, keys, todo, marker_ttl_s)
     if todo:
         faults.point("flush_after_credit")
