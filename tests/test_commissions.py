@@ -128,8 +128,7 @@ async def env(settings: Settings, own_database: str) -> AsyncIterator[Env]:
     # An earlier test's leftovers (its key prefix, not ours) are not ours to pay or credit.
     await pool.execute("UPDATE bets SET commission_flush = 'other-test'"
                        " WHERE commission_flush IS NULL")
-    await pool.execute("UPDATE commission_flushes SET credited_at = now()"
-                       " WHERE credited_at IS NULL")
+    await pool.execute("DELETE FROM commission_flushes")
     yield Env(redis, pool, keys)
     await pool.close()
     await redis.aclose()
