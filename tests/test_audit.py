@@ -339,7 +339,12 @@ async def test_commissions_in_flight_are_pending_not_missing(
             assert held.money.pending.uncredited == {(agent, "USDT"): 7}
             assert held.money.pg["USDT"].commissions == 7
 
-            await commissions.credit(redis, keys, [paid.plan])
+            # The ledger already holds this credit: a rebuild from it marks it as made, so
+            # the flush does not add it a second time.
+            rebuilt = await rebuild.run(own, [agent])
+            assert rebuilt.balances[agent] == {"USDT": 7}
+            assert await redis.exists(keys.credit_marker("audit-test", agent))
+            assert await commissions.credit(redis, keys, [paid.plan]) == 0
             done = await audit.run(own, [agent], retries=0)
             assert done.ok and not done.money.pending.uncredited
             assert done.money.redis["USDT"].balances == 7

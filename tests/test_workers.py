@@ -136,8 +136,8 @@ async def test_workers_persist_and_pay(api: Api, stack: Stack, pool: asyncpg.Poo
 async def test_raise_after_commit_is_retried_by_dramatiq(
     api: Api, stack: Stack, pool: asyncpg.Pool
 ) -> None:
-    """No scheduler: one message, its first run fails after COMMIT (and the accrual) and
-    before XACK; Dramatiq's Retries middleware runs it again, which completes the batch."""
+    """No scheduler: one message, its first run fails after COMMIT and before XACK;
+    Dramatiq's Retries middleware runs it again, which completes the batch."""
     tree = await Tree.create(api, players=2)
     ids, stakes = await play(api, tree, bets=10)
     worker = stack.worker(fault="persist_after_commit:raise")
@@ -152,7 +152,7 @@ async def test_raise_after_commit_is_retried_by_dramatiq(
         log = worker.log.read_text()
         assert "fault injected at persist_after_commit" in log, stack.logs()
         assert "Retrying message" in log, stack.logs()
-        # Written twice (first run and retry), stored once; accrued twice, paid once.
+        # Written twice (first run and retry), stored once, paid once.
         for _ in range(3):
             stack.send("flush_commissions")
             await asyncio.sleep(stack.settings.commission_flush_s)
