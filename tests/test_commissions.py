@@ -70,13 +70,13 @@ class Env:
         a = await self.user("agent", m, AGENT_BPS)
         return Chain(sm, m, a, [await self.user("player", a) for _ in range(players)])
 
-    async def accrue(self, bets: Sequence[dict[str, Any]]) -> None:
-        """Accrue the bets' commissions the one way there is: as outbox entries persisted
-        and acknowledged (lua/outbox-ack-accrue-n.lua)."""
+    async def persist(self, bets: Sequence[dict[str, Any]]) -> None:
+        """Store the bets the one way there is: as outbox entries persisted (each with its
+        player's chain) and acknowledged (lua/outbox-ack-n.lua)."""
         await outbox.ensure_groups(self.redis, self.keys)
         for i, b in enumerate(bets):
             await self.redis.xadd(self.keys.outbox_for(b["user_id"]), bet_entry(b, i + 1))
-        while await outbox.drain_once(self.redis, self.pool, self.keys, "accrue", block_ms=0):
+        while await outbox.drain_once(self.redis, self.pool, self.keys, "persist", block_ms=0):
             pass
 
     async def flush(self, batch_id: str | None = None) -> commissions.FlushReport:
@@ -270,7 +270,7 @@ async def test_each_bet_pays_the_rates_it_recorded(env: Env) -> None:
                            chain.agent)
     commissions.clear_chains()
     second = bets_of(chain.players, AMOUNTS[:5])
-    await env.accrue(second)
+    await env.persist(second)
     await env.settle()
     ledger, _, total, balance = await env.paid(chain.agent)
     expected = (sum(share(b["amount"], AGENT_BPS) for b in first)
@@ -285,7 +285,7 @@ async def test_flush_dies_at_each_step_then_the_next_pays_once(env: Env, dies: s
     and every (bet, ancestor) is paid exactly once, in PostgreSQL and in Redis."""
     chain = await env.chain()
     first = bets_of(chain.players, AMOUNTS)
-    await env.accrue(first)
+    await env.persist(first)
     if dies != "before_commit":
         paid = await commissions.pay(env.pool, f"crashed-{uuid.uuid4().hex}")
         assert paid.bets == len(first) and paid.plan is not None
@@ -293,7 +293,7 @@ async def test_flush_dies_at_each_step_then_the_next_pays_once(env: Env, dies: s
             assert await commissions.credit(env.redis, env.keys, [paid.plan]) == 3
     # ... the flusher dies here. Bets keep coming; the next flush finds both.
     second = bets_of(chain.players, AMOUNTS[::-1])
-    await env.accrue(second)
+    await env.persist(second)
     report = await env.flush()
     assert report.statements == 1
     assert report.bets == (len(second) if dies != "before_commit" else len(first + second))
@@ -308,7 +308,7 @@ async def test_flush_dies_at_each_step_then_the_next_pays_once(env: Env, dies: s
 async def test_a_repeated_flush_pays_nothing_twice(env: Env) -> None:
     chain = await env.chain()
     bets = bets_of(chain.players, AMOUNTS)
-    await env.accrue(bets)
+    await env.persist(bets)
     first = await env.flush("job-7")
     assert first.bets == len(bets)
     # The same job retried, the same label: nothing is due any more.
@@ -327,7 +327,7 @@ async def test_a_repeated_flush_pays_nothing_twice(env: Env) -> None:
 async def test_concurrent_flushes_pay_once(env: Env) -> None:
     chains = [await env.chain(5) for _ in range(3)]
     bets = {c.agent: bets_of(c.players, [k * 37 + 200 for k in range(60)]) for c in chains}
-    await env.accrue([b for bs in bets.values() for b in bs])
+    await env.persist([b for bs in bets.values() for b in bs])
     reports = await asyncio.gather(*(env.flush() for _ in range(4)))
     everything = sum(share(b["amount"], bps) for c in chains for b in bets[c.agent]
                      for bps in c.ancestors.values())
@@ -339,14 +339,14 @@ async def test_concurrent_flushes_pay_once(env: Env) -> None:
     assert await env.leftovers() == []
 
 
-async def test_accruals_racing_flushes_lose_nothing(env: Env) -> None:
+async def test_persists_racing_flushes_lose_nothing(env: Env) -> None:
     chain = await env.chain(8)
     bets = bets_of(chain.players, [150 + k * 13 for k in range(400)])
     done = asyncio.Event()
 
     async def feed() -> None:
         for i in range(0, len(bets), 10):
-            await env.accrue(bets[i:i + 10])
+            await env.persist(bets[i:i + 10])
             await asyncio.sleep(0)
         done.set()
 
@@ -374,12 +374,12 @@ async def test_flushes_are_counted_for_metrics(env: Env) -> None:
 
     chain = await env.chain()
     assert await env.flush() and await counters() == {}
-    await env.accrue(bets_of(chain.players, AMOUNTS))
+    await env.persist(bets_of(chain.players, AMOUNTS))
     first = await env.flush()
     assert first.statements == 1 and first.bets == len(AMOUNTS)
     assert await counters() == {FLUSH_STATEMENTS.encode(): b"1",
                                 UNITS_PAID.encode(): str(first.bets).encode()}
-    await env.accrue(bets_of(chain.players, AMOUNTS))
+    await env.persist(bets_of(chain.players, AMOUNTS))
     second = await env.flush()
     assert await counters() == {
         FLUSH_STATEMENTS.encode(): b"2",
@@ -389,10 +389,10 @@ async def test_flushes_are_counted_for_metrics(env: Env) -> None:
 
 async def test_one_flush_per_window(env: Env) -> None:
     chain = await env.chain()
-    await env.accrue(bets_of(chain.players, AMOUNTS))
+    await env.persist(bets_of(chain.players, AMOUNTS))
     first = await commissions.flush_window(env.redis, env.pool, env.keys, 0.5, "a")
     assert first is not None and first.statements == 1
-    await env.accrue(bets_of(chain.players, AMOUNTS))
+    await env.persist(bets_of(chain.players, AMOUNTS))
     assert await commissions.flush_window(env.redis, env.pool, env.keys, 0.5, "b") is None
     await asyncio.sleep(0.55)
     later = await commissions.flush_window(env.redis, env.pool, env.keys, 0.5, "b")
