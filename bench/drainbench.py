@@ -8,7 +8,7 @@ Fill the outbox once with real events while no worker runs (the game server alon
     python -m bench.drainbench run --runs 3    # per run: restore, reset, drain, measure
 
 A run restores the streams from the snapshot (consumer groups gone: a first drain), empties
-what the drain writes (``bets``, ``ledger``, ``commission_batches``, ``commission_totals``
+what the drain writes (``bets``, ``ledger``, ``commission_flushes``, ``commission_totals``
 and the commission keys in Redis; users and seed pairs stay, so the agent chains are real),
 then calls :func:`workers.actors.persist` (what the ``persist_outbox`` actor runs: lease,
 lease keeper, pending re-read, XAUTOCLAIM, batches) in this process until the streams are
@@ -98,13 +98,13 @@ async def restore(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys) -> int:
             await redis.copy(stream + SUFFIX, stream)
             await redis.xgroup_destroy(stream, outbox.GROUP)
             total += int(await redis.xlen(stream))
-    for what in ("cpend", "cbatch", "cbatches", "ccred", "plock"):
+    for what in ("ccred", "cconfirmed", "plock"):
         await _del_pattern(redis, keys.scan_match(what))
     await redis.delete(keys.commission_lease(), keys.outbox_dead())
-    await pool.execute("TRUNCATE bets, ledger, commission_batches, commission_totals")
+    await pool.execute("TRUNCATE bets, ledger, commission_flushes, commission_totals")
     await pool.execute("VACUUM ANALYZE bets")
     await pool.execute("VACUUM ANALYZE ledger")
-    commissions.CHAINS.clear()  # a cold cache, as a new worker
+    commissions.clear_chains()  # a cold cache, as a new worker
     return total
 
 
@@ -148,7 +148,7 @@ async def drain(settings: Settings, batch: int) -> dict[str, Any]:
             "cpu_ms_per_1000": round(cpu * 1e6 / max(1, entries), 1),
             "redis_cpu_ms_per_1000": round(redis_cpu * 1e6 / max(1, entries), 1),
             "entries_per_s": round(entries / wall) if wall > 0 else None,
-            "flush_cpu_ms": round(flush_cpu * 1000, 1), "flush_units": report.batches,
+            "flush_cpu_ms": round(flush_cpu * 1000, 1), "flush_bets": report.bets,
             "commissions_exact": wrong == 0,
         }
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BetCode", "DepositCode", "RotateCode", "TakeCode"]
+__all__ = ["BetCode", "DepositCode", "RotateCode"]
 
 
 class BetCode(enum.IntEnum):
@@ -41,10 +41,3 @@ class RotateCode(enum.IntEnum):
     ROTATED = 0
     STALE = 4
 
-
-class TakeCode(enum.IntEnum):
-    """First element of commission-take-3.lua's reply."""
-
-    EMPTY = 0
-    TAKEN = 1
-    BUSY = 2

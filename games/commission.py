@@ -6,16 +6,13 @@ share is floored on its own (not a share of a floored total), so the split is ex
 each ancestor would compute for itself, and the house keeps every remainder.
 """
 
-from collections.abc import Hashable, Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from games.types import Minor, UserId
 
-__all__ = ["MAX_BPS", "accrued", "check_bps", "commission", "split"]
+__all__ = ["MAX_BPS", "check_bps", "commission", "split"]
 
 MAX_BPS = 10000
-
-K = TypeVar("K", bound=Hashable)
 
 
 def check_bps(bps: int) -> int:
@@ -54,19 +51,3 @@ def split(amount: Minor, chain: Sequence[tuple[UserId, int]]) -> list[tuple[User
     """
     return [(user_id, commission(amount, bps)) for user_id, bps in chain]
 
-
-def accrued(bets: Iterable[tuple[int, Sequence[tuple[K, int]]]]) -> dict[K, int]:
-    """What a batch of bets accrues per recipient: for every ``(stake, shares)`` each share
-    ``(recipient, bps)`` earns :func:`commission` of the stake, floored per bet, and the
-    sums are kept per recipient, in minor units. Zero sums are left out.
-
-    The rates must have passed :func:`check_bps` (the workers check them once per chain,
-    not once per bet); this is the per-bet loop of the persister, so it inlines
-    :func:`commission`.
-    """
-    total: dict[K, int] = {}
-    for stake, shares in bets:
-        for recipient, bps in shares:
-            if amount := stake * bps // MAX_BPS:
-                total[recipient] = total.get(recipient, 0) + amount
-    return total

@@ -1,26 +1,29 @@
 --[[
-  commission-credit-n: credit one ancestor's commissions of some batches to its live
-  balance, exactly once per (batch, ancestor), and push the new balances.
+  commission-credit-n: credit one ancestor's commissions of some flushes to its live
+  balance, exactly once per (flush, ancestor), and push the new balances.
 
   Runs on the ANCESTOR's bucket: its balances, its push channel and its markers share the
-  ancestor's hash tag. Called only after PostgreSQL holds the ledger rows of these batches
+  ancestor's hash tag. Called only after PostgreSQL holds the ledger rows of these flushes
   (workers/commissions.py), so no outbox event is written: the ledger already has them.
-  The number of keys varies: one marker per batch this ancestor appears in.
+  The number of keys varies: one marker per flush this ancestor appears in. The marker and
+  the credit are one atomic call, so a Redis that rolls back loses both or neither: a
+  credit whose marker is missing is missing too, and may be made (again).
 
   KEYS[1]     balances hash of the ancestor
   KEYS[2]     push channel of the ancestor (a channel, not a key; listed for cluster routing)
-  KEYS[2+i]   for i = 1 ... m: the "credited" marker of batch i for this ancestor
+  KEYS[2+i]   for i = 1 ... m: the "credited" marker of flush i for this ancestor
+              (plumbing/keys.py: Keys.credit_marker)
 
   ARGV[1]     marker lifetime, seconds
   ARGV[2]     c: number of currencies in this call
   ARGV[2+j]   for j = 1 ... c: currency code j
-  ARGV[2+c+(i-1)*c+j]  amount of currency j in batch i, minor units ("0" = none)
+  ARGV[2+c+(i-1)*c+j]  amount of currency j in flush i, minor units ("0" = none)
 
   Money never becomes a Lua number: amounts go to HINCRBY as strings and the pushed balance
   is read back with HGET (a Lua number would print 1e14 and above in exponent form).
   Pushes "commission|-|<currency>|<balance>" once per currency credited.
 
-  Returns the number of batches credited by this call (0: all were credited before).
+  Returns the number of flushes credited by this call (0: all were credited before).
 ]]
 
 local c = tonumber(ARGV[2])

@@ -19,11 +19,17 @@ cursor ordered by ``(pair_id, nonce)``, so memory stays flat and duplicates are 
 (b) **Balances.** For every user, ``SUM(delta)`` of the ledger per currency plus the events
 still waiting in the outbox streams (``bet``: ``payout - amount``, ``deposit``: ``amount``;
 an entry already committed but not yet acknowledged counts once) must equal the Redis hash
-``keys.balances(user)``. Commissions accrued but not yet paid (the ``cpend`` hashes, taken
-batches PostgreSQL has not written) are in nobody's balance yet: reported, not added. A
-batch PostgreSQL paid whose credit to an ancestor is still to come puts the ledger ahead of
-that ancestor by its share: subtracted, and reported. ``commission_totals`` must equal the
-ledger's commission rows.
+``keys.balances(user)``. Commissions of stored bets no flush has paid yet are in nobody's
+balance: reported, not added. A flush PostgreSQL paid whose credit to an ancestor is still
+to come (no ``Keys.credit_marker``) puts the ledger ahead of that ancestor by its share:
+subtracted, and reported.
+
+(b') **Commissions**, recomputed from the stored bets, not from what the flushes say: for
+every flush, ancestor and currency, the sum over the bets that flush marked paid of
+``floor(amount * bps / 10000)`` at each bet's own recorded rates must equal that flush's
+ledger row ``com:<flush>:<ancestor>:<currency>``; every commission row of the ledger must
+be so explained; ``commission_totals`` must equal the ledger's commission rows; no flush
+may stay uncredited past the workers' horizon (its credit then needs the heal).
 
 (c) **Conservation**, per currency, to the minor unit::
 
@@ -130,7 +136,7 @@ class Pending:
     payouts: Money = field(default_factory=lambda: defaultdict(int))
     deposited: Money = field(default_factory=lambda: defaultdict(int))
     commissions: Money = field(default_factory=lambda: defaultdict(int))
-    commission_keys: int = 0
+    due_bets: int = 0  # stored bets whose commissions no flush has paid yet
     #: (ancestor, currency) -> paid in PostgreSQL, not yet credited in Redis
     uncredited: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     dead: int = 0
@@ -491,66 +497,102 @@ async def read_dead(redis: aioredis.Redis, keys: Keys, users: Sequence[int] | No
     return out
 
 
+_DUE_SQL = """
+SELECT b.currency, count(DISTINCT b.bet_id) AS bets,
+       coalesce(sum((b.amount / 10000) * s.bps + (b.amount % 10000) * s.bps / 10000), 0)
+           AS amount
+FROM bets b CROSS JOIN LATERAL unnest(b.commission_to, b.commission_bps) AS s(user_id, bps)
+WHERE b.commission_flush IS NULL AND b.commission_to IS NOT NULL {users}
+GROUP BY b.currency
+"""
+
+
 async def read_commissions(
     redis: aioredis.Redis, conn: Conn, keys: Keys, pending: Pending,
     users: Sequence[int] | None,
 ) -> None:
-    """The commission pipeline's work in hand (:mod:`workers.commissions`), per bucket.
+    """The commission flush's work in hand (:mod:`workers.commissions`).
 
-    - ``cpend`` hashes, and taken batches (``cbatch``) that PostgreSQL has not paid yet: in
-      nobody's balance and not in the ledger. Reported as pending only.
-    - taken batches PostgreSQL has paid (a ``commission_batches`` row) whose credit to an
-      ancestor has not happened yet (no ``ccred`` marker for that unit and ancestor): the
-      ledger is ahead of that ancestor's Redis balance by exactly that share, until the
-      flush finishes. Counted in ``pending.uncredited``.
+    - stored bets no flush has paid yet: in nobody's balance and not in the ledger.
+      Reported as pending only.
+    - flushes PostgreSQL paid whose credit to an ancestor has not happened yet (no marker
+      for that flush and ancestor): the ledger is ahead of that ancestor's Redis balance by
+      exactly that share, until the flush (or the next one) credits it. Counted in
+      ``pending.uncredited``.
     """
     wanted = None if users is None else set(users)
-
-    def parse(raw: Mapping[Any, Any]) -> dict[tuple[int, str], int]:
-        out: dict[tuple[int, str], int] = {}
-        for name, value in raw.items():
-            ancestor, _, currency = _text(name).partition("|")
-            if ancestor.isdigit() and (wanted is None or int(ancestor) in wanted):
-                out[(int(ancestor), currency)] = int(value)
-        return out
-
-    pipe = redis.pipeline(transaction=False)
-    for b in range(keys.buckets):
-        pipe.hgetall(keys.commission_pending(b))
-        pipe.smembers(keys.commission_batches(b))
-    replies = await pipe.execute()
-    units: list[commissions.Unit] = []
-    for b in range(keys.buckets):
-        accrued, batch_ids = replies[2 * b], replies[2 * b + 1]
-        if accrued:
-            pending.commission_keys += 1
-        for (_, currency), amount in parse(accrued).items():
-            pending.commissions[currency] += amount
-        units += [commissions.Unit(_text(i), b, {}) for i in batch_ids]
-    if not units:
+    for r in await conn.fetch(_DUE_SQL.format(
+            users="" if users is None else "AND s.user_id = ANY($1::bigint[])"),
+            *(() if users is None else (list(users),))):
+        pending.due_bets += int(r["bets"])
+        if int(r["amount"]):
+            pending.commissions[r["currency"]] += int(r["amount"])
+    shares: list[tuple[str, int, str, int]] = []
+    for r in await conn.fetch("SELECT flush_id, user_ids, currencies, amounts"
+                              " FROM commission_flushes WHERE credited_at IS NULL"):
+        for user, currency, amount in zip(r["user_ids"], r["currencies"], r["amounts"],
+                                          strict=True):
+            if wanted is None or user in wanted:
+                shares.append((r["flush_id"], int(user), currency, int(amount)))
+    if not shares:
         return
     pipe = redis.pipeline(transaction=False)
-    for unit in units:
-        pipe.hgetall(keys.commission_batch(unit.bucket, unit.batch_id))
-    units = [commissions.Unit(u.batch_id, u.bucket, parse(raw))
-             for u, raw in zip(units, await pipe.execute(), strict=True)]
-    paid = {(r["batch_id"], r["bucket"]) for r in await conn.fetch(
-        "SELECT batch_id, bucket FROM commission_batches"
-        " WHERE (batch_id, bucket) IN (SELECT * FROM unnest($1::text[], $2::integer[]))",
-        [u.batch_id for u in units], [u.bucket for u in units])}
-    pending.commission_keys += len(units)
-    shares = [(u, key) for u in units if (u.batch_id, u.bucket) in paid for key in u.amounts]
-    pipe = redis.pipeline(transaction=False)
-    for unit, (ancestor, _) in shares:
-        pipe.exists(keys.commission_credited(ancestor, unit.name))
-    credited = await pipe.execute() if shares else []
-    for unit in units:
-        if (unit.batch_id, unit.bucket) not in paid:
-            for (_, currency), amount in unit.amounts.items():
-                pending.commissions[currency] += amount
-    for (unit, key), done in zip(shares, credited, strict=True):
+    for flush_id, user, _, _ in shares:
+        pipe.exists(keys.credit_marker(flush_id, user))
+    for (_, user, currency, amount), done in zip(shares, await pipe.execute(), strict=True):
         if not done:
-            pending.uncredited[key] += unit.amounts[key]
+            pending.uncredited[(user, currency)] += amount
+
+
+_PAYMENTS_SQL = """
+WITH flushes AS (SELECT flush_id FROM commission_flushes),
+expected AS (
+    SELECT b.commission_flush AS flush_id, s.user_id, b.currency,
+           sum((b.amount / 10000) * s.bps + (b.amount % 10000) * s.bps / 10000)::bigint
+               AS amount
+    FROM bets b CROSS JOIN LATERAL unnest(b.commission_to, b.commission_bps)
+         AS s(user_id, bps)
+    WHERE b.commission_flush IS NOT NULL {users_s}
+    GROUP BY 1, 2, 3
+    HAVING sum((b.amount / 10000) * s.bps + (b.amount % 10000) * s.bps / 10000) > 0
+), booked AS (
+    -- A row of a flush this table does not know was paid before bets recorded their rates
+    -- (migration 004 marked those bets 'legacy'): compared in sum.
+    SELECT CASE WHEN f.flush_id IS NULL THEN 'legacy' ELSE f.flush_id END AS flush_id,
+           l.user_id, l.currency, sum(l.delta)::bigint AS amount
+    FROM ledger l LEFT JOIN flushes f ON f.flush_id = split_part(l.entry_id, ':', 2)
+    WHERE l.kind = 'commission' {users_l}
+    GROUP BY 1, 2, 3
+)
+SELECT flush_id, user_id, currency, e.amount AS expected, k.amount AS booked
+FROM expected e FULL JOIN booked k USING (flush_id, user_id, currency)
+WHERE e.amount IS DISTINCT FROM k.amount
+ORDER BY flush_id, user_id, currency
+LIMIT 100
+"""
+
+
+async def check_commission_payments(conn: Conn, users: Sequence[int] | None,
+                                    horizon_s: float = commissions.CREDIT_HORIZON_S,
+                                    ) -> list[Failure]:
+    """(b'): every commission the ledger holds, recomputed from the stored bets and the
+    rates each recorded; and no flush left uncredited past the workers' horizon."""
+    sql = _PAYMENTS_SQL.format(
+        users_s="" if users is None else "AND s.user_id = ANY($1::bigint[])",
+        users_l="" if users is None else "AND l.user_id = ANY($1::bigint[])")
+    args = () if users is None else (list(users),)
+    out = [Failure("commissions", f"flush {r['flush_id']} user {r['user_id']} {r['currency']}",
+                   f"the bets it paid owe {r['expected'] or 0}, the ledger holds "
+                   f"{r['booked'] or 0}")
+           for r in await conn.fetch(sql, *args)]
+    for r in await conn.fetch(
+            "SELECT flush_id, created_at FROM commission_flushes WHERE credited_at IS NULL"
+            " AND created_at <= now() - make_interval(secs => $1)", float(horizon_s)):
+        out.append(Failure("commissions", f"flush {r['flush_id']}",
+                           f"paid {r['created_at']:%Y-%m-%d %H:%M} and never credited in "
+                           "Redis: the workers no longer retry it; heal the ancestors' "
+                           "balances from the ledger"))
+    return out
 
 
 async def check_commission_totals(conn: Conn, users: Sequence[int] | None) -> list[Failure]:
@@ -614,6 +656,7 @@ async def audit_money(
     ):
         await read_commissions(redis, conn, keys, pending, users)
         report.failures += await check_commission_totals(conn, users)
+        report.failures += await check_commission_payments(conn, users)
         # Which of the events in the streams are committed already (not yet XDEL'd)?
         ids = [i for i in (ledger_id(e) for e in waiting) if i is not None]
         done = {r["entry_id"] for r in await conn.fetch(
@@ -742,7 +785,7 @@ def summary(audit: Audit, currencies: Iterable[str] | None = None) -> str:
         f"users {m.users}   ({audit.elapsed_s:.1f} s)",
         f"outbox pending    {p.events} events ({p.bets} bets, {p.deposits} deposits, "
         f"{p.reveals} reveals; {p.persisted} committed awaiting ack)   dead letters {p.dead}",
-        f"commissions       {p.commission_keys} unflushed hashes; not yet paid: "
+        f"commissions       {p.due_bets} bets not yet paid by a flush: "
         + (", ".join(f"{c} {v}" for c, v in sorted(p.commissions.items())) or "none")
         + "; paid, not yet credited: " + (", ".join(
             f"user {u} {c} {v}" for (u, c), v in sorted(p.uncredited.items())) or "none"),

@@ -10,10 +10,11 @@ overwritten by a ledger sum that does not contain it yet, and that money would b
 It refuses (exit 1) while the outbox streams hold events: those moved money in Redis that
 the ledger does not have yet, and a rebuild would erase them. Let the persister drain them
 first (start the workers alone, or run the server without players), or pass ``--force`` when
-the events are known to be lost anyway. It refuses too while a commission batch is taken but
-not finished (``keys.commission_batches``): finishing it after the rebuild could credit its
-commissions a second time. Pending commission aggregates (``cpend``) are fine: they are in
-neither the ledger nor any balance, and are flushed later as usual.
+the events are known to be lost anyway. A commission flush PostgreSQL paid and Redis has not
+credited yet is in the rebuilt balances already (they come from the ledger): the rebuild
+sets its credit markers (``Keys.credit_marker``), so the flush does not add it again.
+Commissions of bets no flush has paid yet are in neither the ledger nor any balance, and
+are paid later as usual.
 
 It also puts back the deposit idempotency records (``keys.deposit_idem``) of every deposit
 the ledger holds, where Redis lost them: otherwise an admin retrying an old idempotency key
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as aioredis
 
-from plumbing.keys import Keys
+from plumbing.keys import CREDIT_MARKER_TTL_S, Keys
 from plumbing.settings import Settings
 from workers import outbox
 
@@ -61,12 +62,6 @@ async def unfinished_work(redis: aioredis.Redis, keys: Keys) -> list[str]:
     pending = await outbox.pending_count(redis, keys)
     if pending:
         reasons.append(f"{pending} outbox event(s) are not persisted yet")
-    pipe = redis.pipeline(transaction=False)
-    for b in range(keys.buckets):
-        pipe.scard(keys.commission_batches(b))
-    batches = sum(await pipe.execute())
-    if batches:
-        reasons.append(f"{batches} commission batch(es) are taken but not finished")
     return reasons
 
 
@@ -87,8 +82,7 @@ async def rebuild(
     """Overwrite the balances of every user in the ledger (or of ``users``).
 
     Raises:
-        Refused: unpersisted outbox events or an unfinished commission batch, without
-            ``force``.
+        Refused: unpersisted outbox events, without ``force``.
     """
     if not force:
         reasons = await unfinished_work(redis, keys)
@@ -116,6 +110,16 @@ async def rebuild(
         if batch:
             await _apply(redis, keys, batch)
             out.balances.update(batch)
+
+        # Credits the ledger holds and Redis has not taken yet: now in the balances.
+        pipe = redis.pipeline(transaction=False)
+        for r in await conn.fetch("SELECT flush_id, user_ids FROM commission_flushes"
+                                  " WHERE credited_at IS NULL"):
+            for user in set(r["user_ids"]):
+                if users is None or user in users:
+                    pipe.set(keys.credit_marker(r["flush_id"], user), "1",
+                             ex=CREDIT_MARKER_TTL_S)
+        await pipe.execute()
 
         # Deposit idempotency records that Redis lost (HSETNX: never overwrite a live one).
         pipe = redis.pipeline(transaction=False)

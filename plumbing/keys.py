@@ -75,21 +75,20 @@ class Keys:
 
     # -- commissions (workers/commissions.py) ----------------------------------------------
 
-    def commission_pending(self, bucket: int) -> str:
-        """Hash of a bucket's accrued, not yet taken commissions: "<ancestor>|<cur>" -> minor."""
-        return f"{self.prefix}:cpend:{{b{bucket}}}"
+    def credit_marker(self, flush_id: str, user_id: int) -> str:
+        """Marker: the commission flush ``flush_id`` was credited to ``user_id``'s balance.
 
-    def commission_batch(self, bucket: int, batch_id: str) -> str:
-        """A bucket's pending hash once taken by the flush ``batch_id``."""
-        return f"{self.prefix}:cbatch:{{b{bucket}}}:{batch_id}"
+        Set by lua/commission-credit-n.lua in the same call that credits, on the user's
+        bucket, and lives :data:`CREDIT_MARKER_TTL_S`. The ledger rows of that credit are
+        :func:`commission_entry_id` ``(flush_id, user_id, currency)``: whoever sets a
+        balance from the ledger sets these markers too, so the credit is not added again.
+        """
+        return f"{self.prefix}:ccred:{self.tag(user_id)}:{flush_id}:{user_id}"
 
-    def commission_batches(self, bucket: int) -> str:
-        """Set of a bucket's batch ids taken but not yet finished."""
-        return f"{self.prefix}:cbatches:{{b{bucket}}}"
-
-    def commission_credited(self, ancestor_id: int, unit: str) -> str:
-        """Marker: batch ``unit`` was credited to this ancestor (ancestor's bucket, expires)."""
-        return f"{self.prefix}:ccred:{self.tag(ancestor_id)}:{unit}:{ancestor_id}"
+    def commission_confirmed(self) -> str:
+        """Set of flush ids whose credits Redis took, not yet recorded in PostgreSQL
+        (``commission_flushes.credited_at``); the next flush statement records them."""
+        return f"{self.prefix}:cconfirmed"
 
     def worker_stats(self) -> str:
         """Hash of counters the workers add to and the server's /metrics exports (one key:
@@ -102,7 +101,7 @@ class Keys:
 
     def scan_match(self, kind: str) -> str:
         """SCAN pattern of every key of one ``kind`` (the name part after the prefix:
-        ``bal``, ``cpend``, ...), for the operator commands that walk them."""
+        ``bal``, ``ccred``, ...), for the operator commands that walk them."""
         return f"{self.prefix}:{kind}:*"
 
     # -- limits and tokens (server/limits.py, server/tokens.py) -----------------------------
@@ -122,6 +121,28 @@ class Keys:
     def epoch(self) -> str:
         """Redis incarnation marker: set once; if missing, Redis lost data (see docs)."""
         return f"{self.prefix}:epoch"
+
+
+#: Lifetime of a :meth:`Keys.credit_marker`, seconds. A flush whose credit is still not
+#: recorded as done this close to it is no longer credited by the workers (the marker may be
+#: gone): it needs the heal or a person (workers/commissions.py).
+CREDIT_MARKER_TTL_S = 7 * 24 * 3600
+
+
+def commission_entry_id(flush_id: str, user_id: int, currency: str) -> str:
+    """The ledger entry (PostgreSQL) of what flush ``flush_id`` paid ``user_id`` in
+    ``currency``; its Redis credit is marked by :meth:`Keys.credit_marker`."""
+    return f"com:{flush_id}:{user_id}:{currency}"
+
+
+def parse_commission_entry(entry_id: str) -> tuple[str, int, str] | None:
+    """``(flush_id, user_id, currency)`` of a :func:`commission_entry_id`, else None."""
+    kind, _, rest = entry_id.partition(":")
+    flush_id, _, rest = rest.partition(":")
+    user, _, currency = rest.partition(":")
+    if kind != "com" or not flush_id or not user.isdigit() or not currency:
+        return None
+    return flush_id, int(user), currency
 
 
 def bet_idem_key(prefix: str, client_id: int | str) -> str:

@@ -6,10 +6,10 @@ The workers serve no /metrics of their own: they HINCRBY these fields, and the s
 
 from __future__ import annotations
 
-#: Statements and paid units of the commission flush.
+#: Statements of the commission flush, and the bets whose commissions they paid.
 FLUSH_STATEMENTS, UNITS_PAID = "commission_flush_statements", "commission_units_paid"
 WORKER_COUNTERS = (
     (FLUSH_STATEMENTS, "Commission flush statements written to PostgreSQL (one per flush "
                        "window with something to pay)"),
-    (UNITS_PAID, "Commission units (one bucket's accruals of one window) paid in PostgreSQL"),
+    (UNITS_PAID, "Bets whose commissions a flush statement paid in PostgreSQL"),
 )

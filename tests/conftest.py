@@ -12,6 +12,7 @@ Chromium for the page tests (``chromium_path``) and the seed of a test's random 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -285,3 +286,16 @@ def seeded() -> Iterator[random.Random]:
     seed = int(os.environ.get("STAKEPRO_TEST_SEED") or random.SystemRandom().randrange(2**32))
     print(f"\nrandom seed: STAKEPRO_TEST_SEED={seed}")
     yield random.Random(seed)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(like: str) -> AsyncIterator[str]:
+    """A migrated database of its own on the server of ``like``, dropped at the end: for
+    tests whose commission flushes must not pay (or be paid by) anyone else's bets, since a
+    flush pays every due bet of its database."""
+    dsn = like.rsplit("/", 1)[0] + f"/stakepro_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    await migrate(dsn)
+    try:
+        yield dsn
+    finally:
+        await drop_database(dsn)

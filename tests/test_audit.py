@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from ops import audit, rebuild
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from tests.conftest import ADMIN_TOKEN, TEST_SETTINGS, RedisServer, serve
+from tests.conftest import ADMIN_TOKEN, TEST_SETTINGS, RedisServer, fresh_database, serve
 from tests.helpers import Api, Player, outbox_drained, tool
 
 T = TypeVar("T")
@@ -281,55 +281,90 @@ async def test_rebuild_refuses_while_events_are_unpersisted(
     await redis.xadd(keys.outbox(0), {"k": "deposit", "e": b"x"})
     with pytest.raises(rebuild.Refused, match="1 outbox event"):
         await rebuild.run(own, [])
-    await redis.delete(keys.outbox(0))
-    await redis.sadd(keys.commission_batches(3), "batch-1")
-    with pytest.raises(rebuild.Refused, match="commission batch"):
-        await rebuild.run(own, [])
-    assert (await rebuild.run(own, [], force=True)).balances == {}
     proc = await asyncio.to_thread(tool, own, "ops.rebuild")
     assert proc.returncode == 1 and "refused" in proc.stderr
+    assert (await rebuild.run(own, [], force=True)).balances == {}
+    await redis.delete(keys.outbox(0))
 
 
 async def test_commissions_in_flight_are_pending_not_missing(
-    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+    settings: Settings, redis: aioredis.Redis
 ) -> None:
-    """A commission batch taken, then paid in PostgreSQL, then credited in Redis: the audit
-    holds at every step (driven by workers.commissions on a key prefix of our own)."""
+    """A stored bet not yet paid, then paid in PostgreSQL, then credited in Redis: the audit
+    holds at every step; then every commission is recomputed from the bets, so a ledger row,
+    a total or a recorded rate that disagrees is named (on a database of its own: a flush
+    pays every due bet of its database)."""
     from workers import commissions
 
-    agent, _ = await api.create_user("agent", commission_bps=100)
-    own = settings.model_copy(update={"key_prefix": f"c{uuid.uuid4().hex[:6]}"})
-    keys = keys_of(own)
-    await redis.hset(keys.commission_pending(5), f"{agent}|USDT", 7)
-    accrued = await audit.run(own, [agent], retries=0)
-    assert accrued.ok and accrued.money.pending.commissions == {"USDT": 7}
+    async with fresh_database(settings.database_url) as dsn:
+        own = settings.model_copy(update={"key_prefix": f"c{uuid.uuid4().hex[:6]}",
+                                          "database_url": dsn})
+        keys = keys_of(own)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            agent = await pool.fetchval(
+                "INSERT INTO users (role, commission_bps, name, token_hash)"
+                " VALUES ('agent', 100, 'a', 'x') RETURNING user_id")
+            player = await pool.fetchval(
+                "INSERT INTO users (role, parent_id, name, token_hash)"
+                " VALUES ('player', $1, 'p', 'y') RETURNING user_id", agent)
+            await pool.execute(
+                "INSERT INTO bets (bet_id, user_id, pair_id, currency, amount, payout, roll,"
+                " target, direction, nonce, multiplier, server_seed_hash, client_seed,"
+                " balance_after, created_at, commission_to, commission_bps)"
+                " VALUES ('1-1', $1, 1, 'USDT', 799, 0, 9000, 5000, 'under', 1, 19800, 'h',"
+                " 'c', 0, now(), $2, '{100}')", player, [agent])
+            due = await audit.run(own, [agent], retries=0)
+            assert due.ok, audit.summary(due)
+            assert due.money.pending.commissions == {"USDT": 7}  # floor(799 x 100 / 10000)
+            assert due.money.pending.due_bets == 1
 
-    units = await commissions.take(redis, keys, "audit-test")
-    assert [u.amounts for u in units] == [{(agent, "USDT"): 7}]
-    taken = await audit.run(own, [agent], retries=0)
-    assert taken.ok and taken.money.pending.commissions == {"USDT": 7}
+            paid = await commissions.pay(pool, "audit-test")
+            assert paid.plan == commissions.Plan("audit-test", {(agent, "USDT"): 7})
+            held = await audit.run(own, [agent], retries=0)  # the ledger has it, Redis not yet
+            assert held.ok, audit.summary(held)
+            assert held.money.pending.uncredited == {(agent, "USDT"): 7}
+            assert held.money.pg["USDT"].commissions == 7
 
-    await commissions.write(pool, units)  # the ledger has it, the balance not yet
-    paid = await audit.run(own, [agent], retries=0)
-    assert paid.ok, audit.summary(paid)
-    assert paid.money.pending.uncredited == {(agent, "USDT"): 7}
-    assert paid.money.pg["USDT"].commissions == 7
+            # The ledger already holds this credit: a rebuild from it marks it as made, so
+            # the flush does not add it a second time.
+            rebuilt = await rebuild.run(own, [agent])
+            assert rebuilt.balances[agent] == {"USDT": 7}
+            assert await redis.exists(keys.credit_marker("audit-test", agent))
+            assert await commissions.credit(redis, keys, [paid.plan]) == 0
+            done = await audit.run(own, [agent], retries=0)
+            assert done.ok and not done.money.pending.uncredited
+            assert done.money.redis["USDT"].balances == 7
 
-    await commissions.credit(redis, keys, units)
-    credited = await audit.run(own, [agent], retries=0)
-    assert credited.ok and not credited.money.pending.uncredited
-    await commissions.drop(redis, keys, units)
-    done = await audit.run(own, [agent], retries=0)
-    assert done.ok and done.money.redis["USDT"].balances == 7
-
-    # A credit that never reached the balance (marker set, money missing) is named.
-    await redis.hincrby(keys.balances(agent), "USDT", -7)
-    bad = await audit.run(own, [agent], retries=0)
-    assert any(f"user {agent} USDT" in f for f in failures_of(bad, "balances"))
-    await pool.execute("UPDATE commission_totals SET earned = earned + 1 WHERE user_id = $1",
-                       agent)
-    bad = await audit.run(own, [agent], retries=0)
-    assert any("commission_totals 8, ledger 7" in f for f in failures_of(bad, "commissions"))
+            # A credit that never reached the balance (marker set, money missing) is named.
+            await redis.hincrby(keys.balances(agent), "USDT", -7)
+            bad = await audit.run(own, [agent], retries=0)
+            assert any(f"user {agent} USDT" in f for f in failures_of(bad, "balances"))
+            await redis.hincrby(keys.balances(agent), "USDT", 7)
+            await pool.execute("UPDATE commission_totals SET earned = earned + 1"
+                               " WHERE user_id = $1", agent)
+            bad = await audit.run(own, [agent], retries=0)
+            assert any("commission_totals 8, ledger 7" in f
+                       for f in failures_of(bad, "commissions"))
+            await pool.execute("UPDATE commission_totals SET earned = earned - 1"
+                               " WHERE user_id = $1", agent)
+            # The flush's own figures are not trusted: the bets say what is owed.
+            await pool.execute("UPDATE bets SET commission_bps = '{200}' WHERE bet_id = '1-1'")
+            bad = await audit.run(own, [agent], retries=0)
+            assert [f for f in failures_of(bad, "commissions")] == [
+                f"[commissions] flush audit-test user {agent} USDT: the bets it paid owe 15,"
+                " the ledger holds 7"], audit.summary(bad)
+            await pool.execute("UPDATE bets SET commission_bps = '{100}' WHERE bet_id = '1-1'")
+            assert (await audit.run(own, [agent], retries=0)).ok
+            # A flush PostgreSQL paid long ago and Redis never took: named, not retried.
+            await pool.execute("UPDATE commission_flushes SET credited_at = NULL,"
+                               " created_at = now() - interval '30 days'")
+            await redis.delete(keys.credit_marker("audit-test", agent))
+            bad = await audit.run(own, [agent], retries=0)
+            assert any("never credited" in f for f in failures_of(bad, "commissions"))
+            assert (await commissions.flush(redis, pool, keys)).plans == 0
+        finally:
+            await pool.close()
 
 
 # -- a system of its own: the global run and Redis losing writes -----------------------------

@@ -100,6 +100,8 @@ async def test_drain_writes_bets_ledger_and_reveals(env: Env) -> None:
         "amount": 100, "payout": 198, "roll": 1234, "target": 5000, "direction": "under",
         "nonce": 1, "multiplier": 19800, "server_seed_hash": "ab" * 32,
         "client_seed": "seed-1", "balance_after": 1098, "created_at": None,
+        # A player without ancestors owes no commission (workers/commissions.py).
+        "commission_to": None, "commission_bps": None, "commission_flush": None,
     }
     assert row["created_at"].timestamp() == pytest.approx(1_700_000_000.123, abs=1e-6)
     ledger = {r["entry_id"]: (r["delta"], r["kind"]) for r in await env.pool.fetch(

@@ -15,8 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError, ResponseError
 
-from games.commission import accrued, commission
-from games.types import Minor
 from plumbing import events, scripts
 from plumbing.lease import Lease
 from plumbing.settings import Settings
@@ -61,21 +59,6 @@ def test_a_deposit_the_wallet_encodes_is_the_event_the_persister_decodes() -> No
 def test_unpack_bet_refuses_what_is_not_a_bet_blob(blob: bytes) -> None:
     with pytest.raises(events.Malformed):
         events.unpack_bet(blob)
-
-
-@given(st.lists(st.tuples(
-    st.integers(min_value=0, max_value=10**15),
-    st.lists(st.tuples(st.sampled_from("abcd"), st.integers(min_value=0, max_value=10000)),
-             max_size=4),
-), max_size=30))
-def test_a_batch_accrues_the_sum_of_each_bets_floored_commission(
-    bets: list[tuple[int, list[tuple[str, int]]]],
-) -> None:
-    expected: dict[str, int] = {}
-    for stake, shares in bets:
-        for name, bps in shares:
-            expected[name] = expected.get(name, 0) + commission(Minor(stake), bps)
-    assert accrued(bets) == {k: v for k, v in expected.items() if v}
 
 
 @pytest_asyncio.fixture

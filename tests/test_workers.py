@@ -6,24 +6,87 @@ own retry without a duplicate row or a second payment."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
 import asyncpg
 import pytest
+import pytest_asyncio
 
+from tests.conftest import ADMIN_TOKEN, serve
 from tests.helpers import Api
 from tests.workerprocs import (
     Stack,
     Tree,
     bet_counts,
-    betting_tree,
-    paid_exactly,
-    persisted_once,
+    earned,
+    eventually,
     persisted_stakes,
-    play,
+    redis_balances,
 )
 from workers.actors import ShardKeys
 from workers.broker import broker_url
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    s = await Stack.create(tmp_path_factory.mktemp("workers"))
+    yield s
+    await s.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def api(stack: Stack) -> AsyncIterator[Api]:
+    """A game server in this process with the in-process persister off: only workers persist."""
+    server, task, address = await serve(stack.settings)
+    async with Api(address, ADMIN_TOKEN) as client:
+        yield client
+    server.should_exit = True
+    await task
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
+    yield p
+    await p.close()
+
+
+async def play(api: Api, tree: Tree, bets: int) -> tuple[list[str], list[int]]:
+    """``bets`` bets for each player; returns the acknowledged bet ids and stakes."""
+    ids: list[str] = []
+    stakes: list[int] = []
+
+    async def one(token: str) -> None:
+        async with api.play(token) as p:
+            for i in range(bets):
+                amount = 100 + 37 * i  # 1.00, 1.37, ... (minor units below)
+                reply = await p.bet(amount=f"{amount // 100}.{amount % 100:02d}",
+                                    target="49.50", direction="under" if i % 2 else "over")
+                assert reply["type"] == "bet_result", reply
+                ids.append(reply["bet_id"])
+                stakes.append(amount)
+
+    await asyncio.gather(*(one(token) for _, token in tree.players))
+    return ids, stakes
+
+
+async def paid_exactly(pool: asyncpg.Pool, stack: Stack, tree: Tree,
+                       stakes: list[int]) -> None:
+    owed = tree.expected(stakes)
+    ancestors = list(owed)
+
+    async def settled() -> bool:
+        return (await earned(pool, ancestors) == owed
+                and await redis_balances(stack, ancestors) == owed)
+
+    await eventually(settled)
+    await asyncio.sleep(2 * stack.settings.commission_flush_s)  # and stays so (no double)
+    assert await earned(pool, ancestors) == owed
+    assert await redis_balances(stack, ancestors) == owed
 
 
 def test_broker_lives_beside_the_balances() -> None:
@@ -42,69 +105,81 @@ def test_shards_split_the_buckets() -> None:
     assert owned[1] == ["p:outbox:{b1}", "p:outbox:{b4}", "p:outbox:{b7}"]
 
 
-async def test_workers_persist_and_pay(
-    stack_api: Api, stack: Stack, stack_pool: asyncpg.Pool
-) -> None:
-    pool = stack_pool
-    tree, ids, stakes = await betting_tree(stack_api, players=3, bets=15)
-    # Nobody persists without workers: every acknowledged bet is still in the outbox.
-    assert await stack.pending() == len(ids) + len(tree.players)  # and each deposit
-    assert await bet_counts(pool, ids) == {}
+async def test_workers_persist_and_pay(api: Api, stack: Stack, pool: asyncpg.Pool) -> None:
+    tree = await Tree.create(api, players=3)
+    ids, stakes = await play(api, tree, bets=15)
+    await asyncio.sleep(0.3)
+    assert await bet_counts(pool, ids) == {}  # nobody persists without workers
+    assert await stack.pending() > 0
 
     worker, scheduler = stack.worker(), stack.scheduler()
     try:
-        await persisted_once(stack, pool, ids)
+        async def all_in() -> bool:
+            return await bet_counts(pool, ids) == dict.fromkeys(ids, 1)
+
+        await eventually(all_in)
         # More bets while they run: persisted within a few seconds as well.
-        more, more_stakes = await play(stack_api, tree, bets=5)
+        more, more_stakes = await play(api, tree, bets=5)
         ids += more
         stakes += more_stakes
-        await persisted_once(stack, pool, ids)
+        await eventually(all_in)
         await paid_exactly(pool, stack, tree, stakes)
         assert await stack.pending() == 0
         assert worker.alive() and scheduler.alive(), stack.logs()
     finally:
         assert scheduler.stop() == 0, stack.logs()
         assert worker.stop() == 0, stack.logs()
-    stack.assert_audit_passes()
+    audit = stack.audit()
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 async def test_raise_after_commit_is_retried_by_dramatiq(
-    stack_api: Api, stack: Stack, stack_pool: asyncpg.Pool
+    api: Api, stack: Stack, pool: asyncpg.Pool
 ) -> None:
-    """No scheduler: one message, its first run fails after COMMIT and before XACK (and so
-    before the accrual, which is part of the ack); Dramatiq's Retries middleware runs it
-    again, which completes the batch."""
-    pool = stack_pool
-    tree, ids, stakes = await betting_tree(stack_api, players=2, bets=10)
+    """No scheduler: one message, its first run fails after COMMIT and before XACK;
+    Dramatiq's Retries middleware runs it again, which completes the batch."""
+    tree = await Tree.create(api, players=2)
+    ids, stakes = await play(api, tree, bets=10)
     worker = stack.worker(fault="persist_after_commit:raise")
     try:
         stack.send("persist_outbox", 0)
-        await persisted_once(stack, pool, ids, drained=True)
+
+        async def all_in() -> Any:
+            return await bet_counts(pool, ids) == dict.fromkeys(ids, 1) and (
+                await stack.pending() == 0)
+
+        await eventually(all_in)
         log = worker.log.read_text()
         assert "fault injected at persist_after_commit" in log, stack.logs()
         assert "Retrying message" in log, stack.logs()
-        # Written twice (first run and retry), stored once, paid once: flushes are enqueued
-        # by hand (no scheduler) until nothing is left to pay.
-        await paid_exactly(pool, stack, tree, stakes,
-                           nudge=lambda: stack.send("flush_commissions"))
+        # Written twice (first run and retry), stored once, paid once.
+        for _ in range(3):
+            stack.send("flush_commissions")
+            await asyncio.sleep(stack.settings.commission_flush_s)
+        await paid_exactly(pool, stack, tree, stakes)
         assert sorted(await persisted_stakes(pool, [u for u, _ in tree.players])) == sorted(
             stakes)
     finally:
         assert worker.stop() == 0, stack.logs()
-    stack.assert_audit_passes()
+    audit = stack.audit()
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 async def test_two_schedulers_and_two_workers_change_nothing(
-    stack_api: Api, stack: Stack, stack_pool: asyncpg.Pool
+    api: Api, stack: Stack, pool: asyncpg.Pool
 ) -> None:
-    pool = stack_pool
-    tree = await Tree.create(stack_api, players=2)
+    tree = await Tree.create(api, players=2)
     procs = [stack.worker(), stack.worker(), stack.scheduler(), stack.scheduler()]
     try:
-        ids, stakes = await play(stack_api, tree, bets=12)
-        await persisted_once(stack, pool, ids)
+        ids, stakes = await play(api, tree, bets=12)
+
+        async def all_in() -> bool:
+            return await bet_counts(pool, ids) == dict.fromkeys(ids, 1)
+
+        await eventually(all_in)
         await paid_exactly(pool, stack, tree, stakes)
     finally:
         for proc in reversed(procs):
             assert proc.stop() == 0, stack.logs()
-    stack.assert_audit_passes()
+    audit = stack.audit()
+    assert audit.returncode == 0, audit.stdout + audit.stderr

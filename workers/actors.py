@@ -24,13 +24,14 @@ workers/commissions.py); the leases only keep the work from being done twice for
     entries in its own pending list at once instead of waiting for them to go idle.
 
 ``flush_commissions()``
-    :func:`workers.commissions.flush_window`: pays what was accrued, at most one PostgreSQL
+    :func:`workers.commissions.flush_window`: pays what is due, at most one PostgreSQL
     statement per ``settings.commission_flush_s`` window across every process (that module's
-    lease), exactly once whatever crashes (its unit bookkeeping, not the lease).
+    lease), exactly once whatever crashes (each bet records the flush that paid it in
+    PostgreSQL; the lease only saves work).
 
 Each worker process keeps one redis.asyncio client and one asyncpg pool, created on first
 use in the event loop of Dramatiq's AsyncIO middleware. When the worker shuts down the jobs
-in hand stop after their batch, the commissions accrued so far are flushed once more, and
+in hand stop after their batch, the commissions due so far are flushed once more, and
 the clients are closed (workers.broker.Lifecycle hooks).
 """
 
@@ -144,7 +145,7 @@ async def resources(settings: Settings = SETTINGS) -> Resources:
 
 
 async def close_resources(final_flush: bool = True) -> None:
-    """Flush the commissions accrued by this process's last batches once more, then close."""
+    """Flush the commissions of this process's last batches once more, then close."""
     global _resources
     res, _resources = _resources, None
     if res is None:
@@ -305,5 +306,5 @@ async def _report_overrun(job: asyncio.Task[Any] | None, after_s: float) -> None
 @dramatiq.actor(**_OPTIONS, time_limit=60_000)
 async def flush_commissions() -> None:
     report = await flush(await resources())
-    if report is not None and report.batches:
-        log.info("flushed", batches=report.batches, paid=report.paid)
+    if report is not None and (report.bets or report.plans):
+        log.info("flushed", bets=report.bets, plans=report.plans, paid=report.paid)

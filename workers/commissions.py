@@ -1,44 +1,52 @@
-"""Commissions up the agent chain: accrue per bet in Redis, flush per window to PostgreSQL.
+"""Commissions up the agent chain: recorded with each bet, paid by PostgreSQL per window.
 
 PROTOCOL.md, "Commissions": every settled bet pays each ancestor of the player
-``floor(amount * bps / 10000)`` (:mod:`games.commission` computes it), exactly once,
-whatever crashes or retries happen. This module applies it, and is the only one that does:
-the shares of each player (:func:`shares_of`), the increments an outbox ack adds
-(:func:`increments`), and the flush. The path of one bet's commissions::
+``floor(amount * bps / 10000)`` (:mod:`games.commission` states the rule), exactly once,
+whatever crashes, retries or Redis rollbacks happen. PostgreSQL is the record of what is
+paid; Redis only mirrors it in the ancestors' live balances. The path of one bet's
+commissions::
 
-    outbox batch COMMITted (workers/outbox.py)
-      -> the batch's ack: lua/outbox-ack-accrue-n.lua, one call for the batch: if every
-         entry is still pending, XACK + XDEL them and HINCRBY cpend:{bN} "<ancestor>|<currency>"
-         by the sum of their bets' shares (per bet floored, summed per bucket in Python)
-      -> flush() every window (one flusher holds the window's lease):
-         take   commission-take-3.lua per bucket: RENAME cpend:{bN} -> cbatch:{bN}:<batch>,
-                SADD cbatches:{bN} <batch>; returns every unfinished batch of the bucket
-         write  ONE PostgreSQL statement for every batch: commission_batches ON CONFLICT DO
-                NOTHING, ledger rows and commission_totals only for the newly inserted ones
-         credit commission-credit-n.lua per ancestor on its bucket: marker per
-                (batch, ancestor) SET NX + HINCRBY balance + PUBLISH the push
-         drop   DEL cbatch, SREM cbatches
+    outbox batch (workers/outbox.py): the bet row is inserted with the chain that applies
+      to its player now, commission_to = ancestors (nearest first), commission_bps = their
+      rates (bps > 0 only; none: NULL, the bet owes nothing); only the insert that creates
+      the row writes them (ON CONFLICT DO NOTHING), so a replay changes nothing
+    -> flush() every window (one flusher holds the window's lease):
+       pay     ONE PostgreSQL statement (its own transaction): every bet with a chain and no
+               commission_flush gets commission_flush = <flush_id> (partial index
+               bets_commission_due; FOR UPDATE SKIP LOCKED); their shares, floored per bet
+               and ancestor and summed per (ancestor, currency), become the ledger rows
+               com:<flush_id>:<ancestor>:<currency>, commission_totals, and the flush's
+               credit plan in commission_flushes; it also records as credited the flushes
+               Redis confirmed since the last statement, and lists the ones still not
+       credit  commission-credit-n.lua per ancestor on its bucket: for this flush's plan and
+               every plan still not credited, marker Keys.credit_marker(flush, ancestor)
+               SET NX + HINCRBY balance + PUBLISH the push, one atomic call
+       confirm SADD the plans' ids to Keys.commission_confirmed(): the next statement, by
+               whichever process, sets their credited_at
 
-Why it pays exactly once:
+Why each (bet, ancestor) is paid exactly once:
 
-- A bet event is replayed when its worker dies after COMMIT and before XACK (and by any job
-  retry). Its commissions are accrued by the same atomic call that acknowledges its entry,
-  and an entry stops being pending once: the replay's ack accrues them, the crashed one did
-  not. Two consumers acknowledging the same entries: the second finds them acknowledged and
-  adds nothing for them.
-- RENAME takes the pending hash whole: an accrual after it starts a new pending hash, so
-  nothing between the read and the delete is lost. Batch contents never change afterwards.
-- The unit of payment is one taken hash, ``(batch_id, bucket)``, created atomically with its
-  entry in ``cbatches``, so every flusher that finds it sees all of it. PostgreSQL inserts a
-  unit once (primary key) and writes money only for units the statement itself inserted;
-  ledger entry ids carry a fresh id per statement, so they never collide (a collision would
-  abort the statement, never drop money silently).
-- Redis is credited only after PostgreSQL holds the unit, once per (unit, ancestor) by
-  marker, and the unit is dropped only after that. A crash at any point leaves the unit in
-  ``cbatches`` and the next flush (any process) completes it; two flushes at once pay once.
+- A bet is paid by the statement that sets its commission_flush, in the same transaction as
+  the ledger rows and totals; a statement only takes bets whose commission_flush is NULL
+  (re-checked under the row lock), so a repeated flush, two flushers at once, a crash
+  before or after the commit, pay each bet once or not yet, never twice. Nothing in Redis
+  takes part: a Redis that forgets (a rollback, a failover) cannot make PostgreSQL pay again.
+- The rates are the bet's own (commission_to, commission_bps), written once with the row: a
+  replayed outbox entry finds the row and writes nothing, and a later change of rates
+  applies to later bets only. The audit recomputes every payment from them (ops/audit.py).
+- Redis credits a plan once per (flush, ancestor) by marker, set in the same call as the
+  increment: after a crash between the commit and the credit the plan is still uncredited
+  in PostgreSQL and the next flush (any process) credits it; credited twice, the marker
+  stops the second. A Redis that rolls back loses a credit and its marker together; while
+  the plan is not yet recorded as credited, the next flush makes it again. Once it is
+  recorded, each flush checks that Redis still holds the markers of the last flushes
+  recorded (:data:`NEWEST`); one missing means Redis went back past it, and the flush
+  credits again every plan recorded in the last :data:`RECHECK_S`, by marker, so what
+  Redis kept is not added twice. A heal that sets balances from the ledger sets the
+  markers of the credits the ledger holds, so the two never add the same credit.
 
 Conservation: an ancestor's Redis balance and ``SUM(ledger.delta)`` agree once the flush has
-credited; between the statement and the credit PostgreSQL is ahead by the unit in hand.
+credited; between the statement and the credit PostgreSQL is ahead by the plan in hand.
 """
 
 from __future__ import annotations
@@ -50,18 +58,16 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
-import msgpack
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from games.commission import accrued, check_bps
+from games.commission import check_bps
 from games.types import UserId
 from plumbing import scripts
-from plumbing.keys import Keys
+from plumbing.keys import CREDIT_MARKER_TTL_S, Keys
 from plumbing.lease import Lease
 from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
 from plumbing.scripts import Call
@@ -69,13 +75,24 @@ from workers import faults
 
 log = structlog.get_logger(__name__)
 
-#: Lifetime of the per-credit markers (``Keys.commission_credited``), seconds: far longer
-#: than any flush that could still be finishing the unit it marks.
-MARKER_TTL_S = 7 * 24 * 3600
 #: An ancestor chain is read from PostgreSQL at most this often per player (bps changes
-#: apply to bets settled up to this long after them).
+#: apply to bets persisted up to this long after them).
 CHAIN_TTL_S = 30.0
 CHAIN_CACHE_SIZE = 100_000
+#: Bets one statement pays at most: a backlog (workers down for a while) is paid over
+#: several windows instead of in one statement that holds its locks for long.
+FLUSH_LIMIT = 200_000
+#: A plan left uncredited this long is no longer credited by the workers: its markers
+#: (which live CREDIT_MARKER_TTL_S) could be gone, and a credit made again would double it.
+#: The audit reports it; the heal (balances from the ledger) settles it.
+CREDIT_HORIZON_S = CREDIT_MARKER_TTL_S - 24 * 3600
+#: How many of the flushes last recorded as credited each flush checks in Redis (their
+#: markers): a marker missing means Redis rolled back past that credit.
+NEWEST = 3
+#: How far back a flush then credits again what PostgreSQL recorded as credited (by
+#: marker: what Redis kept is not added twice). A rollback further back than this is a
+#: disaster for the heal or ``make rebuild-balances``.
+RECHECK_S = 3600.0
 
 Chain = tuple[tuple[UserId, int], ...]
 
@@ -86,7 +103,6 @@ class Stats:
 
     statements: int = 0
     flushes: int = 0
-    accrued: int = 0
 
 
 STATS = Stats()
@@ -151,212 +167,238 @@ class ChainCache:
         return out
 
 
-CHAINS = ChainCache()
-
-#: ``(ancestor field, bps)`` of one (player, currency): the pending-hash field
-#: ``"<ancestor>|<currency>"`` and the ancestor's rate, for every ancestor with bps > 0.
-Shares = tuple[tuple[str, int], ...]
-
-
-async def shares_of(pool: asyncpg.Pool, pairs: Iterable[tuple[int, str]], *,
-                    chains: ChainCache | None = None) -> dict[tuple[int, str], Shares]:
-    """For each (player, currency), what a bet accrues per ancestor: a stake ``amount``
-    pays :func:`games.commission.commission` of it to each field (a zero share is not
-    accrued; :func:`increments` sums them). Kept as long as the chain."""
-    pairs = set(pairs)
-    chain_of = await (chains or CHAINS).get_many(pool, {uid for uid, _ in pairs})
-    out: dict[tuple[int, str], Shares] = {}
-    for pair in pairs:
-        chain = chain_of[pair[0]]
-        hit = _SHARES.get(pair)
-        if hit is not None and hit[0] is chain:
-            out[pair] = hit[1]
-            continue
-        for _, bps in chain:
-            check_bps(bps)
-        shares = tuple((f"{ancestor}|{pair[1]}", bps) for ancestor, bps in chain if bps > 0)
-        if len(_SHARES) >= 2 * CHAIN_CACHE_SIZE:
-            _SHARES.clear()
-        _SHARES[pair] = (chain, shares)
-        out[pair] = shares
-    return out
+#: One cache per database (per pool): user ids of two databases are unrelated. The pool is
+#: held, so its id is never reused by another while its cache lives; a process has one or
+#: two pools (tests open more, hence the bound).
+_CACHES: OrderedDict[int, tuple[asyncpg.Pool, ChainCache]] = OrderedDict()
 
 
-#: (player, currency) -> (the chain they were computed from, the shares): reused while the
-#: chain cache returns that same chain object.
-_SHARES: dict[tuple[int, str], tuple[Chain, Shares]] = {}
+def chains_for(pool: asyncpg.Pool) -> ChainCache:
+    """The chain cache of ``pool``'s database."""
+    hit = _CACHES.get(id(pool))
+    if hit is None:
+        hit = _CACHES[id(pool)] = (pool, ChainCache())
+        while len(_CACHES) > 8:
+            _CACHES.popitem(last=False)
+    return hit[1]
 
 
-#: A persisted bet whose outbox ack accrues its commissions: (entry id, stake, shares). A
-#: plain tuple: one is made per bet.
-Accruing = tuple[bytes, int, Shares]
+def clear_chains() -> None:
+    """Forget every cached chain (a rate change that must apply at once, a benchmark)."""
+    _CACHES.clear()
+
+#: The chains of a batch's players as the persist statement takes them (workers/outbox.py):
+#: four columns, one row per (player, ancestor with bps > 0): player, ancestor, bps, and
+#: the ancestor's place in the chain (0 nearest).
+ChainColumns = tuple[list[int], list[int], list[int], list[int]]
 
 
-def increments(bets: Iterable[Accruing]) -> bytes:
-    """What one bucket's acknowledged bets add to its pending hash, as
-    lua/outbox-ack-accrue-n.lua takes it: a msgpack array ``[field, amount, ...]`` of
-    strings (an amount past 2^53 would lose digits as a Lua number), ``b""`` for none."""
-    flat: list[str] = []
-    for name, amount in accrued((stake, shares) for _, stake, shares in bets).items():
-        flat += (name, str(amount))
-    return msgpack.packb(flat) if flat else b""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+async def chain_columns(pool: asyncpg.Pool, players: Iterable[int], *,
+                        chains: ChainCache | None = None) -> ChainColumns:
+    """What the bets of ``players`` record as their commission chain (see the module
+    docstring): the cached chains, every rate checked, the ancestors earning 0 left out."""
+    chain_of = await (chains or chains_for(pool)).get_many(pool, players)
+    cols: ChainColumns = ([], [], [], [])
+    for player, chain in chain_of.items():
+        place = 0
+        for ancestor, bps in chain:
+            if check_bps(bps):
+                cols[0].append(player)
+                cols[1].append(ancestor)
+                cols[2].append(bps)
+                cols[3].append(place)
+                place += 1
+    return cols
 
 
 # -- the flush, step by step -----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Unit:
-    """One taken pending hash: what ``bucket`` accrued until the flush ``batch_id`` took it."""
+class Plan:
+    """What one flush paid, as Redis must credit it: (ancestor, currency) -> minor units."""
 
-    batch_id: str
-    bucket: int
-    amounts: Mapping[tuple[int, str], int]  # (ancestor, currency) -> minor units; {} = gone
-
-    @property
-    def name(self) -> str:
-        return f"{self.batch_id}.{self.bucket}"
+    flush_id: str
+    amounts: Mapping[tuple[int, str], int]
 
 
-async def take(redis: aioredis.Redis, keys: Keys, batch_id: str) -> list[Unit]:
-    """Take every bucket's pending hash as ``batch_id``; return every unfinished unit.
-
-    The units are the ones just taken plus any earlier flush left unfinished (crashed, or
-    running right now), with their contents.
-    """
-    calls: list[Call] = [
-        (scripts.COMMISSION_TAKE,
-         (keys.commission_pending(b), keys.commission_batch(b, batch_id),
-          keys.commission_batches(b)), (batch_id,))
-        for b in range(keys.buckets)
-    ]
-    found = [(b, _text(i)) for b, reply in enumerate(await scripts.run(redis, calls))
-             for i in reply[1:]]
-    if not found:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for b, i in found:
-        pipe.hgetall(keys.commission_batch(b, i))
-    units: list[Unit] = []
-    for (b, i), raw in zip(found, await pipe.execute(), strict=True):
-        amounts: dict[tuple[int, str], int] = {}
-        for k, v in raw.items():
-            ancestor, _, currency = _text(k).partition("|")
-            amounts[(int(ancestor), currency)] = int(v)
-        units.append(Unit(i, b, amounts))
-    return units
-
-
-_WRITE_SQL = """
-WITH units AS (
-    INSERT INTO commission_batches (batch_id, bucket, write_id)
-    SELECT u.batch_id, u.bucket, $3::text
-    FROM unnest($1::text[], $2::integer[]) AS u(batch_id, bucket)
-    ORDER BY u.batch_id, u.bucket
-    ON CONFLICT DO NOTHING
-    RETURNING batch_id, bucket
+# Shares are floor(amount * bps / 10000) per bet and ancestor, computed without overflow
+# in bigint: amount = q * 10000 + r gives q * bps + floor(r * bps / 10000), exactly.
+_PAY_SQL = """
+WITH confirmed AS (
+    UPDATE commission_flushes SET credited_at = now()
+    WHERE flush_id = ANY($2::text[]) AND credited_at IS NULL
+), due AS (
+    SELECT bet_id FROM bets
+    WHERE commission_flush IS NULL AND commission_to IS NOT NULL
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
 ), paid AS (
-    SELECT x.user_id, x.currency, sum(x.amount)::bigint AS amount
-    FROM unnest($4::text[], $5::integer[], $6::bigint[], $7::text[], $8::bigint[])
-         AS x(batch_id, bucket, user_id, currency, amount)
-    JOIN units USING (batch_id, bucket)
-    GROUP BY x.user_id, x.currency
+    UPDATE bets AS b SET commission_flush = $1
+    FROM due
+    WHERE b.bet_id = due.bet_id AND b.commission_flush IS NULL
+    RETURNING b.currency, b.amount, b.commission_to, b.commission_bps
+), shares AS (
+    SELECT s.user_id, p.currency,
+           sum((p.amount / 10000) * s.bps + (p.amount % 10000) * s.bps / 10000)::bigint
+               AS amount
+    FROM paid AS p
+    CROSS JOIN LATERAL unnest(p.commission_to, p.commission_bps) AS s(user_id, bps)
+    GROUP BY s.user_id, p.currency
+    HAVING sum((p.amount / 10000) * s.bps + (p.amount % 10000) * s.bps / 10000) > 0
+), plan AS (
+    INSERT INTO commission_flushes (flush_id, user_ids, currencies, amounts)
+    SELECT $1, array_agg(user_id ORDER BY user_id, currency),
+           array_agg(currency ORDER BY user_id, currency),
+           array_agg(amount ORDER BY user_id, currency)
+    FROM shares
+    HAVING count(*) > 0
+    RETURNING user_ids, currencies, amounts
 ), ledger_rows AS (
     INSERT INTO ledger (entry_id, user_id, currency, delta, kind)
-    SELECT 'com:' || $3::text || ':' || user_id || ':' || currency, user_id, currency,
-           amount, 'commission'
-    FROM paid
+    SELECT 'com:' || $1 || ':' || user_id || ':' || currency, user_id, currency, amount,
+           'commission'
+    FROM shares
 ), totals AS (
     INSERT INTO commission_totals AS t (user_id, currency, earned)
-    SELECT user_id, currency, amount FROM paid ORDER BY user_id, currency
+    SELECT user_id, currency, amount FROM shares ORDER BY user_id, currency
     ON CONFLICT (user_id, currency) DO UPDATE SET earned = t.earned + EXCLUDED.earned
 )
-SELECT (SELECT count(*) FROM units) AS batches,
-       ARRAY(SELECT currency FROM paid GROUP BY currency ORDER BY currency) AS currencies,
-       ARRAY(SELECT sum(amount)::bigint FROM paid GROUP BY currency ORDER BY currency)
-           AS amounts
+SELECT (SELECT count(*) FROM paid) AS bets,
+       (SELECT user_ids FROM plan) AS user_ids,
+       (SELECT currencies FROM plan) AS currencies,
+       (SELECT amounts FROM plan) AS amounts,
+       ARRAY(SELECT flush_id FROM commission_flushes
+             WHERE credited_at IS NULL AND flush_id <> ALL($2::text[])
+               AND created_at > now() - make_interval(secs => $4)
+             ORDER BY created_at, flush_id) AS older,
+       ARRAY(SELECT flush_id || ':' || user_ids[1] FROM commission_flushes
+             WHERE credited_at IS NOT NULL
+             ORDER BY credited_at DESC, flush_id DESC LIMIT $5) AS newest
+"""
+
+_RECENT_SQL = """
+SELECT flush_id, user_ids, currencies, amounts FROM commission_flushes
+WHERE credited_at > now() - make_interval(secs => $1)
+ORDER BY created_at, flush_id
+"""
+
+_PLANS_SQL = """
+SELECT flush_id, user_ids, currencies, amounts FROM commission_flushes
+WHERE flush_id = ANY($1::text[]) AND credited_at IS NULL
+ORDER BY created_at, flush_id
 """
 
 
+def _plan(flush_id: str, user_ids: Sequence[int], currencies: Sequence[str],
+          amounts: Sequence[int]) -> Plan:
+    return Plan(flush_id, {(int(u), c): int(a)
+                           for u, c, a in zip(user_ids, currencies, amounts, strict=True)})
+
+
 @dataclass(frozen=True, slots=True)
-class Written:
-    statements: int  # 0 (nothing to write) or 1
-    batches: int  # units this statement inserted (the others were paid before)
-    paid: dict[str, int]  # currency -> minor units this statement paid
+class Paid:
+    """What one pay statement did."""
+
+    bets: int  # bets it marked paid
+    plan: Plan | None  # its credit plan (None: nothing to credit, no flush row)
+    older: tuple[str, ...]  # earlier flushes PostgreSQL still holds as not credited
+    #: the flushes last recorded as credited, each with one ancestor: (flush id, ancestor)
+    newest: tuple[tuple[str, int], ...] = ()
 
 
-async def write(pool: asyncpg.Pool, units: Sequence[Unit]) -> Written:
-    """Pay ``units`` in PostgreSQL: ONE statement (one round trip) for all of them.
-
-    Idempotent per unit: a unit already in ``commission_batches`` pays nothing again.
-    """
-    live = sorted((u for u in units if u.amounts), key=lambda u: (u.batch_id, u.bucket))
-    if not live:
-        return Written(0, 0, {})
-    cols: list[list[Any]] = [[], [], [], [], []]
-    for u in live:
-        for (ancestor, currency), amount in u.amounts.items():
-            for col, value in zip(cols, (u.batch_id, u.bucket, ancestor, currency, amount),
-                                  strict=True):
-                col.append(value)
-    write_id = uuid.uuid4().hex
-    row = await pool.fetchrow(_WRITE_SQL, [u.batch_id for u in live], [u.bucket for u in live],
-                              write_id, *cols)
-    STATS.statements += 1
+async def pay(pool: asyncpg.Pool, flush_id: str, confirmed: Sequence[str] = (),
+              limit: int = FLUSH_LIMIT, horizon_s: float = CREDIT_HORIZON_S) -> Paid:
+    """ONE statement, its own transaction: pay every due bet (up to ``limit``) as
+    ``flush_id``, record ``confirmed`` as credited, list the other uncredited flushes of the
+    last ``horizon_s``. ``flush_id`` must be new (the caller makes it with a uuid4)."""
+    row = await pool.fetchrow(_PAY_SQL, flush_id, list(confirmed), limit, float(horizon_s),
+                              NEWEST)
     assert row is not None
-    return Written(1, int(row["batches"]),
-                   dict(zip(row["currencies"], map(int, row["amounts"]), strict=True)))
+    STATS.statements += 1
+    plan = None if row["user_ids"] is None else _plan(
+        flush_id, row["user_ids"], row["currencies"], row["amounts"])
+    newest = tuple((f, int(a)) for f, _, a in (n.rpartition(":") for n in row["newest"]))
+    return Paid(int(row["bets"]), plan, tuple(row["older"]), newest)
 
 
-async def credit(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit],
-                 marker_ttl_s: int = MARKER_TTL_S) -> int:
-    """Credit every ancestor of ``units`` (already paid in PostgreSQL) in Redis, once.
+async def plans(pool: asyncpg.Pool, flush_ids: Sequence[str]) -> list[Plan]:
+    """The credit plans of these flushes that are still not recorded as credited."""
+    if not flush_ids:
+        return []
+    return [_plan(r["flush_id"], r["user_ids"], r["currencies"], r["amounts"])
+            for r in await pool.fetch(_PLANS_SQL, list(flush_ids))]
 
-    One script call per ancestor, all in one pipeline. Returns how many ancestors were
-    credited something now.
-    """
+
+async def lost_plans(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, paid: Paid,
+                     recheck_s: float = RECHECK_S) -> list[Plan]:
+    """After a Redis rollback: the plans of every flush recorded as credited in the last
+    ``recheck_s``, when Redis has lost the marker of one of the last recorded (so it lost
+    their credits: a marker and its credit go together); else none. Crediting them again
+    is by marker, so the ones Redis still holds are not credited twice."""
+    if not paid.newest:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for flush_id, ancestor in paid.newest:
+        pipe.exists(keys.credit_marker(flush_id, ancestor))
+    if all(await pipe.execute()):
+        return []
+    found = [_plan(r["flush_id"], r["user_ids"], r["currencies"], r["amounts"])
+             for r in await pool.fetch(_RECENT_SQL, float(recheck_s))]
+    log.warning("commission_credits_lost_in_redis", flushes=len(found))
+    return found
+
+
+async def credit(redis: aioredis.Redis, keys: Keys, plans: Sequence[Plan],
+                 marker_ttl_s: int = CREDIT_MARKER_TTL_S) -> int:
+    """Credit every ancestor of ``plans`` (paid in PostgreSQL) in Redis, once per
+    (flush, ancestor): one script call per ancestor, all in one pipeline. Returns how many
+    ancestors were credited something now."""
     per_ancestor: dict[int, list[tuple[str, dict[str, int]]]] = {}
-    for u in units:
+    for plan in plans:
         mine: dict[int, dict[str, int]] = {}
-        for (ancestor, currency), amount in u.amounts.items():
+        for (ancestor, currency), amount in plan.amounts.items():
             mine.setdefault(ancestor, {})[currency] = amount
         for ancestor, by_currency in mine.items():
-            per_ancestor.setdefault(ancestor, []).append((u.name, by_currency))
+            per_ancestor.setdefault(ancestor, []).append((plan.flush_id, by_currency))
     calls: list[Call] = []
     for ancestor, parts in sorted(per_ancestor.items()):
         currencies = sorted({c for _, by in parts for c in by})
         call_keys = [keys.balances(ancestor), keys.user_channel(ancestor)]
         args = [str(marker_ttl_s), str(len(currencies)), *currencies]
-        for name, by in parts:
-            call_keys.append(keys.commission_credited(ancestor, name))
+        for flush_id, by in parts:
+            call_keys.append(keys.credit_marker(flush_id, ancestor))
             args += [str(by.get(c, 0)) for c in currencies]
         calls.append((scripts.COMMISSION_CREDIT, call_keys, args))
     return sum(1 for r in await scripts.run(redis, calls) if int(r) > 0)
 
 
-async def drop(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit]) -> None:
-    """Forget finished units: the hash first, then its entry (a crash between leaves an
-    entry whose hash is gone, which the next flush just removes)."""
-    if not units:
-        return
-    pipe = redis.pipeline(transaction=False)
-    for u in units:
-        pipe.delete(keys.commission_batch(u.bucket, u.batch_id))
-        pipe.srem(keys.commission_batches(u.bucket), u.batch_id)
-    await pipe.execute()
+async def confirm(redis: aioredis.Redis, keys: Keys, flush_ids: Sequence[str]) -> None:
+    """Tell the next statement (any process) that Redis took these plans."""
+    if flush_ids:
+        await redis.sadd(keys.commission_confirmed(), *flush_ids)
 
 
-async def _count(redis: aioredis.Redis, keys: Keys, written: Written) -> None:
-    """Add one flush's statement and paid units to the shared counters (just after the
-    statement committed). Telemetry only: a failure is logged, never raised."""
+async def confirmed(redis: aioredis.Redis, keys: Keys, count: int = 10_000) -> list[str]:
+    """Take the flush ids Redis confirmed, for the next statement to record. Taken ids the
+    statement then fails to record stay uncredited in PostgreSQL: the next flush credits
+    them again (the markers make it a no-op) and confirms them again."""
+    raw: list[bytes] | None = await redis.spop(  # type: ignore[assignment]
+        keys.commission_confirmed(), count)
+    return sorted(_text(i) for i in raw or ())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _count(redis: aioredis.Redis, keys: Keys, paid: Paid) -> None:
+    """Add one flush's statement and the bets it paid to the shared counters (just after
+    the statement committed). Telemetry only: a failure is logged, never raised."""
     try:
         pipe = redis.pipeline(transaction=False)
-        pipe.hincrby(keys.worker_stats(), FLUSH_STATEMENTS, written.statements)
-        pipe.hincrby(keys.worker_stats(), UNITS_PAID, written.batches)
+        pipe.hincrby(keys.worker_stats(), FLUSH_STATEMENTS, 1)
+        pipe.hincrby(keys.worker_stats(), UNITS_PAID, paid.bets)
         await pipe.execute()
     except (RedisError, OSError) as exc:
         log.warning("commission_stats_not_counted", error=repr(exc))
@@ -364,40 +406,49 @@ async def _count(redis: aioredis.Redis, keys: Keys, written: Written) -> None:
 
 @dataclass(frozen=True, slots=True)
 class FlushReport:
-    batch_id: str
-    batches: int  # units handled (taken now or left by earlier flushes)
-    batches_paid: int  # units this flush's statement inserted in PostgreSQL
+    flush_id: str
+    bets: int  # bets this flush's statement paid
+    plans: int  # plans credited (this flush's and earlier uncredited ones)
     ancestors_credited: int
     statements: int
-    paid: dict[str, int] = field(default_factory=dict)  # currency -> minor units
+    paid: dict[str, int] = field(default_factory=dict)  # currency -> minor units paid now
 
 
 async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
-                batch_id: str | None = None) -> FlushReport:
-    """Take, write, credit, drop: pay everything accrued so far, exactly once.
+                label: str | None = None, *, limit: int = FLUSH_LIMIT,
+                marker_ttl_s: int = CREDIT_MARKER_TTL_S) -> FlushReport:
+    """Pay, credit, confirm: pay everything due so far, exactly once.
 
     Lock-free and safe to run concurrently or to retry after a crash at any step (see the
-    module docstring): a retry needs no id of its own, it finds what an earlier attempt left
-    in the ``cbatches`` sets. ``batch_id`` is only a label (a job id, say): a fresh uuid4 is
-    always appended, because an id PostgreSQL has paid must never name new money (the
-    statement would skip it as paid).
+    module docstring). ``label`` only names the flush (a job id, say): a fresh uuid4 is
+    always added, because a flush id names the money of one statement only.
     """
-    batch_id = f"{batch_id}.{uuid.uuid4().hex}" if batch_id else uuid.uuid4().hex
-    units = await take(redis, keys, batch_id)
-    if units:
-        faults.point("flush_after_take")  # crash tests (workers/faults.py)
-    written = await write(pool, units)
-    if written.statements:
-        await _count(redis, keys, written)
-    credited = await credit(redis, keys, units)
-    await drop(redis, keys, units)
+    flush_id = f"{label}.{uuid.uuid4().hex}" if label else uuid.uuid4().hex
+    done = await confirmed(redis, keys)
+    faults.point("flush_before_commit")  # crash tests (workers/faults.py)
+    paid = await pay(pool, flush_id, done, limit)
+    if paid.bets:
+        await _count(redis, keys, paid)
+    todo = [paid.plan] if paid.plan is not None else []
+    if todo:
+        faults.point("flush_after_commit")
+    if paid.older:
+        earlier = await plans(pool, paid.older)
+        log.warning("commission_plans_recredited", flushes=[p.flush_id for p in earlier])
+        todo += earlier
+    todo += await lost_plans(redis, pool, keys, paid)
+    credited = await credit(redis, keys, todo, marker_ttl_s)
+    if todo:
+        faults.point("flush_after_credit")
+    await confirm(redis, keys, [p.flush_id for p in todo])
     STATS.flushes += 1
-    report = FlushReport(batch_id, len(units), written.batches, credited,
-                         written.statements, written.paid)
-    if units:
-        log.info("commissions_flushed", batch_id=batch_id, batches=len(units),
-                 paid_batches=written.batches, ancestors=credited, paid=written.paid)
-    return report
+    totals: dict[str, int] = {}
+    for (_, currency), amount in (paid.plan.amounts.items() if paid.plan else ()):
+        totals[currency] = totals.get(currency, 0) + amount
+    if todo:
+        log.info("commissions_flushed", flush_id=flush_id, bets=paid.bets, plans=len(todo),
+                 ancestors=credited, paid=totals)
+    return FlushReport(flush_id, paid.bets, len(todo), credited, 1, totals)
 
 
 # -- one flush per window, across processes --------------------------------------------------
@@ -454,7 +505,7 @@ class Flusher:
         await task
         try:
             await flush(self._redis, self._pool, self._keys)
-        except Exception as exc:  # left in Redis: the next flusher anywhere pays it
+        except Exception as exc:  # still due in PostgreSQL: the next flusher anywhere pays it
             log.error("commission_final_flush_failed", error=repr(exc))
 
     async def _run(self) -> None:
@@ -463,7 +514,7 @@ class Flusher:
             try:
                 report = await flush_window(self._redis, self._pool, self._keys,
                                             self._interval_s, self._token)
-                if report is not None and report.batches:
+                if report is not None and (report.bets or report.plans):
                     self.reports = [*self.reports[-99:], report]
                 left = int(await self._redis.pttl(self._keys.commission_lease()))
                 # -2: no lease (released after a failure): try again now; -1: no expiry.

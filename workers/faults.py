@@ -2,7 +2,7 @@
 
 ``STAKEPRO_FAULT`` names what to break, read once at import: ``name:action`` items separated
 by commas, e.g. ``persist_after_commit:raise`` or
-``persist_before_commit:kill,flush_after_take:kill``. Actions:
+``persist_before_commit:kill,flush_after_commit:kill``. Actions:
 
 - ``kill``: SIGKILL this very process at that point (no finally, no atexit, no flush);
 - ``raise``: raise :class:`FaultInjected` there (a job's exception: Dramatiq retries it).
@@ -16,8 +16,11 @@ The points (where they are called):
 - ``persist_before_commit``: workers/outbox.py, inside the batch's transaction, after its
   statements and before COMMIT;
 - ``persist_after_commit``: workers/outbox.py, after COMMIT, before XACK;
-- ``flush_after_take``: workers/commissions.py, after the pending hashes were taken, before
-  the PostgreSQL statement that pays them.
+- ``flush_before_commit``: workers/commissions.py, before the statement that pays;
+- ``flush_after_commit``: workers/commissions.py, after that statement paid something,
+  before Redis credits it;
+- ``flush_after_credit``: workers/commissions.py, after the credit, before it is confirmed
+  (recorded in PostgreSQL by the next statement).
 
 Unset (production), ``point`` is one dictionary test of an empty dict.
 """

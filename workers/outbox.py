@@ -11,18 +11,17 @@ The functions are plain coroutines over a redis.asyncio client (bytes replies, n
 ``decode_responses``), an asyncpg pool and :class:`plumbing.keys.Keys`, so the in-process loop
 (:mod:`workers.persister`) and the Dramatiq actors can share them. The entries' format is
 :mod:`plumbing.events`, which decodes them (:func:`~plumbing.events.bet_row`,
-:func:`~plumbing.events.parse`); the commissions their ack accrues are
-:func:`workers.commissions.increments`.
+:func:`~plumbing.events.parse`); each bet row records its player's commission chain
+(:func:`workers.commissions.chain_columns`), which the commission flush pays from.
 
 Life of an entry, per consumer group (``persist``)::
 
     XADD (Lua) -> XREADGROUP ">" -> one PostgreSQL transaction -> COMMIT
-               -> XACK + XDEL + commission accrual, one atomic script for the batch
+               -> XACK + XDEL, one atomic script for the batch
 
 The cost is per batch where it can be (bench/drainbench.py measures it): one XREADGROUP
 over every stream, COPY into a staging table and one INSERT for the bets and their ledger
-rows, one script call for the ack; per bet only the decoding (``bet_row``) and the
-commission arithmetic are Python.
+rows, one script call for the ack; per bet only the decoding (``bet_row``) is Python.
 
 - Nothing is acknowledged before COMMIT. A consumer that dies between the read and the ack
   leaves the entries in its pending list; :func:`reclaim` (XAUTOCLAIM, idle > 30 s) hands them
@@ -85,7 +84,9 @@ class Entry(NamedTuple):
 # Bets go to PostgreSQL by COPY into a session-local staging table, then one statement
 # inserts them and their ledger rows (entry "bet:<bet_id>", delta payout - amount, derived
 # there rather than sent twice), both ON CONFLICT DO NOTHING. COPY because binding arrays
-# to ``unnest`` costs the client an isinstance() against collections.abc per element.
+# to ``unnest`` costs the client an isinstance() against collections.abc per element. The
+# commission chains travel once per player, not per bet (workers.commissions.chain_columns),
+# and are joined to the bets in SQL: only the insert that creates a row records its chain.
 _STAGE = "stakepro_outbox_bets"
 _BEGIN_SQL = f"""
 BEGIN;
@@ -98,14 +99,20 @@ CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
 ) ON COMMIT DELETE ROWS
 """
 _BETS_SQL = f"""
-WITH bets_in AS (
+WITH chains AS (
+    SELECT player, array_agg(ancestor ORDER BY place) AS ancestors,
+           array_agg(bps ORDER BY place) AS rates
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[])
+         AS c(player, ancestor, bps, place)
+    GROUP BY player
+), bets_in AS (
     INSERT INTO bets (bet_id, user_id, pair_id, currency, amount, payout, roll, target,
                       direction, nonce, multiplier, server_seed_hash, client_seed,
-                      balance_after, created_at)
-    SELECT bet_id, user_id, pair_id, currency, amount, payout, roll, target, direction,
-           nonce, multiplier, server_seed_hash, client_seed, balance_after,
-           to_timestamp(ts / 1000.0)
-    FROM {_STAGE}
+                      balance_after, created_at, commission_to, commission_bps)
+    SELECT s.bet_id, s.user_id, s.pair_id, s.currency, s.amount, s.payout, s.roll, s.target,
+           s.direction, s.nonce, s.multiplier, s.server_seed_hash, s.client_seed,
+           s.balance_after, to_timestamp(s.ts / 1000.0), c.ancestors, c.rates
+    FROM {_STAGE} AS s LEFT JOIN chains AS c ON c.player = s.user_id
     ON CONFLICT (bet_id) DO NOTHING
 )
 INSERT INTO ledger (entry_id, user_id, currency, delta, kind, created_at)
@@ -166,13 +173,17 @@ async def write(pool: asyncpg.Pool, events: Iterable[Event | BetRow]) -> None:
     """Write events (or bet rows, :func:`bet_row`) in ONE transaction, one statement per kind.
 
     Idempotent: every row is keyed by its event, so writing the same events again inserts
-    nothing (ON CONFLICT DO NOTHING; the reveal keeps the first ``revealed_at``).
+    nothing (ON CONFLICT DO NOTHING; the reveal keeps the first ``revealed_at``). A new bet
+    row records its player's commission chain as it stands now (cached up to
+    ``commissions.CHAIN_TTL_S``).
     """
     rows = Rows()
     for event in events:
         rows.add(event)
     if not rows.bets and not rows.ledger[0] and not rows.reveals:
         return
+    chains = (await commissions.chain_columns(pool, {row[1] for row in rows.bets})
+              if rows.bets else None)
     async with pool.acquire() as conn:
         # BEGIN and the staging table in one round trip (a simple query may hold several
         # statements); asyncpg's conn.transaction() would send BEGIN on its own.
@@ -181,7 +192,7 @@ async def write(pool: asyncpg.Pool, events: Iterable[Event | BetRow]) -> None:
             if rows.bets:
                 await conn.copy_records_to_table(_STAGE, records=rows.bets,
                                                  columns=BET_COLUMNS)
-                await conn.execute(_BETS_SQL)
+                await conn.execute(_BETS_SQL, *chains or ([], [], [], []))
             if rows.ledger[0]:
                 await conn.execute(_LEDGER_SQL, *rows.ledger)
             if rows.reveals:
@@ -287,59 +298,17 @@ async def _dead_letter(redis: aioredis.Redis, keys: Keys, entry: Entry, reason: 
     await redis.xadd(keys.outbox_dead(), fields)  # type: ignore[arg-type]
 
 
-def _bucket_of_stream(keys: Keys, stream: bytes) -> int:
-    """The bucket of an outbox stream key (its hash tag ``{bN}``)."""
-    tag = stream.rpartition(b"{b")[2].partition(b"}")[0]
-    if not tag.isdigit() or keys.outbox(int(tag)).encode() != stream:
-        raise ValueError(f"not an outbox stream of {keys.prefix}: {stream!r}")
-    return int(tag)
-
-
-def _ack_call(keys: Keys, group: str, consumer: str,
-              todo: Mapping[bytes, tuple[list[commissions.Accruing], list[bytes]]]) -> scripts.Call:
-    """One outbox-ack-accrue call for every stream of ``todo``, three arguments per stream
-    (not one per entry: redis-py packs arguments one by one, in Python): the ids joined by
-    spaces, and the commission sums as one msgpack array."""
-    call_keys: list[str] = []
-    args: list[Any] = [group, consumer]
-    for stream, (accruing, others) in todo.items():
-        call_keys += (stream.decode(), keys.commission_pending(_bucket_of_stream(keys, stream)))
-        args += (b" ".join([a[0] for a in accruing]), b" ".join(others),
-                 commissions.increments(accruing))
-    return (scripts.OUTBOX_ACK_ACCRUE, call_keys, args)
-
-
-async def _ack(
-    redis: aioredis.Redis, keys: Keys, group: str, consumer: str,
-    accruing: Mapping[bytes, list[commissions.Accruing]], others: Mapping[bytes, list[bytes]],
-) -> int:
-    """XACK + XDEL the entries and accrue their bets' commissions, in ONE atomic script call
-    for every stream of the batch (lua/outbox-ack-accrue-n.lua). Returns the bets
-    accrued.
-
-    A bet's commissions are accrued in the same atomic call that acknowledges its entry, so
-    a replayed entry (crash after COMMIT, a retried job) accrues them only when it is
-    finally acknowledged, once. If another consumer acknowledged some of the entries
-    meanwhile, the call changes nothing and is made again without them.
-    """
-    todo = {stream: (accruing.get(stream, []), others.get(stream, []))
-            for stream in sorted({*accruing, *others})}
-    accrued = 0
-    while todo:
-        reply = await scripts.run_one(redis, *_ack_call(keys, group, consumer, todo))
-        if int(reply[0]) == 1:
-            accrued = sum(len(bets) for bets, _ in todo.values())
-            break
-        again: dict[bytes, tuple[list[commissions.Accruing], list[bytes]]] = {}
-        for (stream, (bets, rest)), still in zip(todo.items(), reply[1:], strict=True):
-            pending = set(bytes(still).split())
-            if len(pending) < len(bets):
-                log.warning("outbox_acked_elsewhere", stream=stream.decode(),
-                            entries=len(bets) - len(pending))
-            again[stream] = ([b for b in bets if b[0] in pending], rest)
-        todo = again
-    commissions.STATS.accrued += accrued
-    return accrued
+async def _ack(redis: aioredis.Redis, group: str, acks: Mapping[bytes, list[bytes]]) -> int:
+    """XACK + XDEL the entries, in ONE atomic script call for every stream of the batch
+    (lua/outbox-ack-n.lua), the ids of a stream joined into one argument (redis-py packs
+    arguments one by one, in Python). Returns how many were still pending: fewer when
+    another consumer acknowledged some first, which changes nothing (no money moves here)."""
+    streams = sorted(acks)
+    if not streams:
+        return 0
+    return int(await scripts.run_one(
+        redis, scripts.OUTBOX_ACK, [s.decode() for s in streams],
+        [group, *(b" ".join(acks[s]) for s in streams)]))
 
 
 async def handle(
@@ -356,7 +325,7 @@ async def handle(
     bets: list[tuple[Entry, BetRow]] = []
     rest: list[tuple[Entry, Event]] = []  # deposits, reveals
     dead: list[tuple[Entry, str]] = []
-    others: dict[bytes, list[bytes]] = {}  # entries to ack that accrue nothing
+    others: dict[bytes, list[bytes]] = {}  # stream -> the ids to acknowledge
     for entry in entries:
         fields = entry.fields
         if fields is None:  # deleted from the stream while pending: nothing left to write
@@ -387,16 +356,8 @@ async def handle(
                 dead.append((entry, f"{type(one).__name__}: {one}"))
         bets = [(entry, event) for entry, event in kept if isinstance(event, tuple)]
         rest = [(entry, event) for entry, event in kept if not isinstance(event, tuple)]
-    # Commissions of the bets now in PostgreSQL, accrued by the ack itself (below).
-    accruing: dict[bytes, list[commissions.Accruing]] = {}
-    if bets:
-        shares = await commissions.shares_of(pool, {(row[1], row[3]) for _, row in bets})
-        for entry, row in bets:
-            mine = shares[(row[1], row[3])]
-            if mine:
-                accruing.setdefault(entry.stream, []).append((entry.id, row[4], mine))
-            else:
-                others.setdefault(entry.stream, []).append(entry.id)
+    for entry, _ in bets:
+        others.setdefault(entry.stream, []).append(entry.id)
     for entry, _ in rest:
         others.setdefault(entry.stream, []).append(entry.id)
     for entry, reason in dead:
@@ -404,7 +365,7 @@ async def handle(
         others.setdefault(entry.stream, []).append(entry.id)
     # Only now, after COMMIT (and after the dead letters were written): ack and delete.
     faults.point("persist_after_commit")  # crash tests (workers/faults.py)
-    await _ack(redis, keys, group, consumer, accruing, others)
+    await _ack(redis, group, others)
     return len(entries)
 
 

@@ -82,7 +82,7 @@ class Persister:
         except Exception:
             log.exception("persister_failed", consumer=self.consumer)
         if self.commissions is not None:
-            await self.commissions.close()  # after the last batch: pays what it accrued
+            await self.commissions.close()  # after the last batch: pays what it stored
 
     async def _run(self) -> None:
         failures = 0
