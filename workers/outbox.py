@@ -94,17 +94,17 @@ CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
     bet_id text, user_id bigint, pair_id bigint, currency text, amount bigint,
     payout bigint, roll integer, target integer, direction text, nonce bigint,
     multiplier integer, server_seed_hash text, client_seed text, balance_after bigint,
-    ts bigint
+    ts bigint, client_id text
 ) ON COMMIT DELETE ROWS
 """
 _BETS_SQL = f"""
 WITH bets_in AS (
     INSERT INTO bets (bet_id, user_id, pair_id, currency, amount, payout, roll, target,
                       direction, nonce, multiplier, server_seed_hash, client_seed,
-                      balance_after, created_at)
+                      balance_after, created_at, client_id)
     SELECT bet_id, user_id, pair_id, currency, amount, payout, roll, target, direction,
            nonce, multiplier, server_seed_hash, client_seed, balance_after,
-           to_timestamp(ts / 1000.0)
+           to_timestamp(ts / 1000.0), client_id
     FROM {_STAGE}
     ON CONFLICT (bet_id) DO NOTHING
 )
