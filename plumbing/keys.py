@@ -44,6 +44,11 @@ class Keys:
     def deposit_idem(self, user_id: int, idempotency_key: str) -> str:
         return f"{self.prefix}:dep:{self.tag(user_id)}:{user_id}:{idempotency_key}"
 
+    def healed(self, user_id: int) -> str:
+        """String: the Redis run id under which the user's state was last made equal to the
+        ledger (lua/heal-n.lua); every money script of the user refuses while it differs."""
+        return f"{self.prefix}:healed:{self.tag(user_id)}:{user_id}"
+
     def outbox_for(self, user_id: int) -> str:
         return self.outbox(bucket_of(user_id, self.buckets))
 

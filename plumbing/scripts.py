@@ -37,13 +37,15 @@ class Script:
 
 
 BET = Script.load("bet-n.lua")
-DEPOSIT = Script.load("deposit-4.lua")
-ROTATE = Script.load("rotate-2.lua")
+DEPOSIT = Script.load("deposit-5.lua")
+ROTATE = Script.load("rotate-3.lua")
+HEAL = Script.load("heal-n.lua")
 OUTBOX_ACK_ACCRUE = Script.load("outbox-ack-accrue-n.lua")
 COMMISSION_TAKE = Script.load("commission-take-3.lua")
 COMMISSION_CREDIT = Script.load("commission-credit-n.lua")
 LEASE = Script.load("lease-1.lua")
-ALL = (BET, DEPOSIT, ROTATE, OUTBOX_ACK_ACCRUE, COMMISSION_TAKE, COMMISSION_CREDIT, LEASE)
+ALL = (BET, DEPOSIT, ROTATE, OUTBOX_ACK_ACCRUE, COMMISSION_TAKE, COMMISSION_CREDIT, LEASE,
+       HEAL)
 
 #: One script call: the script, its KEYS, its ARGV.
 Call = tuple[Script, Sequence[str], Sequence[Any]]

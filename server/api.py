@@ -81,6 +81,7 @@ async def demo(request: Request) -> Response:
                 found = (await users.create(db, role, name, parent_id, bps))[0].user_id
             parent_id = int(found)
     player, token = await users.create(services.pool, "player", None, parent_id, 0)
+    await services.wallet.mark_new(player.user_id)
     for currency, amount in credits:
         await services.wallet.deposit(
             player.user_id, currency, amount, f"demo:{player.user_id}:{currency.code}"

@@ -58,9 +58,10 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from games.codes import CREDIT_HEAL
 from games.commission import accrued, check_bps
 from games.types import UserId
-from plumbing import scripts
+from plumbing import heal, scripts
 from plumbing.keys import Keys
 from plumbing.lease import Lease
 from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
@@ -312,12 +313,23 @@ async def write(pool: asyncpg.Pool, units: Sequence[Unit]) -> Written:
                    dict(zip(row["currencies"], map(int, row["amounts"]), strict=True)))
 
 
+class NotHealed(RuntimeError):
+    """An ancestor's credit was refused (HEAL) and could not be healed here: the units stay
+    unfinished, and the next flush credits them."""
+
+
 async def credit(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit],
-                 marker_ttl_s: int = MARKER_TTL_S) -> int:
+                 marker_ttl_s: int = MARKER_TTL_S, pool: asyncpg.Pool | None = None) -> int:
     """Credit every ancestor of ``units`` (already paid in PostgreSQL) in Redis, once.
 
     One script call per ancestor, all in one pipeline. Returns how many ancestors were
-    credited something now.
+    credited something now. An ancestor whose Redis state is not healed since Redis last
+    restarted (the script answers HEAL) is healed first (:mod:`plumbing.heal`, with
+    ``pool``) and credited again: the heal sets the markers of the units PostgreSQL paid,
+    so what it counted is not credited twice.
+
+    Raises:
+        NotHealed: some ancestor still refused (or no ``pool`` to heal it with).
     """
     per_ancestor: dict[int, list[tuple[str, dict[str, int]]]] = {}
     for u in units:
@@ -329,13 +341,26 @@ async def credit(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit],
     calls: list[Call] = []
     for ancestor, parts in sorted(per_ancestor.items()):
         currencies = sorted({c for _, by in parts for c in by})
-        call_keys = [keys.balances(ancestor), keys.user_channel(ancestor)]
+        call_keys = [keys.balances(ancestor), keys.user_channel(ancestor),
+                     keys.healed(ancestor)]
         args = [str(marker_ttl_s), str(len(currencies)), *currencies]
         for name, by in parts:
             call_keys.append(keys.commission_credited(ancestor, name))
             args += [str(by.get(c, 0)) for c in currencies]
         calls.append((scripts.COMMISSION_CREDIT, call_keys, args))
-    return sum(1 for r in await scripts.run(redis, calls) if int(r) > 0)
+    ancestors = sorted(per_ancestor)
+    replies = await scripts.run(redis, calls)
+    refused = [i for i, r in enumerate(replies) if int(r) == CREDIT_HEAL]
+    if refused and pool is not None:
+        for i in refused:
+            await heal.heal(redis, pool, keys, ancestors[i])
+        for i, reply in zip(refused, await scripts.run(redis, [calls[i] for i in refused]),
+                            strict=True):
+            replies[i] = reply
+        refused = [i for i in refused if int(replies[i]) == CREDIT_HEAL]
+    if refused:
+        raise NotHealed(f"ancestors {[ancestors[i] for i in refused]} are not healed")
+    return sum(1 for r in replies if int(r) > 0)
 
 
 async def drop(redis: aioredis.Redis, keys: Keys, units: Sequence[Unit]) -> None:
@@ -389,7 +414,7 @@ async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
     written = await write(pool, units)
     if written.statements:
         await _count(redis, keys, written)
-    credited = await credit(redis, keys, units)
+    credited = await credit(redis, keys, units, pool=pool)
     await drop(redis, keys, units)
     STATS.flushes += 1
     report = FlushReport(batch_id, len(units), written.batches, credited,
