@@ -194,6 +194,8 @@ async def healthz(request: Request) -> Response:
     # bet path): what players see is the truth.
     stalled = max(services.wallet.unanswered_for(), services.batcher.fast.stalled_for())
     body = {"redis": r, "postgres": p}
+    if services.durability:  # reported, not failed: the deployment may accept it on purpose
+        body["redis_durability"] = services.durability
     if stalled >= services.settings.health_stall_s:
         body["bets"] = "stalled"
     elif r == p == "ok":

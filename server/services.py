@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import BusyLoadingError
 
 from games.bets import BetChecker
+from plumbing import durability
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from server.feed import Feed
@@ -23,6 +25,8 @@ from server.redisbatch import Batcher
 from server.redisconn import RunId
 from server.resp import FastConnection
 from server.wallet import Wallet
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Services:
     feed: Feed = field(init=False)
     #: Validates bet requests, remembering the ones seen before.
     checker: BetChecker = field(init=False)
+    #: Why the ledger Redis may lose acknowledged bets (plumbing/durability.py), or None.
+    durability: str | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -65,6 +71,9 @@ class Services:
             uuid.uuid4().hex[:12],
         )
         services.checker = BetChecker(settings.currencies, settings.house_edge_bp)
+        services.durability = await durability.check(client, settings.redis_durability)
+        if services.durability:
+            log.error("redis_durability", problem=services.durability)
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
         )

@@ -41,6 +41,7 @@ from typing import Any
 
 import uvicorn
 
+from plumbing import durability
 from plumbing.settings import Settings
 from server.db import migrate
 from server.wslink import DirectProtocol
@@ -145,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"migrated: {', '.join(applied)}")
     if settings.admin_token_is_default:
         print("ADMIN_TOKEN not set: using the development token 'dev-admin-token'")
+    weak = asyncio.run(durability.check_url(settings.redis_url, settings.redis_durability))
+    if weak:
+        print(f"ERROR: {weak}", flush=True)
 
     stop_requested: list[int] = []
 

@@ -100,7 +100,7 @@ class Stack:
             redis_url=redis_server.url, database_url=dsn, admin_token=ADMIN_TOKEN,
             key_prefix=f"w{uuid.uuid4().hex[:6]}", log_level="warning", buckets=8,
             inprocess_persister=False, commission_flush_s=0.5, persist_run_s=2.0,
-            persist_every_s=0.25, port=free_port(), **overrides,
+            persist_every_s=0.25, port=free_port(), redis_durability="none", **overrides,
         )
         return cls(tmp, redis_server, settings)
 
@@ -126,6 +126,7 @@ class Stack:
             "COMMISSION_FLUSH_S": str(s.commission_flush_s),
             "PERSIST_RUN_S": str(s.persist_run_s), "PERSIST_EVERY_S": str(s.persist_every_s),
             "PERSIST_SHARDS": str(s.persist_shards), "HOST": s.host, "PORT": str(s.port),
+            "REDIS_DURABILITY": s.redis_durability,
             "LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
         })
         env.update(extra)
