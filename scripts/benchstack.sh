@@ -5,7 +5,8 @@
 #                                              alone (the outbox waits for the workers)
 #   scripts/benchstack.sh workers              start the worker and scheduler beside `serve`
 #   scripts/benchstack.sh stop
-# Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database stakepro_bench.
+# Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database BENCH_DB
+# (stakepro_bench).
 # Redis keeps an AOF (appendfsync always, as make run; BENCH_APPENDFSYNC=everysec for the
 # comparison in docs/benchmarks.md), but does not compact it by
 # itself (auto-aof-rewrite-percentage 0): a rewrite forks a child that takes a whole core for
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 PORT=${BENCH_PORT:-8030}
 RPORT=${BENCH_REDIS_PORT:-6398}
 DIR=${BENCH_DIR:-/tmp/stakepro-bench}
-DB=stakepro_bench
+DB=${BENCH_DB:-stakepro_bench}
 export ADMIN_TOKEN=${ADMIN_TOKEN:-bench} REDIS_URL=redis://127.0.0.1:$RPORT/0 \
     DATABASE_URL=postgresql://root@127.0.0.1:5432/$DB DEBUG_ECHO=true PORT LOG_LEVEL=warning \
     REDIS_DURABILITY=${BENCH_APPENDFSYNC:-always}

@@ -308,7 +308,10 @@ class Wallet:
                     int(pid),
                     int(n),
                 )
-            revealed = Pair(pid, ss, sh, cs, int(n) if final is None else int(final))
+                if final is None:  # revealed before (a rotation Redis forgot): as it was
+                    final = await conn.fetchval(
+                        "SELECT final_nonce FROM seed_pairs WHERE pair_id = $1", int(pid))
+            revealed = Pair(pid, ss, sh, cs, max(int(n), int(final or 0)))
             return Rotation(revealed, new)
         raise Unavailable("the seed pair kept changing; try again")
 

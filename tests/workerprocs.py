@@ -89,8 +89,8 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
 
     @classmethod
-    async def create(cls, tmp: Path, **overrides: Any) -> Stack:
-        redis_server = RedisServer()
+    async def create(cls, tmp: Path, appendonly: bool = False, **overrides: Any) -> Stack:
+        redis_server = RedisServer(appendonly=appendonly)
         redis_server.start()
         base = os.environ.get("TEST_DATABASE_URL") or os.environ.get(
             "DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")

@@ -413,6 +413,7 @@ async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
         faults.point("flush_after_take")  # crash tests (workers/faults.py)
     written = await write(pool, units)
     if written.statements:
+        faults.point("flush_after_write")  # crash tests (workers/faults.py)
         await _count(redis, keys, written)
     credited = await credit(redis, keys, units, pool=pool)
     await drop(redis, keys, units)

@@ -17,7 +17,9 @@ The points (where they are called):
   statements and before COMMIT;
 - ``persist_after_commit``: workers/outbox.py, after COMMIT, before XACK;
 - ``flush_after_take``: workers/commissions.py, after the pending hashes were taken, before
-  the PostgreSQL statement that pays them.
+  the PostgreSQL statement that pays them;
+- ``flush_after_write``: workers/commissions.py, after that statement committed, before
+  Redis is credited.
 
 Unset (production), ``point`` is one dictionary test of an empty dict.
 """
