@@ -58,7 +58,8 @@ class Gate:
         self._links: set[asyncio.StreamWriter] = set()
 
     async def open(self) -> None:
-        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        if self._server is None:
+            self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -164,7 +165,7 @@ async def test_postgres_down_30s_then_a_worker_killed_under_load(
     finally:
         stop.set()
         for proc in reversed(procs):
-            proc.stop()
+            proc.kill()
         if pool is not None:
             await pool.close()
         server.should_exit = True
