@@ -431,28 +431,36 @@ class Wallet:
             nonce = pair.nonce
             idem_keys: list[Arg] = []
             args: list[Arg] = [pid, run_id, window, str(max(b.local_others for b in bets))]
-            for bet in bets:
-                spec = bet.spec
-                expected, nonce = nonce, nonce + 1
-                roll = key.roll(cs, nonce)
-                outcome = settle(spec, roll)
-                bet_id = f"{pid}-{nonce}"
-                bet.nonce, bet.roll, bet.win, bet.payout, bet.bet_id = (
-                    nonce, roll, outcome.win, outcome.payout, bet_id
-                )
-                if not bet.fp:
-                    bet.fp = fingerprint(spec)
-                # The idempotency record keeps the outbox event too, for replays.
-                ref = _client_ref(bet.client_id)
-                event = _encode_bet(
-                    bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
-                    roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts, ref
-                )
-                idem_keys.append(state.idem_prefix + ref)
-                args += (
-                    spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
-                    str(expected), bet.fp, event, bet.origin,
-                )
+            try:
+                for bet in bets:
+                    spec = bet.spec
+                    expected, nonce = nonce, nonce + 1
+                    roll = key.roll(cs, nonce)
+                    outcome = settle(spec, roll)
+                    bet_id = f"{pid}-{nonce}"
+                    bet.nonce, bet.roll, bet.win, bet.payout, bet.bet_id = (
+                        nonce, roll, outcome.win, outcome.payout, bet_id
+                    )
+                    if not bet.fp:
+                        bet.fp = fingerprint(spec)
+                    # The idempotency record keeps the outbox event too, for replays.
+                    ref = _client_ref(bet.client_id)
+                    event = _encode_bet(
+                        bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
+                        roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts, ref
+                    )
+                    idem_keys.append(state.idem_prefix + ref)
+                    args += (
+                        spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
+                        str(expected), bet.fp, event, bet.origin,
+                    )
+            except ValueError as exc:  # an id msgpack cannot encode (a lone surrogate):
+                # this user's call alone fails, as an unsendable command does
+                log.error("bet_not_encodable", user_id=uid, error=repr(exc))
+                for bet in bets:
+                    self._deliver(bet, Unavailable("bet not settled: it could not be encoded"))
+                self._wake(state)
+                continue
             commands.append(
                 ("EVALSHA", sha, 5 + len(bets), balances, seed, outbox, channel, healed,
                  *idem_keys, *args)
@@ -558,7 +566,7 @@ class Wallet:
                 if state.needs_heal:
                     await self.heal(state.user_id)
                     state.needs_heal = False
-                    state.pair = None  # the heal happened on a Redis that may have another
+                    state.pair = None  # read it again: the rollback may have changed it
                 if state.needs_rotation:
                     state.pair = None
                     rotation = await self._rotate_locked(state, None)
