@@ -242,7 +242,12 @@ async def _credit_markers(redis: aioredis.Redis, conn: Conn, keys: Keys,
     """The credit markers to set for the user: one per commission unit still unfinished in
     Redis that PostgreSQL (in the heal's snapshot) has paid. Read after the snapshot began,
     so a unit paid in the snapshot and not finished is listed (a unit is dropped only once
-    all its credits are made, and the user's credit is refused until the heal)."""
+    all its credits are made, and the user's credit is refused until the heal).
+
+    The one place that knows how the flush names its credits: where PostgreSQL records
+    which flush credits may still be made (branch ledgerB), the markers are those of the
+    user's ledger rows ``com:<flush>:<user>:<currency>`` whose flush may be credited again.
+    """
     pipe = redis.pipeline(transaction=False)
     for b in range(keys.buckets):
         pipe.smembers(keys.commission_batches(b))
