@@ -67,7 +67,7 @@ class Server:
 def keys_of(u: int) -> list[str]:
     tag = f"{{b{u % 64}}}"
     return [f"sp:bal:{tag}:{u}", f"sp:seed:{tag}:{u}", f"sp:outbox:{tag}",
-            f"sp:push:{tag}:{u}", ""]
+            f"sp:push:{tag}:{u}", f"sp:healed:{tag}:{u}", ""]
 
 
 async def setup(r: aioredis.Redis, users: int) -> tuple[str, str]:
@@ -79,6 +79,7 @@ async def setup(r: aioredis.Redis, users: int) -> tuple[str, str]:
         pipe.hset(k[0], "USDT", 10**15)
         pipe.hset(k[1], mapping={"pid": str(u), "ss": "a" * 64, "sh": "b" * 64,
                                  "cs": "client", "n": "0", "rid": rid})
+        pipe.set(k[4], rid)  # healed under this run: bet-n would answer HEAL otherwise
     await pipe.execute()
     return sha, rid
 
@@ -117,8 +118,8 @@ async def client(port: int, sha: str, rid: str, users: list[int], depth: int,
             i += 1
             batch.append(u)
             k = keys_of(u)
-            k[4] = f"sp:idem:{k[0].split(':')[2]}:{u}:s:{nonce[u] + 1}"
-            frames.append(encode("EVALSHA", sha, "5", *k, str(u), rid, "300000", "0",
+            k[5] = f"sp:idem:{k[0].split(':')[2]}:{u}:s:{nonce[u] + 1}"
+            frames.append(encode("EVALSHA", sha, "6", *k, str(u), rid, "300000", "0",
                                  "USDT", "100", "-100", str(nonce[u]), "USDT|100|5000|under",
                                  stored, event, "bench:1"))
         t0 = time.perf_counter()

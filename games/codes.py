@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BetCode", "DepositCode", "RotateCode"]
+__all__ = ["BetCode", "DepositCode", "HealCode", "RotateCode"]
 
 
 class BetCode(enum.IntEnum):
@@ -24,20 +24,35 @@ class BetCode(enum.IntEnum):
     EPOCH = 6
     REFUSED = 7
     OUTBOX_FULL = 8
+    HEAL = 9
 
 
 class DepositCode(enum.IntEnum):
-    """First element of deposit-4.lua's reply."""
+    """First element of deposit-5.lua's reply."""
 
     CREDITED = 0
     REPLAY = 1
     CONFLICT = 2
     OUTBOX_FULL = 3
+    HEAL = 4
 
 
 class RotateCode(enum.IntEnum):
-    """First element of rotate-2.lua's reply."""
+    """First element of rotate-3.lua's reply."""
 
     ROTATED = 0
     STALE = 4
+    HEAL = 5
+
+
+class HealCode(enum.IntEnum):
+    """First element of heal-n.lua's reply."""
+
+    ALREADY = 0
+    HEALED = 1
+
+
+#: commission-credit-n.lua's reply when the ancestor must be healed first (otherwise the
+#: number of batches it credited).
+CREDIT_HEAL = -1
 

@@ -1,9 +1,10 @@
 """A pure reference of what the money scripts do to one user's state (STYLE.md, point 2).
 
 :class:`WalletModel` is plain Python, no I/O: it holds what ``lua/bet-n.lua``,
-``lua/deposit-4.lua`` and ``lua/rotate-2.lua`` keep in Redis for one user, and its methods
-:meth:`~WalletModel.bet`, :meth:`~WalletModel.deposit` and :meth:`~WalletModel.rotate`
-follow those scripts' header contracts, answering the same flat reply with the same RESP
+``lua/deposit-5.lua``, ``lua/rotate-3.lua`` and ``lua/heal-n.lua`` keep in Redis for one
+user, and its methods :meth:`~WalletModel.bet`, :meth:`~WalletModel.deposit`,
+:meth:`~WalletModel.rotate` and :meth:`~WalletModel.heal` follow those scripts' header
+contracts, answering the same flat reply with the same RESP
 types (``int`` for an integer reply, ``str``/``bytes`` for a bulk string). The property test
 ``tests/test_wallet_model.py`` runs the real scripts on a real Redis next to this model and
 demands identical replies and identical Redis state after every step; so whatever this
@@ -21,6 +22,9 @@ State of one user
 * ``deposits``: idempotency key -> :class:`DepositRecord` (kept forever).
 * ``outbox``: the events appended to the bucket's outbox stream, each with the exact field
   list the script gives to XADD; ``pushes``: the messages PUBLISHed on the user's channel.
+* ``healed``: the heal marker, the run id under which the user was last healed; every
+  money script answers HEAL while it differs from the caller's run id (a bet with a record
+  under its id still answers REPLAY or CONFLICT: the record is the truth).
 
 Invariants (:meth:`~WalletModel.violations` checks them)
 ========================================================
@@ -53,7 +57,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from games.codes import BetCode, DepositCode, RotateCode
+from games.codes import BetCode, DepositCode, HealCode, RotateCode
 from games.types import Minor
 
 __all__ = [
@@ -156,6 +160,7 @@ class WalletModel:
     settled: list[Settlement] = field(default_factory=list)
     credited: list[tuple[str, Minor]] = field(default_factory=list)
     revealed: list[SeedPair] = field(default_factory=list)
+    healed: str | None = None
 
     # -- bet-n.lua --------------------------------------------------------------------
 
@@ -198,6 +203,8 @@ class WalletModel:
             if rec.fingerprint == fingerprint:
                 return (BetCode.REPLAY, str(rec.balance), rec.event)
             return (BetCode.CONFLICT,)
+        if self.healed != run_id:
+            return (BetCode.HEAL,)
         if self.pair is None:
             return (BetCode.NO_SEED,)
         if self.pair.rid != run_id:
@@ -228,13 +235,16 @@ class WalletModel:
     # -- deposit-4.lua ----------------------------------------------------------------
 
     def deposit(
-        self, key: str, currency: str, amount: Minor, fingerprint: str, event_blob: bytes
+        self, key: str, currency: str, amount: Minor, fingerprint: str, event_blob: bytes,
+        run_id: str = "",
     ) -> Reply:
         """Credit once per key: CREDITED ``(0, "balance_after")``; the same key again is
         REPLAY ``(1, balance_after_then)`` with the same fingerprint, else CONFLICT
-        ``(2,)``."""
+        ``(2,)``; HEAL ``(3,)`` before anything while the marker is not ``run_id``."""
         if amount <= 0:
             raise ValueError("a deposit amount is positive")
+        if self.healed != run_id:
+            return (DepositCode.HEAL,)
         rec = self.deposits.get(key)
         if rec is not None:
             if rec.fingerprint == fingerprint:
@@ -270,6 +280,8 @@ class WalletModel:
         """
         if not new_pid:
             raise ValueError("a new pair id is not empty")
+        if self.healed != run_id:
+            return (RotateCode.HEAL,)
         old = self.pair
         if old is not None and old.pid == new_pid:
             return (RotateCode.ROTATED, *(old.prev or ("", "", "", "", "")))
@@ -287,6 +299,27 @@ class WalletModel:
         self.revealed.append(old)
         return (RotateCode.ROTATED, old.pid, old.server_seed, old.server_seed_hash, old.client_seed,
                 str(old.nonce))
+
+    # -- heal-n.lua -------------------------------------------------------------------
+
+    def heal(self, run_id: str, balances: dict[str, Minor],
+             bets: dict[str, tuple[BetRecord, int]],
+             deposits: dict[str, DepositRecord]) -> Reply:
+        """Make the state equal to the ledger's truth, once per run id: ALREADY ``(0,)``
+        when the marker is ``run_id`` (nothing changes), else HEALED ``(1,)``: the balances
+        become ``balances`` exactly, each bet record of ``bets`` (with its remaining
+        lifetime) is written over, each deposit record is added where none is, and the
+        marker becomes ``run_id``. (Crediting a deposit neither store holds, and the
+        commission markers, are left to the tests of plumbing/heal.py.)"""
+        if self.healed == run_id:
+            return (HealCode.ALREADY,)
+        self.balances = dict(balances)
+        for bet_id, (record, _) in bets.items():
+            self.bets[bet_id] = record
+        for key, dep in deposits.items():
+            self.deposits.setdefault(key, dep)
+        self.healed = run_id
+        return (HealCode.HEALED,)
 
     # -- invariants -------------------------------------------------------------------
 

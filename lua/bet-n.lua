@@ -19,7 +19,9 @@
   KEYS[2]      active seed pair hash of the user     (fields pid, ss, sh, cs, n, rid)
   KEYS[3]      outbox stream of the user's bucket
   KEYS[4]      the user's push channel (a channel, not a key; listed for cluster routing)
-  KEYS[4 + i]  idempotency record of bet i's id: a string "<fingerprint>\n<balance after>\n
+  KEYS[5]      the user's heal marker: the run id under which the user's state was last made
+               equal to the ledger (lua/heal-n.lua)
+  KEYS[5 + i]  idempotency record of bet i's id: a string "<fingerprint>\n<balance after>\n
                <event blob>", expiring after the window
 
   ARGV[1]  seed pair id every roll was computed with
@@ -40,8 +42,10 @@
 
   For each bet, in order:
   1. a record under its id: REPLAY with the same fingerprint, else CONFLICT;
-  2. no active pair: NO_SEED; a pair installed under another Redis run id: EPOCH; another
-     pair id or another stored nonce: STALE;
+  2. the heal marker is not ARGV[2]: HEAL (Redis restarted since the user's state was last
+     made equal to the ledger, and may have rolled back: nothing of the user may move until
+     the server has healed it); no active pair: NO_SEED; a pair installed under another
+     Redis run id: EPOCH; another pair id or another stored nonce: STALE;
   3. balance below the stake: INSUFFICIENT_FUNDS;
   4. else SETTLED: the balance and the nonce move, the record is stored, one event is
      appended, and a push is published when someone else can receive it: another socket of
@@ -66,6 +70,8 @@
   {7, error}                   REFUSED: Redis refused the balance change (it would pass
                                2^63 - 1); nothing of this bet changed
   {8}                          OUTBOX_FULL: the outbox is at its limit; nothing changed
+  {9}                          HEAL: the user's state is not known to match the ledger
+                               (see 2); nothing changed: the caller heals, then retries
 
   HINCRBY's integer reply becomes a Lua double: below 2^53 it is exact and printed with
   '%d'; from 2^53 the balance is read back with HGET (a double would be inexact there, and
@@ -82,28 +88,32 @@
 ]]
 
 local pid, rid, window, others = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local cap = tonumber(ARGV[5 + 7 * (#KEYS - 4)] or '0')
+local cap = tonumber(ARGV[5 + 7 * (#KEYS - 5)] or '0')
 if cap > 0 and redis.call('XLEN', KEYS[3]) >= cap then
   local full = {}
-  for i = 1, #KEYS - 4 do full[i] = {8} end
+  for i = 1, #KEYS - 5 do full[i] = {8} end
   return full
 end
 local seed = redis.call('HMGET', KEYS[2], 'pid', 'n', 'rid')
 local n = seed[2]
 local nonce = tonumber(n)
 local listened = nil
+local healed = nil
 -- Balances as this call left them, by currency: a later bet of the call compares against
 -- its predecessor's result instead of reading the field again.
 local balances = {}
 local out = {}
-for i = 1, #KEYS - 4 do
+for i = 1, #KEYS - 5 do
   local a = 4 + 7 * (i - 1)
-  local idem = KEYS[4 + i]
+  local idem = KEYS[5 + i]
   local rec = redis.pcall('GET', idem)
   if type(rec) == 'table' and rec.err then
     -- A record in the earlier hash format (f, b, r): docs/decisions.md, "Formats still read".
     local h = redis.call('HMGET', idem, 'f', 'b', 'r')
     rec = h[1] .. '\n' .. h[2] .. '\n' .. h[3]
+  end
+  if not rec and healed == nil then
+    healed = redis.call('GET', KEYS[5]) == rid
   end
   if rec then
     -- "<fingerprint>\n<balance after>\n<blob>" (the blob may hold any byte)
@@ -114,6 +124,8 @@ for i = 1, #KEYS - 4 do
     else
       out[i] = {2}
     end
+  elseif not healed then
+    out[i] = {9}
   elseif not seed[1] then
     out[i] = {5}
   elseif seed[3] ~= rid then

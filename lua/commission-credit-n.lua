@@ -11,7 +11,8 @@
 
   KEYS[1]     balances hash of the ancestor
   KEYS[2]     push channel of the ancestor (a channel, not a key; listed for cluster routing)
-  KEYS[2+i]   for i = 1 ... m: the "credited" marker of flush i for this ancestor
+  KEYS[3]     heal marker of the ancestor (lua/heal-n.lua)
+  KEYS[3+i]   for i = 1 ... m: the "credited" marker of flush i for this ancestor
               (plumbing/keys.py: Keys.credit_marker)
 
   ARGV[1]     marker lifetime, seconds
@@ -23,15 +24,21 @@
   is read back with HGET (a Lua number would print 1e14 and above in exponent form).
   Pushes "commission|-|<currency>|<balance>" once per currency credited.
 
-  Returns the number of flushes credited by this call (0: all were credited before).
+  Returns the number of flushes credited by this call (0: all were credited before), or -1
+  (HEAL) when the heal marker does not hold this Redis's run id: Redis restarted since the
+  ancestor's balance was last made equal to the ledger, so nothing is credited until the
+  ancestor is healed (the heal sets the markers of every credit PostgreSQL already paid).
 ]]
 
+if redis.call('GET', KEYS[3]) ~= string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') then
+  return -1
+end
 local c = tonumber(ARGV[2])
-local m = #KEYS - 2
+local m = #KEYS - 3
 local credited = 0
 local touched = {}
 for i = 1, m do
-  if redis.call('SET', KEYS[2 + i], '1', 'NX', 'EX', ARGV[1]) then
+  if redis.call('SET', KEYS[3 + i], '1', 'NX', 'EX', ARGV[1]) then
     credited = credited + 1
     local base = 2 + c + (i - 1) * c
     for j = 1, c do

@@ -41,7 +41,14 @@ player-side money is ``balances - commissions``). It is checked twice: from Post
 including the pending outbox). With ``--users`` the same identity holds for that set of
 users, ``commissions`` then being what they received.
 
-A live system moves between reads of Redis and PostgreSQL, so failures of (b) and (c) are
+(d) **Told but not held.** Bets a player was shown that neither store holds, where that can
+be known: a seed pair whose nonces 1 .. n (n its revealed final nonce, or the highest
+nonce stored or waiting in the outbox) are not all in ``bets`` or the outbox. Possible only
+when Redis lost acknowledged writes that never reached PostgreSQL (``appendfsync everysec``
+on a machine crash, a failover to a lagging replica); each such pair is a failure, and the
+summary counts the bets.
+
+A live system moves between reads of Redis and PostgreSQL, so failures of (b), (c) and (d) are
 re-checked ``--retries`` times a second apart; only what persists is reported. (a) reads one
 PostgreSQL snapshot of immutable rows and needs no retry.
 """
@@ -150,6 +157,12 @@ class MoneyReport:
     redis: dict[str, Totals] = field(default_factory=lambda: defaultdict(Totals))
     pending: Pending = field(default_factory=Pending)
     failures: list[Failure] = field(default_factory=list)
+    #: (d): bets told to a player that neither store holds (nonces missing below the top).
+    told_not_held: int = 0
+    #: Users whose heal marker is stale (Redis restarted and nothing has touched them since):
+    #: their hash is not their balance (every script refuses it until they are healed, from
+    #: the ledger and the outbox), so their balance is counted as what the heal will set.
+    awaiting_heal: int = 0
 
 
 # -- (a) pure checks of one pair and one bet -------------------------------------------------
@@ -266,6 +279,17 @@ class NonceTracker:
 
 
 # -- (b) and (c): pure comparisons -----------------------------------------------------------
+
+
+def due_balances(
+    user_id: int, ledger: Mapping[str, int], pending: Mapping[tuple[int, str], int],
+    uncredited: Mapping[tuple[int, str], int] | None = None,
+) -> dict[str, int]:
+    """What Redis must hold for the user: ledger + pending - uncredited, per currency."""
+    uncredited = uncredited or {}
+    names = set(ledger) | {c for u, c in [*pending, *uncredited] if u == user_id}
+    return {c: ledger.get(c, 0) + pending.get((user_id, c), 0) - uncredited.get((user_id, c), 0)
+            for c in names}
 
 
 def compare_balances(
@@ -621,6 +645,17 @@ async def _hgetall_many(redis: aioredis.Redis, keys: Keys,
     }
 
 
+async def _stale(redis: aioredis.Redis, keys: Keys, users: Sequence[int]) -> set[int]:
+    """The users whose heal marker does not hold the run id of this Redis (plumbing/heal.py)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.info("server")
+    for user in users:
+        pipe.get(keys.healed(user))
+    info, *markers = await pipe.execute()
+    run_id = str(info["run_id"])
+    return {u for u, m in zip(users, markers, strict=True) if m is None or _text(m) != run_id}
+
+
 async def _redis_balance_users(
     redis: aioredis.Redis, keys: Keys, chunk: int
 ) -> AsyncIterator[list[int]]:
@@ -668,6 +703,7 @@ async def audit_money(
                 add_event(pending, event)
 
         report.pg = await _pg_totals(conn, users)
+        await check_told(conn, waiting, done, report, users)
 
         # Every user with ledger rows, a chunk at a time, against its Redis hash.
         seen_redis: Money = defaultdict(int)
@@ -675,11 +711,15 @@ async def audit_money(
 
         async def compare(batch: dict[int, Money]) -> None:
             redis_balances = await _hgetall_many(redis, keys, list(batch))
+            stale = await _stale(redis, keys, list(batch))
             for user, ledger in batch.items():
                 if not ledger:
                     checked.add(user)
                 have = redis_balances[user]
                 report.users += 1
+                if user in stale:
+                    report.awaiting_heal += 1
+                    have = due_balances(user, ledger, pending.deltas, pending.uncredited)
                 report.failures += compare_balances(user, ledger, have, pending.deltas,
                                                     pending.uncredited)
                 for currency, amount in have.items():
@@ -735,6 +775,37 @@ async def audit_money(
     return report
 
 
+_TOLD_SQL = """
+SELECT s.pair_id, s.user_id,
+       GREATEST(COALESCE(s.final_nonce, 0), COALESCE(max(b.nonce), 0)) AS top,
+       count(DISTINCT b.nonce) FILTER (WHERE b.nonce >= 1) AS held
+FROM seed_pairs s LEFT JOIN bets b ON b.pair_id = s.pair_id{where}
+GROUP BY s.pair_id, s.user_id
+HAVING GREATEST(COALESCE(s.final_nonce, 0), COALESCE(max(b.nonce), 0))
+       > count(DISTINCT b.nonce) FILTER (WHERE b.nonce >= 1)
+"""
+
+
+async def check_told(conn: Conn, waiting: Sequence[events.Event], done: set[str],
+                     report: MoneyReport, users: Sequence[int] | None) -> None:
+    """(d): for every pair, the nonces up to its top that neither ``bets`` nor the outbox
+    holds (a bet settles nonces 1, 2, ... in order, so each one below the top was told)."""
+    queued: dict[int, set[int]] = defaultdict(set)
+    for event in waiting:
+        if isinstance(event, events.BetEvent) and ledger_id(event) not in done:
+            queued[event.pair_id].add(event.nonce)
+    where, args = _where("s.user_id", users)
+    for r in await conn.fetch(_TOLD_SQL.format(where=where), *args):
+        top, held = int(r["top"]), int(r["held"])
+        missing = top - held - sum(1 for n in queued.get(int(r["pair_id"]), ()) if n <= top)
+        if missing > 0:
+            report.told_not_held += missing
+            report.failures.append(Failure(
+                "told", f"pair {r['pair_id']} (user {r['user_id']})",
+                f"{missing} bet(s) with a nonce up to {top} were settled and are held by "
+                "neither PostgreSQL nor the outbox"))
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -785,6 +856,8 @@ def summary(audit: Audit, currencies: Iterable[str] | None = None) -> str:
         f"users {m.users}   ({audit.elapsed_s:.1f} s)",
         f"outbox pending    {p.events} events ({p.bets} bets, {p.deposits} deposits, "
         f"{p.reveals} reveals; {p.persisted} committed awaiting ack)   dead letters {p.dead}",
+        f"told, not held    {m.told_not_held} bets (settled, in neither store)   "
+        f"awaiting heal {m.awaiting_heal} users",
         f"commissions       {p.due_bets} bets not yet paid by a flush: "
         + (", ".join(f"{c} {v}" for c, v in sorted(p.commissions.items())) or "none")
         + "; paid, not yet credited: " + (", ".join(

@@ -5,10 +5,10 @@ pair to the bucket's outbox stream (docs/architecture.md). An entry's fields:
 
 - ``k``: the kind, ``bet``, ``deposit`` or ``reveal``;
 - ``e`` (bet, deposit): the event blob the server prepared, msgpack. A bet's is the list of
-  :data:`BET_FIELDS` in that order (:func:`encode_bet`; a map with those keys, the earlier
-  format, is read too: docs/decisions.md, "Formats still read"), a deposit's the map
-  :func:`encode_deposit` writes. Integers in a blob are msgpack integers, strings msgpack
-  strings;
+  :data:`BET_FIELDS` in that order (:func:`encode_bet`; a map with those keys, and a list
+  or map without the last field, ``client_id``, are read too: docs/decisions.md, "Formats
+  still read"), a deposit's the map :func:`encode_deposit` writes. Integers in a blob are
+  msgpack integers, strings msgpack strings;
 - ``b`` (bet, deposit): the balance after, written by the script (decimal digits);
 - ``pid``, ``n``, ``ts`` (reveal): written by rotate-2.lua (decimal digits).
 
@@ -51,6 +51,9 @@ class BetEvent:
     client_seed: str
     ts: int
     balance_after: int
+    #: The player's id of the bet (:func:`client_ref`), None in events written before it
+    #: travelled with the bet.
+    client_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +75,32 @@ class RevealEvent:
 
 Event = BetEvent | DepositEvent | RevealEvent
 
-#: The fields of a bet event's blob, in the order of its list.
+#: The fields of a bet event's blob, in the order of its list. ``client_id`` is last so
+#: that a blob without it (written before it existed) is the same list one shorter.
 BET_FIELDS = ("bet_id", "user_id", "pair_id", "currency", "amount", "payout", "roll", "target",
-              "direction", "nonce", "multiplier", "server_seed_hash", "client_seed", "ts")
+              "direction", "nonce", "multiplier", "server_seed_hash", "client_seed", "ts",
+              "client_id")
+_OLD_BET_FIELDS = len(BET_FIELDS) - 1
 
-#: The columns of one bet's row (:data:`BetRow`): the event's fields, the balance after, and
-#: the time last.
-BET_COLUMNS = (*BET_FIELDS[:-1], "balance_after", "ts")
+#: The columns of one bet's row (:data:`BetRow`): the event's fields up to the client seed,
+#: the balance after, the time, and the client's id of the bet.
+BET_COLUMNS = (*BET_FIELDS[:13], "balance_after", "ts", "client_id")
 
 #: One bet as the persister writes it: the values of :data:`BET_COLUMNS` in order.
-BetRow = tuple[str, int, int, str, int, int, int, int, str, int, int, str, str, int, int]
+BetRow = tuple[str, int, int, str, int, int, int, int, str, int, int, str, str, int, int,
+               str | None]
+
+#: Longest :func:`client_ref`: a tag, a colon, and an id of at most 64 characters (the
+#: protocol's limit) or a 64-bit integer.
+CLIENT_REF_MAX = 2 + 64
+
+
+def client_ref(client_id: int | str) -> str:
+    """The player's bet id as one string that keeps its type: ``1`` and ``"1"`` are
+    different ids (PROTOCOL.md), ``i:1`` and ``s:1`` here. The same text ends the bet's
+    idempotency key (:func:`plumbing.keys.bet_idem_key`), and PostgreSQL stores it with the
+    bet (``bets.client_id``), so a record Redis lost can be rebuilt from the row."""
+    return f"{'i' if isinstance(client_id, int) else 's'}:{client_id}"
 
 #: One Packer for the process (msgpack.packb builds a Packer per call); the event loop is
 #: the only thread that packs bets.
@@ -93,10 +112,12 @@ _pack = msgpack.Packer().pack
 
 def encode_bet(bet_id: str, user_id: int, pair_id: int, currency: str, amount: int,
                payout: int, roll: int, target: int, direction: str, nonce: int,
-               multiplier: int, server_seed_hash: str, client_seed: str, ts: int) -> bytes:
-    """A bet event's blob: the list of :data:`BET_FIELDS` (no keys: smaller, faster)."""
+               multiplier: int, server_seed_hash: str, client_seed: str, ts: int,
+               client_id: str | None = None) -> bytes:
+    """A bet event's blob: the list of :data:`BET_FIELDS` (no keys: smaller, faster).
+    ``client_id`` is :func:`client_ref` of the player's id of the bet."""
     return _pack([bet_id, user_id, pair_id, currency, amount, payout, roll, target, direction,
-                  nonce, multiplier, server_seed_hash, client_seed, ts])
+                  nonce, multiplier, server_seed_hash, client_seed, ts, client_id])
 
 
 def encode_deposit(key: str, user_id: int, currency: str, amount: int, ts: int) -> bytes:
@@ -116,8 +137,10 @@ def unpack_bet(blob: bytes) -> dict[str, Any]:
         event = msgpack.unpackb(blob, raw=False)
     except Exception as exc:
         raise Malformed(f"event blob is not msgpack: {exc}") from exc
-    if not isinstance(event, list) or len(event) != len(BET_FIELDS):
+    if not isinstance(event, list) or len(event) not in (len(BET_FIELDS), _OLD_BET_FIELDS):
         raise Malformed("not a bet event blob")
+    if len(event) == _OLD_BET_FIELDS:
+        event = [*event, None]
     return dict(zip(BET_FIELDS, event, strict=True))
 
 
@@ -150,6 +173,16 @@ def _str(value: Any, name: str) -> str:
     return value
 
 
+def _client_ref(value: Any) -> str | None:
+    """A bet's client id in a blob: absent (None), or a :func:`client_ref` string."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 2 < len(value) <= CLIENT_REF_MAX \
+            or value[:2] not in ("i:", "s:"):
+        raise Malformed(f"client_id is not a client reference: {value!r}")
+    return value
+
+
 def _blob(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     raw = fields.get(b"e")
     if raw is None:
@@ -158,8 +191,9 @@ def _blob(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
         event = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as exc:
         raise Malformed(f"event blob is not msgpack: {exc}") from exc
-    if isinstance(event, list) and len(event) == len(BET_FIELDS) and fields.get(b"k") == b"bet":
-        return dict(zip(BET_FIELDS, event, strict=True))
+    if isinstance(event, list) and fields.get(b"k") == b"bet" and len(event) in (
+            len(BET_FIELDS), _OLD_BET_FIELDS):
+        return dict(zip(BET_FIELDS, event, strict=False))
     if not isinstance(event, dict):
         raise Malformed("event blob is not a map")
     return event
@@ -193,6 +227,7 @@ def parse(fields: Mapping[bytes, bytes]) -> Event:
             client_seed=_str(_get(e, "client_seed"), "client_seed"),
             ts=_int(_get(e, "ts"), "ts"),
             balance_after=_field(fields.get(b"b"), "b"),
+            client_id=_client_ref(e.get("client_id")),
         )
         if bet.amount <= 0 or bet.payout < 0:
             raise Malformed(f"bet amounts out of range: {bet.amount} -> {bet.payout}")
@@ -225,7 +260,7 @@ def row_of(e: BetEvent) -> BetRow:
     """The bet's row, in :data:`BET_COLUMNS` order."""
     return (e.bet_id, e.user_id, e.pair_id, e.currency, e.amount, e.payout, e.roll, e.target,
             e.direction, e.nonce, e.multiplier, e.server_seed_hash, e.client_seed,
-            e.balance_after, e.ts)
+            e.balance_after, e.ts, e.client_id)
 
 
 _unpackb = msgpack.unpackb
@@ -255,9 +290,10 @@ def bet_row(fields: Mapping[bytes, bytes]) -> BetRow:
             server_seed_hash = e["server_seed_hash"]
             client_seed = e["client_seed"]
             ts = e["ts"]
+            client_id = e.get("client_id")
         else:
             (bet_id, user_id, pair_id, currency, amount, payout, roll, target, direction,
-             nonce, multiplier, server_seed_hash, client_seed, ts) = e
+             nonce, multiplier, server_seed_hash, client_seed, ts, client_id) = e
         balance = fields[b"b"]
         if (
             type(bet_id) is str and type(currency) is str and type(server_seed_hash) is str
@@ -272,12 +308,15 @@ def bet_row(fields: Mapping[bytes, bytes]) -> BetRow:
             and max(user_id, pair_id, nonce, ts) <= _I64[1]
             and _I32[0] <= min(roll, target, multiplier)
             and max(roll, target, multiplier) <= _I32[1]
+            and (client_id is None or (type(client_id) is str
+                                       and 2 < len(client_id) <= CLIENT_REF_MAX
+                                       and client_id[:2] in ("i:", "s:")))
         ):
             balance_after = int(balance)
             if balance_after <= _I64[1]:
                 return (bet_id, user_id, pair_id, currency, amount, payout, roll, target,
                         direction, nonce, multiplier, server_seed_hash, client_seed,
-                        balance_after, ts)
+                        balance_after, ts, client_id)
     except Exception:
         pass
     event = parse(fields)

@@ -44,6 +44,11 @@ class Keys:
     def deposit_idem(self, user_id: int, idempotency_key: str) -> str:
         return f"{self.prefix}:dep:{self.tag(user_id)}:{user_id}:{idempotency_key}"
 
+    def healed(self, user_id: int) -> str:
+        """String: the Redis run id under which the user's state was last made equal to the
+        ledger (lua/heal-n.lua); every money script of the user refuses while it differs."""
+        return f"{self.prefix}:healed:{self.tag(user_id)}:{user_id}"
+
     def outbox_for(self, user_id: int) -> str:
         return self.outbox(bucket_of(user_id, self.buckets))
 
@@ -127,6 +132,9 @@ class Keys:
 #: recorded as done this close to it is no longer credited by the workers (the marker may be
 #: gone): it needs the heal or a person (workers/commissions.py).
 CREDIT_MARKER_TTL_S = 7 * 24 * 3600
+#: How far back a commission flush checks whether Redis lost credits it recorded as made
+#: (workers/commissions.py); a heal sets the markers of credits this recent.
+COMMISSION_RECHECK_S = 3600.0
 
 
 def commission_entry_id(flush_id: str, user_id: int, currency: str) -> str:

@@ -38,14 +38,15 @@ class Script:
 
 
 BET = Script.load("bet-n.lua")
-DEPOSIT = Script.load("deposit-4.lua")
-ROTATE = Script.load("rotate-2.lua")
+DEPOSIT = Script.load("deposit-5.lua")
+ROTATE = Script.load("rotate-3.lua")
+HEAL = Script.load("heal-n.lua")
 OUTBOX_ACK = Script.load("outbox-ack-n.lua")
 COMMISSION_CREDIT = Script.load("commission-credit-n.lua")
 LEASE = Script.load("lease-1.lua")
 RATE = Script.load("rate-1.lua")
 HOLD = Script.load("hold-1.lua")
-ALL = (BET, DEPOSIT, ROTATE, OUTBOX_ACK, COMMISSION_CREDIT, LEASE, RATE, HOLD)
+ALL = (BET, DEPOSIT, ROTATE, HEAL, OUTBOX_ACK, COMMISSION_CREDIT, LEASE, RATE, HOLD)
 
 #: One script call: the script, its KEYS, its ARGV.
 Call = tuple[Script, Sequence[str], Sequence[Any]]

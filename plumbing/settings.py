@@ -6,6 +6,8 @@ command-line tools), so tests build their own without touching ``os.environ``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,6 +36,11 @@ class Settings(BaseSettings):
     #: without any being answered.
     health_stall_s: float = Field(default=3.0, gt=0)
 
+    #: What the ledger Redis must keep on a crash (plumbing/durability.py): ``always``
+    #: (AOF, appendfsync always: no acknowledged bet lost), ``everysec`` (accepts losing about
+    #: a second on a machine crash) or ``none`` (accepts AOF off). A Redis that keeps less is
+    #: reported at start, in the logs and in /healthz's body.
+    redis_durability: Literal["always", "everysec", "none"] = "always"
     #: Number of Redis hash-tag buckets; a user's keys and its bucket's outbox share one slot.
     #: Changing it on a live system moves every key: it is fixed at deployment.
     buckets: int = Field(default=64, ge=1, le=16384)

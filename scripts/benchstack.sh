@@ -5,8 +5,10 @@
 #                                              alone (the outbox waits for the workers)
 #   scripts/benchstack.sh workers              start the worker and scheduler beside `serve`
 #   scripts/benchstack.sh stop
-# Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database stakepro_bench.
-# Redis keeps an AOF (appendfsync everysec), as in production, but does not compact it by
+# Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database BENCH_DB
+# (stakepro_bench).
+# Redis keeps an AOF (appendfsync always, as make run; BENCH_APPENDFSYNC=everysec for the
+# comparison in docs/benchmarks.md), but does not compact it by
 # itself (auto-aof-rewrite-percentage 0): a rewrite forks a child that takes a whole core for
 # seconds, and on 2 cores shared with the server and the load client it made the slow
 # stretches of the runs (docs/benchmarks.md). Where Redis has cores of its own, leave the
@@ -16,9 +18,10 @@ cd "$(dirname "$0")/.."
 PORT=${BENCH_PORT:-8030}
 RPORT=${BENCH_REDIS_PORT:-6398}
 DIR=${BENCH_DIR:-/tmp/stakepro-bench}
-DB=stakepro_bench
+DB=${BENCH_DB:-stakepro_bench}
 export ADMIN_TOKEN=${ADMIN_TOKEN:-bench} REDIS_URL=redis://127.0.0.1:$RPORT/0 \
-    DATABASE_URL=postgresql://root@127.0.0.1:5432/$DB DEBUG_ECHO=true PORT LOG_LEVEL=warning
+    DATABASE_URL=postgresql://root@127.0.0.1:5432/$DB DEBUG_ECHO=true PORT LOG_LEVEL=warning \
+    REDIS_DURABILITY=${BENCH_APPENDFSYNC:-always}
 # The load tools sign in thousands of players from one loopback address: lift the
 # per-address and per-user limits that protect a deployment (docs/security.md).
 export SIGNIN_PER_MINUTE=1e9 SIGNIN_BURST=1000000000 ADMIN_PER_MINUTE=1e9 \
@@ -50,7 +53,7 @@ start)
     stop
     rm -rf "$DIR"; mkdir -p "$DIR/redis"
     redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
-        --appendfsync everysec --auto-aof-rewrite-percentage 0 \
+        --appendfsync "${BENCH_APPENDFSYNC:-always}" --auto-aof-rewrite-percentage 0 \
         --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
     psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
         -c "CREATE DATABASE $DB"

@@ -199,7 +199,7 @@ cmd_redis() {
     mkdir -p "$REDIS_DIR"
     rm -f "$REDIS_PIDFILE"
     local args=(--daemonize yes --bind "$bind" --port "$URL_PORT"
-        --dir "$REDIS_DIR" --appendonly yes --appendfsync everysec --save ""
+        --dir "$REDIS_DIR" --appendonly yes --appendfsync always --save ""
         --logfile "$REDIS_DIR/redis.log" --pidfile "$REDIS_PIDFILE")
     [[ -n $URL_PASS ]] && args+=(--requirepass "$URL_PASS")
     redis-server "${args[@]}" >/dev/null 9>&- \

@@ -50,6 +50,7 @@ async def create_user(request: Request) -> Response:
                 f" user {parent_id} has role {parent.role}"
             )
     user, token = await users.create(pool, role, name, parent_id, bps)
+    await services_of(request).wallet.mark_new(user.user_id)
     return JSONResponse({"user_id": user.user_id, "token": token})
 
 

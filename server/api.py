@@ -86,6 +86,7 @@ async def demo(request: Request) -> Response:
                 found = (await users.create(db, role, name, parent_id, bps))[0].user_id
             parent_id = int(found)
     player, token = await users.create(services.pool, "player", None, parent_id, 0)
+    await services.wallet.mark_new(player.user_id)
     for currency, amount in credits:
         await services.wallet.deposit(
             player.user_id, currency, amount, f"demo:{player.user_id}:{currency.code}"
@@ -207,6 +208,8 @@ async def healthz(request: Request) -> Response:
     body = {"redis": r, "postgres": p}
     if full:
         body["outbox"] = "full"
+    if services.durability:  # reported, not failed: the deployment may accept it on purpose
+        body["redis_durability"] = services.durability
     if stalled >= services.settings.health_stall_s:
         body["bets"] = "stalled"
     elif r == p == "ok" and not full:

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import BusyLoadingError
 
 from games.bets import BetChecker
+from plumbing import durability
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from server.feed import Feed
@@ -25,6 +27,8 @@ from server.redisconn import RunId
 from server.resp import FastConnection
 from server.tokens import Tokens
 from server.wallet import Wallet
+
+log = structlog.get_logger(__name__)
 
 #: The only eviction policy under which Redis never deletes a key to make room: any other
 #: would silently delete balances, seed pairs or unpersisted outbox entries.
@@ -52,6 +56,8 @@ class Services:
     #: Per-user message and bet rates (server/limits.py).
     meter: UserMeter = field(init=False)
     tokens: Tokens = field(init=False)
+    #: Why the ledger Redis may lose acknowledged bets (plumbing/durability.py), or None.
+    durability: str | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -88,6 +94,9 @@ class Services:
             Rate("bets", settings.user_bets_per_s, settings.user_bets_burst),
         ))
         services.tokens = Tokens(client, pool, keys, settings.token_ttl_s)
+        services.durability = await durability.check(client, settings.redis_durability)
+        if services.durability:
+            log.error("redis_durability", problem=services.durability)
         services.feed = Feed(
             client, hub, keys.feed_channel(), services.metrics, settings.feed_interval_s
         )

@@ -21,6 +21,12 @@ when one does not advance the nonce (insufficient funds, a replayed id), the lat
 that user come back STALE, without having changed anything, and are recomputed in the next
 pipeline. Only a STALE that no earlier bet of the batch explains counts as an
 attempt against MAX_ATTEMPTS.
+
+Healing (:mod:`plumbing.heal`, docs/durability.md): after Redis restarted, every money
+script of a user answers HEAL until the user's state has been made equal to the ledger
+again. The user's next bet, deposit, rotation or sign-in heals it first (one heal per user
+and process at a time; a heal another process made meanwhile is found and kept), then goes
+on; users Redis has healed already never wait for anyone else's heal.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ from games.codes import BetCode, DepositCode, RotateCode
 from games.errors import IdempotencyConflict, InsufficientFunds, StakeProError, Unavailable
 from games.money import Currency
 from games.types import Hundredths, Minor, MultiplierBp
-from plumbing import events, scripts
-from plumbing.keys import Keys, bet_idem_key
+from plumbing import events, heal, scripts
+from plumbing.keys import Keys
 from server.redisbatch import Arg, Batcher
 from server.redisconn import RUN_ID
 from server.resp import Command
@@ -53,6 +59,7 @@ from server.resp import Command
 log = structlog.get_logger(__name__)
 
 _encode_bet = events.encode_bet
+_client_ref = events.client_ref
 
 #: A bet recomputed this many times in a row (other instances betting for the same user,
 #: or rotating under it) gives up with UNAVAILABLE; nothing was changed.
@@ -125,8 +132,8 @@ class UserState:
     """
 
     user_id: int
-    #: balances, seed pair, outbox and push channel keys (plumbing/keys.py).
-    keys: tuple[str, str, str, str] = ("", "", "", "")
+    #: balances, seed pair, outbox, push channel and heal marker keys (plumbing/keys.py).
+    keys: tuple[str, str, str, str, str] = ("", "", "", "", "")
     #: Keys.bet_idem_prefix of the user.
     idem_prefix: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -138,6 +145,8 @@ class UserState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Redis restarted since the pair was installed (EPOCH): rotate before the next bet.
     needs_rotation: bool = False
+    #: Redis restarted since the user was last healed (HEAL): heal before the next bet.
+    needs_heal: bool = False
     #: The active pair's prepared HMAC key, and the pair id it was prepared for.
     key: dice.SeedKey | None = None
     key_pid: str = ""
@@ -187,6 +196,7 @@ class Wallet:
         self._keys = keys
         self._currencies = currencies
         self._window_ms = str(idempotency_window_s * 1000)
+        self._window_s = idempotency_window_s
         self._users: weakref.WeakValueDictionary[int, UserState] = weakref.WeakValueDictionary()
         #: Users with bets for the next pipeline, and whether its tick is scheduled.
         self._ready: list[UserState] = []
@@ -198,6 +208,8 @@ class Wallet:
         #: the submit that found none waiting): see unanswered_for.
         self._unanswered = 0
         self._progress = 0.0
+        #: Heals in progress in this process, by user: a second caller waits for the first.
+        self._heals: dict[int, asyncio.Future[None]] = {}
 
     def user(self, user_id: int) -> UserState:
         """The shared state of a user; kept alive by the sockets holding it."""
@@ -206,11 +218,43 @@ class Wallet:
             k = self._keys
             state = UserState(user_id, (
                 k.balances(user_id), k.seed(user_id), k.outbox_for(user_id),
-                k.user_channel(user_id),
+                k.user_channel(user_id), k.healed(user_id),
             ), k.bet_idem_prefix(user_id))
             state.idle.set()
             self._users[user_id] = state
         return state
+
+    # -- healing ----------------------------------------------------------------------
+
+    async def heal(self, user_id: int) -> None:
+        """Heal the user (a script answered HEAL): once per process at a time, the others
+        wait for that one. Raises what the heal raised (PostgreSQL or Redis down)."""
+        running = self._heals.get(user_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._heals[user_id] = future
+        try:
+            await heal.heal(self._batcher.client, self._pool, self._keys, user_id,
+                            self._window_s * 1000)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a caller that waits re-raises it
+            raise
+        finally:
+            del self._heals[user_id]
+
+    async def mark_new(self, user_id: int) -> None:
+        """A user just created: Redis holds all of its (empty) state, so it is healed."""
+        await heal.mark_new(self._batcher.client, self._keys, user_id)
+
+    async def ensure_healed(self, user_id: int) -> None:
+        """Heal the user now if Redis restarted since its last heal (before its balances
+        are shown: a sign-in, the admin view)."""
+        if not await heal.is_healed(self._batcher.client, self._keys, user_id):
+            await self.heal(user_id)
 
     # -- seed pairs -------------------------------------------------------------------
 
@@ -228,6 +272,8 @@ class Wallet:
             if reply[0] == RotateCode.ROTATED:
                 state.pair = new
                 return new
+            if reply[0] == RotateCode.HEAL:
+                await self.heal(state.user_id)
         raise Unavailable("could not install a seed pair")
 
     async def rotate(self, state: UserState, client_seed: str) -> Rotation:
@@ -247,20 +293,28 @@ class Wallet:
                 state.user_id, old.client_seed if client_seed is None else client_seed
             )
             reply = await self._rotate_script(state.user_id, old.pid, new)
+            if reply[0] == RotateCode.HEAL:
+                await self.heal(state.user_id)
+                continue
             if reply[0] == RotateCode.STALE:
                 state.pair = None
                 continue
             _, pid, ss, sh, cs, n = (_text(x) for x in reply)
-            revealed = Pair(pid, ss, sh, cs, int(n))
             state.pair = new
             async with self._pool.acquire() as conn:
-                await conn.execute(
+                # Redis may have rolled back the pair's nonce while PostgreSQL holds bets
+                # past it: the final nonce revealed is the highest either store knows.
+                final = await conn.fetchval(
                     "UPDATE seed_pairs SET revealed_at = now(), final_nonce = GREATEST($2,"
                     " (SELECT COALESCE(max(nonce), 0) FROM bets WHERE pair_id = $1))"
-                    " WHERE pair_id = $1 AND revealed_at IS NULL",
+                    " WHERE pair_id = $1 AND revealed_at IS NULL RETURNING final_nonce",
                     int(pid),
-                    revealed.nonce,
+                    int(n),
                 )
+                if final is None:  # revealed before (a rotation Redis forgot): as it was
+                    final = await conn.fetchval(
+                        "SELECT final_nonce FROM seed_pairs WHERE pair_id = $1", int(pid))
+            revealed = Pair(pid, ss, sh, cs, max(int(n), int(final or 0)))
             return Rotation(revealed, new)
         raise Unavailable("the seed pair kept changing; try again")
 
@@ -279,7 +333,8 @@ class Wallet:
         return Pair(str(pid), server_seed, seed_hash, client_seed, 0)
 
     async def _rotate_script(self, user_id: int, expected: str, new: Pair) -> list[Any]:
-        keys = (self._keys.seed(user_id), self._keys.outbox_for(user_id))
+        keys = (self._keys.seed(user_id), self._keys.outbox_for(user_id),
+                self._keys.healed(user_id))
         args = (
             expected,
             new.pid,
@@ -367,42 +422,51 @@ class Wallet:
             if state.inflight or state.lock.locked() or not state.queue:
                 continue
             pair = state.pair
-            if pair is None or state.needs_rotation:
+            if pair is None or state.needs_rotation or state.needs_heal:
                 self._spawn(self._prepare(state))
                 continue
             queue = state.queue
             bets = [queue.popleft() for _ in range(min(len(queue), MAX_USER_BATCH))]
             uid = state.user_id
-            balances, seed, outbox, channel = state.keys
+            balances, seed, outbox, channel, healed = state.keys
             key = state.seed_key(pair)
             pid, pid_int, cs, sh = pair.pid, int(pair.pid), pair.client_seed, pair.server_seed_hash
             nonce = pair.nonce
             idem_keys: list[Arg] = []
             args: list[Arg] = [pid, run_id, window, str(max(b.local_others for b in bets))]
-            for bet in bets:
-                spec = bet.spec
-                expected, nonce = nonce, nonce + 1
-                roll = key.roll(cs, nonce)
-                outcome = settle(spec, roll)
-                bet_id = f"{pid}-{nonce}"
-                bet.nonce, bet.roll, bet.win, bet.payout, bet.bet_id = (
-                    nonce, roll, outcome.win, outcome.payout, bet_id
-                )
-                if not bet.fp:
-                    bet.fp = fingerprint(spec)
-                # The idempotency record keeps the outbox event too, for replays.
-                event = _encode_bet(
-                    bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
-                    roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts
-                )
-                idem_keys.append(bet_idem_key(state.idem_prefix, bet.client_id))
-                args += (
-                    spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
-                    str(expected), bet.fp, event, bet.origin,
-                )
+            try:
+                for bet in bets:
+                    spec = bet.spec
+                    expected, nonce = nonce, nonce + 1
+                    roll = key.roll(cs, nonce)
+                    outcome = settle(spec, roll)
+                    bet_id = f"{pid}-{nonce}"
+                    bet.nonce, bet.roll, bet.win, bet.payout, bet.bet_id = (
+                        nonce, roll, outcome.win, outcome.payout, bet_id
+                    )
+                    if not bet.fp:
+                        bet.fp = fingerprint(spec)
+                    # The idempotency record keeps the outbox event too, for replays.
+                    ref = _client_ref(bet.client_id)
+                    event = _encode_bet(
+                        bet_id, uid, pid_int, spec.currency.code, spec.amount, outcome.payout,
+                        roll, spec.target, spec.direction, nonce, spec.multiplier, sh, cs, ts, ref
+                    )
+                    idem_keys.append(state.idem_prefix + ref)
+                    args += (
+                        spec.currency.code, str(spec.amount), str(outcome.payout - spec.amount),
+                        str(expected), bet.fp, event, bet.origin,
+                    )
+            except ValueError as exc:  # an id msgpack cannot encode (a lone surrogate):
+                # this user's call alone fails, as an unsendable command does
+                log.error("bet_not_encodable", user_id=uid, error=repr(exc))
+                for bet in bets:
+                    self._deliver(bet, Unavailable("bet not settled: it could not be encoded"))
+                self._wake(state)
+                continue
             commands.append(
-                ("EVALSHA", sha, 4 + len(bets), balances, seed, outbox, channel, *idem_keys,
-                 *args, self._outbox_cap)
+                ("EVALSHA", sha, 5 + len(bets), balances, seed, outbox, channel, healed,
+                 *idem_keys, *args, self._outbox_cap)
             )
             state.inflight = True
             state.idle.clear()
@@ -490,6 +554,9 @@ class Wallet:
         if code == BetCode.REFUSED:
             log.error("bet_refused_by_redis", user_id=state.user_id, error=_text(reply[1]))
             return Unavailable("bet not settled: the balance change was refused")
+        if code == BetCode.HEAL:
+            state.needs_heal = True
+            return None
         if state.pair is pair:
             state.pair = None  # STALE or NO_SEED: read the pair again
         if code == BetCode.EPOCH:
@@ -497,10 +564,14 @@ class Wallet:
         return None
 
     async def _prepare(self, state: UserState) -> None:
-        """Read the user's pair again, or rotate it after a Redis restart (EPOCH), then let
-        its queued bets go."""
+        """Heal the user after a Redis restart (HEAL), read its pair again, or rotate it
+        after a Redis restart (EPOCH), then let its queued bets go."""
         try:
             async with state.lock:
+                if state.needs_heal:
+                    await self.heal(state.user_id)
+                    state.needs_heal = False
+                    state.pair = None  # read it again: the rollback may have changed it
                 if state.needs_rotation:
                     state.pair = None
                     rotation = await self._rotate_locked(state, None)
@@ -585,10 +656,20 @@ class Wallet:
             self._keys.deposit_idem(user_id, idempotency_key),
             self._keys.outbox_for(user_id),
             self._keys.user_channel(user_id),
+            self._keys.healed(user_id),
         )
-        reply = await self._batcher.run(
-            scripts.DEPOSIT, keys, (currency.code, str(amount), fp, event, self._outbox_cap)
-        )
+        for _ in range(MAX_ATTEMPTS):
+            reply = await self._batcher.run(
+                scripts.DEPOSIT, keys,
+                (currency.code, str(amount), fp, event, RUN_ID, self._outbox_cap),
+            )
+            if reply[0] != DepositCode.HEAL:
+                break
+            # The heal credits this deposit itself when neither store holds its credit
+            # (its row is in PostgreSQL): the retry then answers REPLAY.
+            await self.heal(user_id)
+        else:
+            raise Unavailable("Redis kept restarting; retry the deposit with the same key")
         if reply[0] == DepositCode.OUTBOX_FULL:
             raise Unavailable("deposit not credited: events wait to be stored; retry later")
         if reply[0] == DepositCode.CONFLICT:
@@ -603,7 +684,9 @@ class Wallet:
             return [int(n) for n in await pipe.execute()]
 
     async def balances(self, user_id: int) -> dict[str, Minor]:
-        """Every configured currency's balance, zero where empty."""
+        """Every configured currency's balance, zero where empty (healed first, if Redis
+        restarted since the user's last heal)."""
+        await self.ensure_healed(user_id)
         raw = await self._batcher.client.hgetall(self._keys.balances(user_id))
         have = {_text(k): Minor(int(v)) for k, v in raw.items()}
         return {code: have.get(code, Minor(0)) for code in self._currencies}

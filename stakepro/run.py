@@ -41,6 +41,7 @@ from typing import Any
 
 import uvicorn
 
+from plumbing import durability
 from plumbing.settings import Settings
 from server.db import migrate
 from server.wslink import DirectProtocol
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     applied = asyncio.run(migrate(settings.database_url))
     if applied:
         print(f"migrated: {', '.join(applied)}")
+    weak = asyncio.run(durability.check_url(settings.redis_url, settings.redis_durability))
+    if weak:
+        print(f"ERROR: {weak}", flush=True)
 
     stop_requested: list[int] = []
 

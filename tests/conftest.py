@@ -68,10 +68,11 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process of the tests' own (killable, restartable)."""
 
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, appendfsync: str = "always") -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="stakepro-redis-"))
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,7 +84,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no",
-             "--appendfsync", "everysec"],
+             "--appendfsync", self.appendfsync],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for _ in range(200):
@@ -173,6 +174,7 @@ def settings(redis_server: RedisServer, database_url: str) -> Settings:
         key_prefix=f"t{uuid.uuid4().hex[:6]}",
         log_level="warning",
         **TEST_SETTINGS,
+        redis_durability="none",  # the session's Redis keeps no AOF: speed, on purpose
     )
 
 

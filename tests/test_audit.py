@@ -23,6 +23,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from ops import audit, rebuild
+from plumbing import heal
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, TEST_SETTINGS, RedisServer, fresh_database, serve
@@ -225,6 +226,40 @@ async def test_audit_passes_then_names_tampering(
     assert (await audit.run(settings, users, retries=0)).ok
 
 
+async def test_bets_told_but_not_held_are_named_and_counted(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    """A bet the player was shown that neither store holds (here: removed from PostgreSQL
+    with its ledger row, as if Redis lost it before it was persisted): the nonce gap below
+    the pair's top names it; the balance check names the same money."""
+    users = await population(api)
+    await drained(settings, redis)
+    player = users[2]
+    row = await pool.fetchrow(
+        "SELECT * FROM bets WHERE user_id = $1 ORDER BY nonce LIMIT 1", player)
+    ledger = await pool.fetchrow("SELECT * FROM ledger WHERE entry_id = $1",
+                                 "bet:" + row["bet_id"])
+    await pool.execute("DELETE FROM ledger WHERE entry_id = $1", ledger["entry_id"])
+    await pool.execute("DELETE FROM bets WHERE bet_id = $1", row["bet_id"])
+    try:
+        bad = await audit.run(settings, users, retries=0)
+        told = failures_of(bad, "told")
+        assert len(told) == 1 and f"pair {row['pair_id']} (user {player})" in told[0], told
+        assert bad.money.told_not_held == 1
+        assert "told, not held    1 bets" in audit.summary(bad)
+    finally:
+        cols = list(row.keys())
+        await pool.execute(
+            f"INSERT INTO bets ({', '.join(cols)})"
+            f" VALUES ({', '.join(f'${i + 1}' for i in range(len(cols)))})", *row.values())
+        await pool.execute(
+            "INSERT INTO ledger (entry_id, user_id, currency, delta, kind, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)", *[ledger[c] for c in (
+                "entry_id", "user_id", "currency", "delta", "kind", "created_at")])
+    good = await audit.run(settings, users, retries=0)
+    assert good.ok and good.money.told_not_held == 0, audit.summary(good)
+
+
 async def test_pending_outbox_counts_as_pending_not_lost(
     api: Api, settings: Settings, redis: aioredis.Redis
 ) -> None:
@@ -238,6 +273,7 @@ async def test_pending_outbox_counts_as_pending_not_lost(
     import msgpack
 
     await redis.hset(keys.balances(uid), "USDT", 500)
+    await heal.mark_new(redis, keys, uid)  # its hash under this prefix is its balance
     await redis.xadd(keys.outbox_for(uid), {
         "k": "deposit", "b": "500",
         "e": msgpack.packb({"key": uuid.uuid4().hex, "user_id": uid, "currency": "USDT",
@@ -420,8 +456,10 @@ async def _lose_writes(redis_server: RedisServer, snapshot: Path) -> None:
 async def test_redis_losing_writes_is_found_and_rebuilt(
     aof_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
-    """Redis restarts from an older AOF: the audit names the users whose Redis balance is
-    behind the ledger, and the rebuild (servers stopped) makes them agree again."""
+    """Redis restarts from an older AOF: the user's Redis hash is behind the ledger, but
+    stale (Redis restarted since its last heal): the audit counts the user as awaiting its
+    heal, not as a mismatch, and the user's next action heals it; the rebuild (servers
+    stopped) still agrees with the ledger afterwards."""
     settings = own_settings(aof_redis.url, database_url)
     client = aioredis.Redis.from_url(settings.redis_url)
     async with serve(settings) as served, Api(served.address, ADMIN_TOKEN) as api:
@@ -435,9 +473,15 @@ async def test_redis_losing_writes_is_found_and_rebuilt(
         await client.aclose()
         await _lose_writes(aof_redis, tmp_path / "old")
         client = aioredis.Redis.from_url(settings.redis_url)
-        bad = await audit.run(settings, [uid], retries=0)
-        assert any(f"user {uid} USDT" in f for f in failures_of(bad, "balances")), \
-            audit.summary(bad)
+        stale = await audit.run(settings, [uid], retries=0)
+        assert stale.ok and stale.money.awaiting_heal == 1, audit.summary(stale)
+        behind = int(await client.hget(keys_of(settings).balances(uid), "USDT") or 0)
+        await api.user(uid)  # anything that reads or moves the money heals it
+        healed = int(await client.hget(keys_of(settings).balances(uid), "USDT") or 0)
+        assert healed > behind
+        done_audit = await audit.run(settings, [uid], retries=0)
+        assert done_audit.ok and done_audit.money.awaiting_heal == 0, \
+            audit.summary(done_audit)
     try:
         # The old copy's outbox may still hold entries persisted long ago: already in the
         # ledger, so they count once. Nothing unpersisted is left: the rebuild may run.

@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from plumbing import heal
 from plumbing.keys import Keys
 from plumbing.settings import Settings
 from tests.conftest import fresh_database
@@ -59,10 +60,12 @@ class Env:
     keys: Keys
 
     async def user(self, role: str, parent: int | None = None, bps: int = 0) -> int:
-        return int(await self.pool.fetchval(
+        uid = int(await self.pool.fetchval(
             "INSERT INTO users (role, parent_id, commission_bps, name, token_hash)"
             " VALUES ($1, $2, $3, 'u', $4) RETURNING user_id", role, parent, bps,
             os.urandom(16)))
+        await heal.mark_new(self.redis, self.keys, uid)  # as the server does on creation
+        return uid
 
     async def chain(self, players: int = 3) -> Chain:
         sm = await self.user("super_master", None, SM_BPS)

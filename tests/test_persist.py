@@ -57,7 +57,8 @@ def bet(user_id: int, pair_id: int, nonce: int = 1, amount: int = 100, payout: i
         "bet_id": f"{pair_id}-{nonce}", "user_id": user_id, "pair_id": pair_id,
         "currency": "USDT", "amount": amount, "payout": payout, "roll": 1234,
         "target": 5000, "direction": "under", "nonce": nonce, "multiplier": 19800,
-        "server_seed_hash": "ab" * 32, "client_seed": "seed-1", "ts": ts, **over,
+        "server_seed_hash": "ab" * 32, "client_seed": "seed-1", "ts": ts,
+        "client_id": f"s:c{nonce}", **over,
     }
     return {"k": "bet", "e": msgpack.packb(event), "b": str(balance)}
 
@@ -102,6 +103,7 @@ async def test_drain_writes_bets_ledger_and_reveals(env: Env) -> None:
         "client_seed": "seed-1", "balance_after": 1098, "created_at": None,
         # A player without ancestors owes no commission (workers/commissions.py).
         "commission_to": None, "commission_bps": None, "commission_flush": None,
+        "client_id": "s:c1",
     }
     assert row["created_at"].timestamp() == pytest.approx(1_700_000_000.123, abs=1e-6)
     ledger = {r["entry_id"]: (r["delta"], r["kind"]) for r in await env.pool.fetch(
@@ -174,6 +176,8 @@ DECODER_CASES: list[tuple[dict[str, Any], bool]] = [
     ({"balance": 2**63}, False), ({"direction": "sideways"}, False), ({"bet_id": ""}, False),
     ({"currency": b"USDT"}, False), ({"client_seed": None}, False), ({"amount": "100"}, False),
     ({"nonce": "7"}, False), ({"ts": 1.5}, False), ({"target": b"5000"}, False),
+    ({"client_id": None}, True), ({"client_id": "i:-12"}, True), ({"client_id": "x"}, False),
+    ({"client_id": 5}, False), ({"client_id": "s:" + "x" * 65}, False),
 ]
 
 

@@ -30,14 +30,17 @@ TEXT = st.text(min_size=1, max_size=20)
     target=st.integers(min_value=1, max_value=9999), direction=st.sampled_from(["under", "over"]),
     nonce=I64, multiplier=st.integers(min_value=0, max_value=2**31 - 1), seed_hash=TEXT,
     client_seed=TEXT, ts=I64, balance=I64,
+    client_id=st.none() | st.builds(
+        events.client_ref,
+        st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.text(min_size=1, max_size=64)),
 )
 def test_a_bet_the_wallet_encodes_is_the_row_the_persister_decodes(
     bet_id: str, user_id: int, pair_id: int, currency: str, amount: int, payout: int,
     roll: int, target: int, direction: str, nonce: int, multiplier: int, seed_hash: str,
-    client_seed: str, ts: int, balance: int,
+    client_seed: str, ts: int, balance: int, client_id: str | None,
 ) -> None:
     values = (bet_id, user_id, pair_id, currency, amount, payout, roll, target, direction,
-              nonce, multiplier, seed_hash, client_seed, ts)
+              nonce, multiplier, seed_hash, client_seed, ts, client_id)
     blob = events.encode_bet(*values)
     fields = {b"k": b"bet", b"e": blob, b"b": str(balance).encode()}
     expected = {**dict(zip(events.BET_FIELDS, values, strict=True)), "balance_after": balance}
@@ -45,6 +48,16 @@ def test_a_bet_the_wallet_encodes_is_the_row_the_persister_decodes(
     assert events.bet_row(fields) == row
     assert events.row_of(events.parse(fields)) == row  # type: ignore[arg-type]
     assert events.unpack_bet(blob) == dict(zip(events.BET_FIELDS, values, strict=True))
+
+
+def test_a_bet_event_without_its_client_id_still_decodes() -> None:
+    """Events written before the client's bet id travelled with them (14 fields)."""
+    values = ("1-1", 7, 1, "USDT", 100, 0, 1234, 5000, "under", 1, 19800, "ab", "cs", 5)
+    fields = {b"k": b"bet", b"e": msgpack.packb(list(values)), b"b": b"900"}
+    row = (*values[:13], 900, 5, None)
+    assert events.bet_row(fields) == row
+    assert events.row_of(events.parse(fields)) == row  # type: ignore[arg-type]
+    assert events.unpack_bet(msgpack.packb(list(values)))["client_id"] is None
 
 
 def test_a_deposit_the_wallet_encodes_is_the_event_the_persister_decodes() -> None:

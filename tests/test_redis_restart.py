@@ -1,4 +1,4 @@
-"""Redis restarted under load, with its AOF (appendfsync everysec).
+"""Redis SIGKILLed under load and restarted, with its AOF (appendfsync always, the default).
 
 Ten players bet on sockets of their own, a few bets in flight each, against a server with
 its in-process persister; Redis is SIGKILLed mid-load and started again on the same port and
@@ -11,8 +11,8 @@ restart, so their resends must be answered from the idempotency records the AOF 
 Afterwards, with the outbox drained and the server stopped:
 
 1. every acknowledged bet is in ``bets`` exactly once, with the roll, payout, nonce, pair
-   and balance the player was shown (a process kill with ``everysec`` loses no acknowledged
-   write: docs/durability.md), and nothing else is there;
+   and balance the player was shown (zero acknowledged bets missing: with ``always`` no
+   acknowledged write is lost, docs/durability.md), and nothing else is there;
 2. no (server seed hash, nonce) was acknowledged under two bet ids, nor one settled bet to
    two client ids; a resend across the restart gets the original result back;
 3. every player who bet after the restart had the pair rotated first: a new commitment, a
@@ -267,7 +267,7 @@ async def test_redis_killed_under_load_keeps_acknowledged_bets_and_rotates_pairs
 ) -> None:
     own = settings.model_copy(update={
         "redis_url": aof_redis.url, "database_url": own_database,
-        "key_prefix": f"rr{uuid.uuid4().hex[:6]}",
+        "key_prefix": f"rr{uuid.uuid4().hex[:6]}", "redis_durability": "always",
     })
     keys = Keys(own.key_prefix, own.buckets)
     rng = seeded  # the moment of the kill and every player's bets

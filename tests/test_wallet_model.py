@@ -209,20 +209,20 @@ class Harness:
             ))
             args += [b.currency, str(b.stake), str(b.delta), str(b.nonce), fp, event, b.origin]
         keys = [k.balances(USER), k.seed(USER), k.outbox_for(USER), k.user_channel(USER),
-                *(k.bet_idem(USER, b.bet_id) for b in bets)]
+                k.healed(USER), *(k.bet_idem(USER, b.bet_id) for b in bets)]
         self._run(scripts.BET, keys, args, wants, wired=[wire(w) for w in wants])
         return wants
 
     def deposit(self, key: str, currency: str, amount: int) -> Reply:
         fp = f"{USER}|{currency}|{amount}"
         event = b"\x81\xa3dep" + f"{key}|{currency}|{amount}".encode() + b"\xff"
-        want = self.model.deposit(key, currency, Minor(amount), fp, event)
+        want = self.model.deposit(key, currency, Minor(amount), fp, event, self.rid)
         k = self.keys
         return self._run(
             scripts.DEPOSIT,
             (k.balances(USER), k.deposit_idem(USER, key), k.outbox_for(USER),
-             k.user_channel(USER)),
-            (currency, str(amount), fp, event),
+             k.user_channel(USER), k.healed(USER)),
+            (currency, str(amount), fp, event, self.rid),
             want,
         )
 
@@ -232,10 +232,30 @@ class Harness:
         want = self.model.rotate(expected, pid, ss, sh, client_seed, ts, self.rid)
         return self._run(
             scripts.ROTATE,
-            (self.keys.seed(USER), self.keys.outbox_for(USER)),
+            (self.keys.seed(USER), self.keys.outbox_for(USER), self.keys.healed(USER)),
             (expected, pid, ss, sh, client_seed, ts, self.rid),
             want,
         )
+
+    def heal(self) -> Reply:
+        """Heal with the model's own ledger as the truth (what plumbing/heal.py computes
+        from PostgreSQL and the outbox): balances, every bet record for the rest of the
+        window, every deposit record."""
+        m, k = self.model, self.keys
+        balances = dict(m.balances)
+        bets = {b: (rec, WINDOW_MS) for b, rec in m.bets.items()}
+        deposits = dict(m.deposits)
+        want = m.heal(self.rid, balances, bets, deposits)
+        keys = [k.healed(USER), k.balances(USER), k.outbox_for(USER),
+                *(k.bet_idem(USER, b) for b in bets), *(k.deposit_idem(USER, d) for d in deposits)]
+        args: list[Any] = [self.rid, len(bets), len(deposits), 0, 60, len(balances)]
+        for currency, amount in sorted(balances.items()):
+            args += (currency, str(amount))
+        for rec, left in bets.values():
+            args += (rec.as_string(), str(left))
+        for dep in deposits.values():
+            args += (dep.fingerprint, str(dep.balance), b"")
+        return self._run(scripts.HEAL, keys, args, want)
 
     def expire(self, bet_id: str) -> None:
         """The idempotency window of a bet id passes (as PEXPIRE would do)."""
@@ -256,8 +276,10 @@ class Harness:
         for d in DEPOSIT_KEYS:
             pipe.hgetall(k.deposit_idem(USER, d))
             pipe.pttl(k.deposit_idem(USER, d))
+        pipe.get(k.healed(USER))
         pipe.keys(f"{k.prefix}:*")
-        balances, seed, outbox, *records, every_key = pipe.execute()
+        balances, seed, outbox, *records, marker, every_key = pipe.execute()
+        assert marker == (None if m.healed is None else m.healed.encode())
         assert balances == enc({cur: str(v) for cur, v in m.balances.items()})
         assert seed == (enc(m.pair.as_hash()) if m.pair is not None else {})
         assert [tuple(fields.items()) for _, fields in outbox] == [
@@ -284,6 +306,8 @@ class Harness:
             want_keys.add(k.seed(USER))
         if m.outbox:
             want_keys.add(k.outbox_for(USER))
+        if m.healed is not None:
+            want_keys.add(k.healed(USER))
         assert {x.decode() for x in every_key} == want_keys
 
 
@@ -306,7 +330,9 @@ def machine(
 
         @initialize(data=st.data())
         def start(self, data: st.DataObject) -> None:
-            """Usually a first pair and a deposit, so that most bets can settle."""
+            """Usually healed, a first pair and a deposit, so that most bets can settle."""
+            if data.draw(st.integers(0, 5), label="not healed") > 0:
+                self.h.heal()
             if data.draw(st.integers(0, 3), label="no first pair") > 0:
                 self.h.rotate("", f"p{next(self.pids)}")
             if data.draw(st.integers(0, 3), label="no first deposit") > 0:
@@ -333,8 +359,13 @@ def machine(
 
         @rule()
         def restart(self) -> None:
-            """Redis restarted: the server reads a new run id; old pairs answer EPOCH."""
+            """Redis restarted: the server reads a new run id; every script answers HEAL
+            until the user is healed, then old pairs answer EPOCH."""
             self.h.rid = f"run-{next(self.restarts)}"
+
+        @rule()
+        def heal(self) -> None:
+            self.h.heal()
 
         def draw_bet(self, data: st.DataObject, ahead: int) -> tuple[str, Bet]:
             """One bet as the server would send it ``ahead`` bets after the first of its
@@ -468,6 +499,7 @@ def test_the_machine_catches_a_model_that_overdraws_by_one(client: redis.Redis) 
 def test_a_pushed_balance_is_exact_from_10_pow_14(client: redis.Redis) -> None:
     h = Harness(client, WalletModel())
     try:
+        h.heal()
         h.deposit("d0", "BTC", 10**14)  # pushed as "deposit|-|BTC|1e+14"
     finally:
         h.close()
@@ -498,13 +530,14 @@ def test_a_bet_that_overflows_the_balance_uses_no_nonce(client: redis.Redis) -> 
     """
     h = Harness(client, WalletModel())
     try:
+        h.heal()
         h.rotate("", "p1")
         k = h.keys
         client.hset(k.balances(USER), "USDT", str(2**63 - 2))  # no deposit: see above
         reply, _ = evalsha(
             client, scripts.BET,
             (k.balances(USER), k.seed(USER), k.outbox_for(USER), k.user_channel(USER),
-             k.bet_idem(USER, "b0"), k.bet_idem(USER, "b1")),
+             k.healed(USER), k.bet_idem(USER, "b0"), k.bet_idem(USER, "b1")),
             ("p1", h.rid, str(WINDOW_MS), "0",
              "USDT", "1", "5", "0", "fp", b"e", "-",
              "USDT", "1", "-1", "0", "fp", b"e", "-"),
@@ -523,6 +556,7 @@ def test_a_record_of_the_former_bet_script_still_replays(client: redis.Redis) ->
     upgrade, bet-n.lua still answers REPLAY / CONFLICT from it."""
     h = Harness(client, WalletModel())
     try:
+        h.heal()
         h.rotate("", "p1")
         k = h.keys
         client.hset(k.bet_idem(USER, "b0"), mapping={"f": "fp", "b": "77", "r": b"\n\x00blob"})
@@ -531,7 +565,7 @@ def test_a_record_of_the_former_bet_script_still_replays(client: redis.Redis) ->
         reply, _ = evalsha(
             client, scripts.BET,
             (k.balances(USER), k.seed(USER), k.outbox_for(USER), k.user_channel(USER),
-             k.bet_idem(USER, "b0"), k.bet_idem(USER, "b0")),
+             k.healed(USER), k.bet_idem(USER, "b0"), k.bet_idem(USER, "b0")),
             (*args, *one, "fp", b"e", "-", *one, "other", b"e", "-"),
             then_publish=(h.channel, SYNC),
         )

@@ -98,8 +98,8 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
 
     @classmethod
-    async def create(cls, tmp: Path, **overrides: Any) -> Stack:
-        redis_server = RedisServer()
+    async def create(cls, tmp: Path, appendonly: bool = False, **overrides: Any) -> Stack:
+        redis_server = RedisServer(appendonly=appendonly)
         redis_server.start()
         dsn = database_named(fresh_database_name("w"))
         await migrate(dsn)
@@ -107,7 +107,7 @@ class Stack:
             redis_url=redis_server.url, database_url=dsn, **TEST_SETTINGS,
             key_prefix=f"w{uuid.uuid4().hex[:6]}", log_level="warning", buckets=8,
             inprocess_persister=False, commission_flush_s=0.5, persist_run_s=2.0,
-            persist_every_s=0.25, port=free_port(), **overrides,
+            persist_every_s=0.25, port=free_port(), redis_durability="none", **overrides,
         )
         return cls(tmp, redis_server, settings)
 
@@ -133,6 +133,7 @@ class Stack:
             "COMMISSION_FLUSH_S": str(s.commission_flush_s),
             "PERSIST_RUN_S": str(s.persist_run_s), "PERSIST_EVERY_S": str(s.persist_every_s),
             "PERSIST_SHARDS": str(s.persist_shards), "HOST": s.host, "PORT": str(s.port),
+            "REDIS_DURABILITY": s.redis_durability,
             "LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
             **{k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
                for k, v in TEST_SETTINGS.items() if k != "admin_token"},
@@ -190,18 +191,20 @@ class Stack:
             await client.aclose()
 
     async def commissions_idle(self) -> bool:
-        """Nothing left that could still pay a commission: no outbox entry (its ack accrues),
-        no pending hash, no batch taken and unfinished."""
-        client = aioredis.Redis.from_url(self.settings.redis_url)
+        """Nothing left that could still pay or credit a commission: no outbox entry (its
+        bet is not stored yet), no stored bet still due, no flush whose credit is not yet
+        recorded as made (the next flush records it, workers/commissions.py)."""
+        if await self.pending():
+            return False
+        conn = await asyncpg.connect(self.settings.database_url)
         try:
-            buckets = range(self.settings.buckets)
-            return (await outbox.pending_count(client, self.keys) == 0
-                    and not await client.exists(*(self.keys.commission_pending(b)
-                                                  for b in buckets))
-                    and sum([int(await client.scard(self.keys.commission_batches(b)))
-                             for b in buckets]) == 0)
+            due = await conn.fetchval("SELECT count(*) FROM bets WHERE commission_flush IS NULL"
+                                      " AND commission_to IS NOT NULL")
+            uncredited = await conn.fetchval(
+                "SELECT count(*) FROM commission_flushes WHERE credited_at IS NULL")
+            return due == 0 and uncredited == 0
         finally:
-            await client.aclose()
+            await conn.close()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ({p.log.name}) ---\n{p.tail()}" for p in self.procs)

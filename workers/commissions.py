@@ -64,10 +64,11 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from games.codes import CREDIT_HEAL
 from games.commission import check_bps
 from games.types import UserId
-from plumbing import scripts
-from plumbing.keys import CREDIT_MARKER_TTL_S, Keys
+from plumbing import heal, scripts
+from plumbing.keys import COMMISSION_RECHECK_S, CREDIT_MARKER_TTL_S, Keys
 from plumbing.lease import Lease
 from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
 from plumbing.scripts import Call
@@ -92,7 +93,7 @@ NEWEST = 3
 #: How far back a flush then credits again what PostgreSQL recorded as credited (by
 #: marker: what Redis kept is not added twice). A rollback further back than this is a
 #: disaster for the heal or ``make rebuild-balances``.
-RECHECK_S = 3600.0
+RECHECK_S = COMMISSION_RECHECK_S
 
 Chain = tuple[tuple[UserId, int], ...]
 
@@ -349,11 +350,26 @@ async def lost_plans(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, paid
     return found
 
 
+class NotHealed(RuntimeError):
+    """An ancestor's credit was refused (HEAL) and could not be healed here: its plans stay
+    unrecorded as credited, and the next flush credits them again."""
+
+
 async def credit(redis: aioredis.Redis, keys: Keys, plans: Sequence[Plan],
-                 marker_ttl_s: int = CREDIT_MARKER_TTL_S) -> int:
+                 marker_ttl_s: int = CREDIT_MARKER_TTL_S,
+                 pool: asyncpg.Pool | None = None) -> int:
     """Credit every ancestor of ``plans`` (paid in PostgreSQL) in Redis, once per
     (flush, ancestor): one script call per ancestor, all in one pipeline. Returns how many
-    ancestors were credited something now."""
+    ancestors were credited something now.
+
+    An ancestor whose Redis state is not healed since Redis last restarted (the script
+    answers HEAL) is healed first (:mod:`plumbing.heal`, with ``pool``) and credited again:
+    the heal sets the markers of the credits PostgreSQL paid, so what it counted is not
+    credited twice.
+
+    Raises:
+        NotHealed: some ancestor still refused (or no ``pool`` to heal it with).
+    """
     per_ancestor: dict[int, list[tuple[str, dict[str, int]]]] = {}
     for plan in plans:
         mine: dict[int, dict[str, int]] = {}
@@ -364,13 +380,26 @@ async def credit(redis: aioredis.Redis, keys: Keys, plans: Sequence[Plan],
     calls: list[Call] = []
     for ancestor, parts in sorted(per_ancestor.items()):
         currencies = sorted({c for _, by in parts for c in by})
-        call_keys = [keys.balances(ancestor), keys.user_channel(ancestor)]
+        call_keys = [keys.balances(ancestor), keys.user_channel(ancestor),
+                     keys.healed(ancestor)]
         args = [str(marker_ttl_s), str(len(currencies)), *currencies]
         for flush_id, by in parts:
             call_keys.append(keys.credit_marker(flush_id, ancestor))
             args += [str(by.get(c, 0)) for c in currencies]
         calls.append((scripts.COMMISSION_CREDIT, call_keys, args))
-    return sum(1 for r in await scripts.run(redis, calls) if int(r) > 0)
+    ancestors = sorted(per_ancestor)
+    replies = await scripts.run(redis, calls)
+    refused = [i for i, r in enumerate(replies) if int(r) == CREDIT_HEAL]
+    if refused and pool is not None:
+        for i in refused:
+            await heal.heal(redis, pool, keys, ancestors[i])
+        for i, reply in zip(refused, await scripts.run(redis, [calls[i] for i in refused]),
+                            strict=True):
+            replies[i] = reply
+        refused = [i for i in refused if int(replies[i]) == CREDIT_HEAL]
+    if refused:
+        raise NotHealed(f"ancestors {[ancestors[i] for i in refused]} are not healed")
+    return sum(1 for r in replies if int(r) > 0)
 
 
 async def confirm(redis: aioredis.Redis, keys: Keys, flush_ids: Sequence[str]) -> None:
@@ -437,7 +466,7 @@ async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
         log.warning("commission_plans_recredited", flushes=[p.flush_id for p in earlier])
         todo += earlier
     todo += await lost_plans(redis, pool, keys, paid)
-    credited = await credit(redis, keys, todo, marker_ttl_s)
+    credited = await credit(redis, keys, todo, marker_ttl_s, pool=pool)
     if todo:
         faults.point("flush_after_credit")
     await confirm(redis, keys, [p.flush_id for p in todo])

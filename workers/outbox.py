@@ -95,7 +95,7 @@ CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (
     bet_id text, user_id bigint, pair_id bigint, currency text, amount bigint,
     payout bigint, roll integer, target integer, direction text, nonce bigint,
     multiplier integer, server_seed_hash text, client_seed text, balance_after bigint,
-    ts bigint
+    ts bigint, client_id text
 ) ON COMMIT DELETE ROWS
 """
 _BETS_SQL = f"""
@@ -108,10 +108,10 @@ WITH chains AS (
 ), bets_in AS (
     INSERT INTO bets (bet_id, user_id, pair_id, currency, amount, payout, roll, target,
                       direction, nonce, multiplier, server_seed_hash, client_seed,
-                      balance_after, created_at, commission_to, commission_bps)
+                      balance_after, created_at, commission_to, commission_bps, client_id)
     SELECT s.bet_id, s.user_id, s.pair_id, s.currency, s.amount, s.payout, s.roll, s.target,
            s.direction, s.nonce, s.multiplier, s.server_seed_hash, s.client_seed,
-           s.balance_after, to_timestamp(s.ts / 1000.0), c.ancestors, c.rates
+           s.balance_after, to_timestamp(s.ts / 1000.0), c.ancestors, c.rates, s.client_id
     FROM {_STAGE} AS s LEFT JOIN chains AS c ON c.player = s.user_id
     ON CONFLICT (bet_id) DO NOTHING
 )

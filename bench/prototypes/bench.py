@@ -226,6 +226,7 @@ async def setup_users(client: aioredis.Redis, users: int) -> dict[int, Pair]:
                 "cs": pair.client_seed, "n": "0", "rid": run_id,
             })
             pipe.hset(KEYS.balances(uid), "USDT", str(START_BALANCE))
+            pipe.set(KEYS.healed(uid), run_id)  # bet-n refuses (HEAL) users not healed
         await pipe.execute()
     return pairs
 

@@ -1,5 +1,5 @@
 --[[
-  rotate-2: replace the active seed pair, revealing the old one.
+  rotate-3: replace the active seed pair, revealing the old one.
 
   With ARGV[1] = "" it only installs a first pair when the user has none (used at sign-in).
   Retrying a rotation that already happened (same new pair id, e.g. after a lost reply)
@@ -9,6 +9,7 @@
   KEYS[1]  active seed pair hash of the user
            (pid, ss, sh, cs, n, rid; and ppid, pss, psh, pcs, pn of the previous pair)
   KEYS[2]  outbox stream of the user's bucket
+  KEYS[3]  the user's heal marker (lua/heal-n.lua)
 
   ARGV[1]  pair id the caller believes is active ("" = expect none)
   ARGV[2]  new pair id
@@ -16,13 +17,19 @@
   ARGV[4]  its SHA-256 commitment
   ARGV[5]  new client seed
   ARGV[6]  time, integer milliseconds since the epoch (for the reveal event)
-  ARGV[7]  run id of the Redis server as the caller read it (bet-n checks it: EPOCH)
+  ARGV[7]  run id of the Redis server as the caller read it (bet-n checks it: EPOCH; and
+           the heal marker must hold it)
 
   Returns (games/codes.py: RotateCode):
   {0, old_pid, old_ss, old_sh, old_cs, old_n}  ROTATED (all "" when a first pair was installed)
   {4, pid}                                     STALE: another pair is active (or one exists)
+  {5}                                          HEAL: the heal marker is not ARGV[7]; nothing
+                                               changed: the caller heals, then retries
 ]]
 
+if redis.call('GET', KEYS[3]) ~= ARGV[7] then
+  return {5}
+end
 local cur = redis.call('HMGET', KEYS[1], 'pid', 'ss', 'sh', 'cs', 'n')
 if cur[1] and cur[1] == ARGV[2] then
   local prev = redis.call('HMGET', KEYS[1], 'ppid', 'pss', 'psh', 'pcs', 'pn')

@@ -1,0 +1,71 @@
+"""What the ledger Redis keeps when it crashes, checked against what the deployment accepts.
+
+Redis holds acknowledged bets until the workers move them to PostgreSQL. With AOF and
+``appendfsync always`` nothing acknowledged is lost by a Redis or machine crash; with
+``everysec`` a machine crash can lose about a second of them, with AOF off a Redis crash
+loses everything since the start (docs/durability.md has the measurements). The default
+accepts only ``always``; ``REDIS_DURABILITY=everysec`` or ``none`` accepts less, on purpose.
+
+:func:`check` reads ``CONFIG GET appendonly / appendfsync``; where CONFIG is renamed or
+refused (managed Redis services do that), ``INFO persistence`` still says whether AOF is on,
+and the policy is reported as unknown.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+Durability = Literal["always", "everysec", "none"]
+
+#: How much each policy keeps, weakest first.
+_RANK = {"none": 0, "no": 0, "everysec": 1, "always": 2}
+
+
+async def observed(redis: aioredis.Redis) -> str:
+    """The policy the Redis at hand runs: ``always``, ``everysec``, ``no`` (AOF on, never
+    fsynced), ``none`` (AOF off) or ``unknown`` (AOF on, CONFIG refused)."""
+    try:
+        config = await redis.config_get("append*")
+    except ResponseError:
+        info = await redis.info("persistence")
+        return "unknown" if int(info.get("aof_enabled", 0)) else "none"
+    text = {_text(k): _text(v) for k, v in config.items()}
+    if text.get("appendonly") != "yes":
+        return "none"
+    return text.get("appendfsync", "unknown")
+
+
+async def check(redis: aioredis.Redis, accepted: Durability) -> str | None:
+    """None when the Redis keeps at least what ``accepted`` asks, else why not (one line,
+    for an error-level log line, the launcher's output and /healthz)."""
+    policy = await observed(redis)
+    if policy == "unknown":
+        if accepted == "none":
+            return None
+        return ("the ledger Redis has AOF on but its appendfsync policy cannot be read "
+                "(CONFIG refused): acknowledged bets may be lost on a crash unless it is "
+                "'always'; set REDIS_DURABILITY=everysec to accept that")
+    if _RANK.get(policy, 0) >= _RANK[accepted]:
+        return None
+    kept = "AOF is off" if policy == "none" else f"appendfsync is {policy}"
+    loses = ("everything since its start on any crash" if policy in ("none", "no")
+             else "about the last second on a machine crash")
+    return (f"the ledger Redis may lose acknowledged bets: {kept} ({loses}); run it with "
+            f"--appendonly yes --appendfsync always, or accept it with "
+            f"REDIS_DURABILITY={'everysec' if policy == 'everysec' else 'none'}")
+
+
+async def check_url(url: str, accepted: Durability) -> str | None:
+    """:func:`check` on a client of its own (the launcher, before it starts anything)."""
+    redis = aioredis.Redis.from_url(url)
+    try:
+        return await check(redis, accepted)
+    finally:
+        await redis.aclose()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,147 @@
+"""The heal (plumbing/heal.py, lua/heal-n.lua) on the session's server, Redis and database.
+
+A lost heal marker stands for a Redis restart: every money script of the user refuses
+(HEAL) until the user has been made equal to the ledger again."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from games.codes import BetCode
+from plumbing import heal, scripts
+from plumbing.keys import Keys
+from plumbing.settings import Settings
+from tests.helpers import Api, eventually
+
+
+@pytest_asyncio.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    yield p
+    await p.close()
+
+
+def keys_of(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix, settings.buckets)
+
+
+async def ledger_usdt(pool: asyncpg.Pool, uid: int) -> int:
+    return int(await pool.fetchval(
+        "SELECT coalesce(sum(delta), 0) FROM ledger WHERE user_id = $1 AND currency = 'USDT'",
+        uid))
+
+
+async def test_a_deposit_both_stores_lost_is_credited_once_by_the_admins_retry(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    """The deposits row was written, then Redis lost the credit (or the admin request died
+    between the two): the retry with the same key heals the user, which credits it, and
+    answers the replay; a second retry changes nothing."""
+    uid, _ = await api.player()
+    key = f"lost-{uuid.uuid4().hex}"
+    await pool.execute("INSERT INTO deposits (idempotency_key, user_id, currency, amount)"
+                       " VALUES ($1, $2, 'USDT', 700)", key, uid)
+    await redis.delete(keys_of(settings).healed(uid))  # Redis restarted since
+    body = {"user_id": uid, "currency": "USDT", "amount": "7.00", "idempotency_key": key}
+    for _ in range(2):
+        r = await api.http.post("/api/admin/deposits", json=body)
+        assert r.status_code == 200 and r.json()["balance"] == "7.00", r.text
+    assert (await api.user(uid))["balances"]["USDT"] == "7.00"
+
+    async def in_ledger() -> bool:
+        return await ledger_usdt(pool, uid) == 700
+
+    await eventually(in_ledger)
+
+
+async def test_a_deposit_both_stores_lost_is_credited_once_by_the_next_bet(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    uid, token = await api.player(deposit="3.00")
+    key = f"lost-{uuid.uuid4().hex}"
+    await pool.execute("INSERT INTO deposits (idempotency_key, user_id, currency, amount)"
+                       " VALUES ($1, $2, 'USDT', 500)", key, uid)
+    await redis.delete(keys_of(settings).healed(uid))
+    async with api.play(token) as p:
+        r = await p.bet(amount="1.00", id="after")
+        assert r["type"] == "bet_result", r
+        payout = int(r["payout"].replace(".", ""))
+        assert r["balance"] == f"{(800 - 100 + payout) / 100:.2f}"
+    body = {"user_id": uid, "currency": "USDT", "amount": "5.00", "idempotency_key": key}
+    r2 = await api.http.post("/api/admin/deposits", json=body)
+    assert r2.status_code == 200, r2.text  # a replay: no second credit
+    assert (await api.user(uid))["balances"]["USDT"] == r["balance"]
+
+
+async def test_a_resent_bet_is_answered_from_postgresql_after_redis_forgot_it(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    """Redis forgot the bet (record, balance change, nonce): the resend is answered with
+    the original result from the stored row, and the balance is the ledger's."""
+    uid, token = await api.player(deposit="10.00")
+    k = keys_of(settings)
+    async with api.play(token) as p:
+        first = await p.bet(amount="2.00", id="keep-me")
+
+        async def stored() -> bool:
+            return await pool.fetchval(
+                "SELECT client_id FROM bets WHERE bet_id = $1", first["bet_id"]) == "s:keep-me"
+
+        await eventually(stored)
+        await redis.delete(k.bet_idem(uid, "keep-me"), k.healed(uid))
+        await redis.hset(k.balances(uid), "USDT", 1000)  # as before the bet
+        again = await p.bet(amount="2.00", id="keep-me")
+    assert {n: again[n] for n in ("bet_id", "roll", "nonce", "payout", "balance")} == \
+        {n: first[n] for n in ("bet_id", "roll", "nonce", "payout", "balance")}
+    assert int(await redis.hget(k.balances(uid), "USDT")) == await ledger_usdt(pool, uid)
+    assert await pool.fetchval("SELECT count(*) FROM bets WHERE user_id = $1", uid) == 1
+
+
+async def test_two_heals_at_once_compute_one_truth(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    uid, _ = await api.player(deposit="4.00")
+    k = keys_of(settings)
+
+    async def persisted() -> bool:
+        return await ledger_usdt(pool, uid) == 400
+
+    await eventually(persisted)
+    await redis.delete(k.healed(uid))
+    await redis.hset(k.balances(uid), "USDT", 1)
+    done = await asyncio.gather(*(heal.heal(redis, pool, k, uid) for _ in range(4)))
+    assert sorted(done) == [False, False, False, True]
+    assert await redis.hget(k.balances(uid), "USDT") == b"400"
+    assert await heal.is_healed(redis, k, uid)
+
+
+async def test_a_stale_user_changes_nothing_until_healed(
+    api: Api, settings: Settings, redis: aioredis.Redis
+) -> None:
+    """bet-n refuses with HEAL and moves nothing while the marker is not the run id."""
+    uid, _ = await api.player(deposit="4.00")
+    k = keys_of(settings)
+    await redis.set(k.healed(uid), "another-run")
+    rid = await heal.run_id(redis)
+    before = await redis.hgetall(k.balances(uid))
+    reply = await scripts.run_one(
+        redis, scripts.BET,
+        [k.balances(uid), k.seed(uid), k.outbox_for(uid), k.user_channel(uid), k.healed(uid),
+         k.bet_idem(uid, "x")],
+        ["1", rid, "60000", "0", "USDT", "100", "-100", "0", "USDT|100|5000|under", b"e", "-"])
+    assert reply == [[BetCode.HEAL]]
+    assert await redis.hgetall(k.balances(uid)) == before
+    assert not await redis.exists(k.bet_idem(uid, "x"))
