@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as aioredis
 
+from plumbing import heal
 from plumbing.keys import CREDIT_MARKER_TTL_S, Keys
 from plumbing.settings import Settings
 from workers import outbox
@@ -66,12 +67,16 @@ async def unfinished_work(redis: aioredis.Redis, keys: Keys) -> list[str]:
 
 
 async def _apply(redis: aioredis.Redis, keys: Keys, batch: dict[int, dict[str, int]]) -> None:
+    """Set each user's balances to the ledger's, and mark the user healed under the running
+    Redis (plumbing/heal.py): its state now equals the ledger, which is what a heal makes."""
+    rid = await heal.run_id(redis)
     pipe = redis.pipeline(transaction=True)
     for user, money in batch.items():
         key = keys.balances(user)
         pipe.delete(key)
         if money:
             pipe.hset(key, mapping={c: str(v) for c, v in money.items()})
+        pipe.set(keys.healed(user), rid)
     await pipe.execute()
 
 

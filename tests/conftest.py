@@ -184,10 +184,12 @@ class Served:
     server: uvicorn.Server
 
 
-@asynccontextmanager
-async def serve(settings: Settings, ws: Any = DirectProtocol) -> AsyncIterator[Served]:
-    """Run the app in this event loop on a free port until the block ends (the lifespan's
-    shutdown included: the in-process persister drains what is left).
+async def started(
+    settings: Settings, ws: Any = DirectProtocol
+) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """Run the app in this event loop on a free port; returns (server, its task, address).
+    The caller stops it (``server.should_exit = True; await task``): for tests that stop or
+    restart it at a point of their own; :func:`serve` otherwise.
     ``ws``: uvicorn's WebSocket protocol (ours by default; "websockets-sansio" is plain
     ASGI, served through server.wslink.AsgiLink)."""
     config = uvicorn.Config(
@@ -197,12 +199,20 @@ async def serve(settings: Settings, ws: Any = DirectProtocol) -> AsyncIterator[S
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return server, task, f"127.0.0.1:{config.port}"
+
+
+@asynccontextmanager
+async def serve(settings: Settings, ws: Any = DirectProtocol) -> AsyncIterator[Served]:
+    """Run the app in this event loop on a free port until the block ends (the lifespan's
+    shutdown included: the in-process persister drains what is left)."""
+    server, task, address = await started(settings, ws)
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield Served(f"127.0.0.1:{config.port}", server)
+        yield Served(address, server)
     finally:
         # A socket whose handler never ends (a stalled client) would hold the shutdown: after
         # 10 s the wait is cut short.

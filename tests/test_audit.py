@@ -475,10 +475,15 @@ async def test_redis_losing_writes_is_found_and_rebuilt(
         client = aioredis.Redis.from_url(settings.redis_url)
         stale = await audit.run(settings, [uid], retries=0)
         assert stale.ok and stale.money.awaiting_heal == 1, audit.summary(stale)
+        conn = await asyncpg.connect(settings.database_url)
+        ledger = await conn.fetchval("SELECT sum(delta) FROM ledger WHERE user_id = $1"
+                                     " AND currency = 'USDT'", uid)
+        await conn.close()
         behind = int(await client.hget(keys_of(settings).balances(uid), "USDT") or 0)
+        assert behind != ledger  # the old copy lost four bets and a deposit
         await api.user(uid)  # anything that reads or moves the money heals it
         healed = int(await client.hget(keys_of(settings).balances(uid), "USDT") or 0)
-        assert healed > behind
+        assert healed == ledger
         done_audit = await audit.run(settings, [uid], retries=0)
         assert done_audit.ok and done_audit.money.awaiting_heal == 0, \
             audit.summary(done_audit)

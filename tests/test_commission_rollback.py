@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from tests.conftest import ADMIN_TOKEN, serve
+from tests.conftest import ADMIN_TOKEN, started
 from tests.helpers import Api
 from tests.test_workers import play
 from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually, redis_balances
@@ -90,7 +90,7 @@ async def settled(stack: Stack, pool: asyncpg.Pool, tree: Tree, ids: list[str],
 async def test_redis_rolls_back_to_a_point_of_the_flush(
     point: str, stack: Stack, tmp_path: Path
 ) -> None:
-    server, task, address = await serve(stack.settings)
+    server, task, address = await started(stack.settings)
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     try:
         async with Api(address, ADMIN_TOKEN) as api:

@@ -26,7 +26,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ADMIN_TOKEN, serve
+from tests.conftest import ADMIN_TOKEN, started
 from tests.helpers import Api
 from tests.test_workers import paid_exactly, play
 from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually, redis_balances
@@ -44,7 +44,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def api(stack: Stack) -> AsyncIterator[Api]:
     """A game server in this process, in-process persister off (for (a) and (b))."""
-    server, task, address = await serve(stack.settings)
+    server, task, address = await started(stack.settings)
     async with Api(address, ADMIN_TOKEN) as client:
         yield client
     server.should_exit = True

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from plumbing import durability
 from plumbing.settings import Settings
-from tests.conftest import RedisServer, serve
+from tests.conftest import RedisServer, started
 
 
 @pytest_asyncio.fixture
@@ -52,7 +52,7 @@ async def test_a_redis_that_keeps_less_than_accepted_is_reported(
 async def test_healthz_names_a_weak_redis_and_stays_200(settings: Settings) -> None:
     """The session's Redis runs without AOF; a server that accepts only "always" says so."""
     strict = settings.model_copy(update={"redis_durability": "always"})
-    server, task, address = await serve(strict)
+    server, task, address = await started(strict)
     try:
         async with httpx.AsyncClient() as http:
             r = await http.get(f"http://{address}/healthz")
@@ -61,7 +61,7 @@ async def test_healthz_names_a_weak_redis_and_stays_200(settings: Settings) -> N
     finally:
         server.should_exit = True
         await task
-    relaxed_server, relaxed_task, relaxed = await serve(settings)  # accepts "none"
+    relaxed_server, relaxed_task, relaxed = await started(settings)  # accepts "none"
     try:
         async with httpx.AsyncClient() as http:
             r = await http.get(f"http://{relaxed}/healthz")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.conftest import ADMIN_TOKEN, free_port, serve
+from tests.conftest import ADMIN_TOKEN, free_port, started
 from tests.helpers import Api
 from tests.test_rollback import DIFF, bet, ledger_equals_redis, quiet
 from tests.workerprocs import Stack, Tree, bet_counts, eventually
@@ -109,7 +109,7 @@ async def test_postgres_down_30s_then_a_worker_killed_under_load(
     gated: tuple[Stack, Gate],
 ) -> None:
     stack, gate = gated
-    server, task, address = await serve(stack.settings)
+    server, task, address = await started(stack.settings)
     procs = [stack.scheduler(), stack.worker()]
     stop = asyncio.Event()
     pool: asyncpg.Pool | None = None

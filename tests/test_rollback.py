@@ -37,7 +37,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from tests.conftest import ADMIN_TOKEN, serve
+from tests.conftest import ADMIN_TOKEN, started
 from tests.helpers import Api, Player
 from tests.workerprocs import Proc, Stack, Tree, eventually
 
@@ -135,7 +135,7 @@ def restart_from(stack: Stack, snapshot: Path) -> None:
 @pytest.mark.parametrize("point", POINTS)
 async def test_redis_rollback_heals_itself(point: str, stack: Stack, tmp_path: Path) -> None:
     settings = stack.settings.model_copy(update={"redis_durability": "always"})
-    server, task, address = await serve(settings)
+    server, task, address = await started(settings)
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     procs: list[Proc] = [stack.scheduler(), stack.worker()]
     snapshot = tmp_path / "snapshot"

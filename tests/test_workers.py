@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import ADMIN_TOKEN, serve
+from tests.conftest import ADMIN_TOKEN, started
 from tests.helpers import Api
 from tests.workerprocs import (
     Stack,
@@ -41,7 +41,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def api(stack: Stack) -> AsyncIterator[Api]:
     """A game server in this process with the in-process persister off: only workers persist."""
-    server, task, address = await serve(stack.settings)
+    server, task, address = await started(stack.settings)
     async with Api(address, ADMIN_TOKEN) as client:
         yield client
     server.should_exit = True
