@@ -106,7 +106,7 @@ WITH bets_in AS (
            nonce, multiplier, server_seed_hash, client_seed, balance_after,
            to_timestamp(ts / 1000.0)
     FROM {_STAGE}
-    ON CONFLICT (bet_id) DO NOTHING
+    ON CONFLICT (bet_id, created_at) DO NOTHING
 )
 INSERT INTO ledger (entry_id, user_id, currency, delta, kind, created_at)
 SELECT 'bet:' || bet_id, user_id, currency, payout - amount, 'bet', to_timestamp(ts / 1000.0)
