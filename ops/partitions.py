@@ -3,8 +3,8 @@
 - ``ensure [--ahead N]`` creates this month's partition and the next N months' (default 3)
   that are missing; rows that reached ``bets_default`` meanwhile move into their month.
   ``server.db.migrate`` runs it too, so every start of the launcher does; run it from
-  cron (monthly is enough) on a system that runs for months without a restart. Nothing is lost without it: a bet with no month
-  partition lands in ``bets_default``.
+  cron (monthly is enough) on a system that runs for months without a restart. Nothing
+  is lost without it: a bet with no month partition lands in ``bets_default``.
 - ``detach --before YYYY-MM`` detaches every month partition that ends on or before the
   first of that month (UTC), after keeping what the audit needs of it (``bets_archived``,
   ``bets_archived_pairs``, ``bets_detached``). Refused for the current month or later, and
