@@ -159,12 +159,15 @@ def test_broker_url_picks_the_broker() -> None:
 @pytest.fixture
 def cluster_node() -> Iterator[str]:
     """One redis-server in cluster mode (no slots needed: INFO cluster says enabled)."""
-    port = free_port()
+    # The cluster bus needs a port of its own: given explicitly (the default, port + 10000,
+    # is past 65535 for half of the free ports).
+    port, bus = free_port(), free_port()
     work = Path(tempfile.mkdtemp(prefix="stakepro-cluster-"))
     proc = subprocess.Popen(
         [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work),
-         "--cluster-enabled", "yes", "--cluster-config-file", str(work / "nodes.conf")],
+         "--cluster-enabled", "yes", "--cluster-config-file", str(work / "nodes.conf"),
+         "--cluster-port", str(bus)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
     try:
