@@ -46,6 +46,7 @@ run: setup
 # on a free port (so the redis-server binary must exist even when a Redis is reused).
 test: setup
 	@$(DEVENV) redis-bin
+	@$(DEVENV) rabbitmq
 	@$(DEVENV) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

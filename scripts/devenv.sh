@@ -7,7 +7,10 @@
 #   scripts/devenv.sh redis      reuse the Redis at REDIS_URL, or start our own in .data/redis
 #   scripts/devenv.sh postgres   reuse the PostgreSQL at DATABASE_URL, or start our own in
 #                                .data/pg; then create the URL's database if missing
-#   scripts/devenv.sh services   redis + postgres
+#   scripts/devenv.sh rabbitmq   reuse the RabbitMQ of an amqp:// BROKER_URL or TEST_AMQP_URL (default
+#                                127.0.0.1:5672, the tests' one), or start it (rabbitmq-server
+#                                -detached, installing the Debian package when missing)
+#   scripts/devenv.sh services   redis + postgres (+ rabbitmq when BROKER_URL is amqp://)
 #   scripts/devenv.sh stop-own   stop only the servers this script started
 #
 # Quiet on success, except one line per service saying whether it was reused or started.
@@ -22,6 +25,8 @@ PG_RUN="$DATA_DIR/pg-run"
 PG_LOG="$PG_RUN/postgres.log"
 DEFAULT_REDIS_URL="redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL="postgresql://root@127.0.0.1:5432/stakepro"
+DEFAULT_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2F"
+RABBIT_MARK="$DATA_DIR/rabbitmq.started-by-devenv"
 APT_UPDATED=0
 LOCKED=0
 
@@ -365,10 +370,51 @@ stop_own_pg() {
     log "postgres: stopped our own (port $port)"
 }
 
+# ---------------------------------------------------------------- rabbitmq
+
+# The broker's address: an amqp:// BROKER_URL, else TEST_AMQP_URL (the tests'), else the local one.
+amqp_url() {
+    case "${BROKER_URL:-}" in
+        amqp://*|amqps://*) printf '%s' "$BROKER_URL" ;;
+        *) printf '%s' "${TEST_AMQP_URL:-$DEFAULT_AMQP_URL}" ;;
+    esac
+}
+
+port_answers() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }
+
+cmd_rabbitmq() {
+    local url
+    url="$(amqp_url)"
+    parse_url "$url" 5672
+    if port_answers "$URL_HOST" "$URL_PORT"; then
+        log "rabbitmq: reused the server at $URL_HOST:$URL_PORT"
+        return 0
+    fi
+    require_local_host "$URL_HOST" RabbitMQ "$URL_PORT"
+    [[ $URL_PORT == 5672 ]] || die "RabbitMQ at $URL_HOST:$URL_PORT does not answer; only the default port 5672 can be started here"
+    command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
+    # The Debian package may have started it already.
+    if ! wait_for 5 port_answers "$URL_HOST" "$URL_PORT"; then
+        mkdir -p "$DATA_DIR"
+        as_root rabbitmq-server -detached >/dev/null 2>&1 || die "rabbitmq-server -detached failed"
+        : >"$RABBIT_MARK"
+        wait_for 90 port_answers "$URL_HOST" "$URL_PORT" \
+            || die "RabbitMQ did not answer at $URL_HOST:$URL_PORT within 90 s (logs: /var/log/rabbitmq/)"
+    fi
+    log "rabbitmq: started the system's server at $URL_HOST:$URL_PORT"
+}
+
+stop_own_rabbitmq() {
+    [[ -e $RABBIT_MARK ]] || return 0
+    as_root rabbitmqctl stop >/dev/null 2>&1 || warn "rabbitmqctl stop failed"
+    rm -f "$RABBIT_MARK"
+    log "rabbitmq: stopped the server this script started"
+}
+
 # ---------------------------------------------------------------- main
 
 usage() {
-    sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
     exit "${1:-2}"
 }
 
@@ -380,8 +426,11 @@ main() {
         redis-bin) cmd_redis_bin ;;
         redis) cmd_redis ;;
         postgres) cmd_postgres ;;
-        services) cmd_redis; cmd_postgres ;;
-        stop-own) lock_data_dir; stop_own_redis; stop_own_pg ;;
+        rabbitmq) cmd_rabbitmq ;;
+        services)
+            cmd_redis; cmd_postgres
+            case "${BROKER_URL:-}" in amqp://*|amqps://*) cmd_rabbitmq ;; esac ;;
+        stop-own) lock_data_dir; stop_own_redis; stop_own_pg; stop_own_rabbitmq ;;
         -h|--help|help) usage 0 ;;
         *) printf 'devenv: unknown command: %s\n' "$1" >&2; usage ;;
     esac

@@ -10,6 +10,8 @@ import asyncpg
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 #: pg_advisory_lock key shared by every process that migrates (any constant will do).
 MIGRATION_LOCK = 0x5354414B
+#: Months after the current one whose bets partitions every migrate() makes sure exist.
+PARTITIONS_AHEAD = 3
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -45,7 +47,8 @@ async def drop_database(dsn: str) -> None:
 
 
 async def migrate(dsn: str) -> list[str]:
-    """Apply every migrations/NNN_*.sql not applied yet, each in its own transaction.
+    """Apply every migrations/NNN_*.sql not applied yet, each in its own transaction, then
+    create the coming months' partitions of ``bets`` that are missing.
 
     Returns the names applied. Safe to run from several processes at once: the advisory lock
     serialises them and the second finds nothing left to do.
@@ -73,6 +76,11 @@ async def migrate(dsn: str) -> list[str]:
                     path.name,
                 )
             applied.append(path.name)
+        # The coming months' partitions of bets (migrations/006; ops.partitions ensure):
+        # every start keeps them ahead, and a bet with no month partition still lands in
+        # bets_default, so nothing depends on this running on time.
+        if await conn.fetchval("SELECT to_regproc('bets_ensure_partitions') IS NOT NULL"):
+            await conn.execute("SELECT bets_ensure_partitions($1)", PARTITIONS_AHEAD)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         await conn.close()

@@ -92,11 +92,13 @@ async def paid_exactly(pool: asyncpg.Pool, stack: Stack, tree: Tree,
 def test_broker_lives_beside_the_balances() -> None:
     from plumbing.settings import Settings
 
-    assert broker_url(Settings(redis_url="redis://h:7000/0")) == "redis://h:7000/1"
-    assert broker_url(Settings(redis_url="redis://:pw@h:7000")) == "redis://:pw@h:7000/1"
-    assert broker_url(Settings(redis_url="redis://h/1")) == "redis://h/2"
-    assert broker_url(Settings(redis_url="redis://h/0", broker_url="redis://b/3")) == (
-        "redis://b/3")
+    def url(**given: str) -> str:
+        return broker_url(Settings(**given), is_cluster=lambda _: False)
+
+    assert url(redis_url="redis://h:7000/0") == "redis://h:7000/1"
+    assert url(redis_url="redis://:pw@h:7000") == "redis://:pw@h:7000/1"
+    assert url(redis_url="redis://h/1") == "redis://h/2"
+    assert url(redis_url="redis://h/0", broker_url="redis://b/3") == "redis://b/3"
 
 
 def test_shards_split_the_buckets() -> None:

@@ -40,7 +40,7 @@ from tests.conftest import (
 from tests.helpers import Api
 from tests.helpers import eventually as helpers_eventually
 from workers import outbox
-from workers.broker import QUEUE, build
+from workers.broker import build, queue_name
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +129,7 @@ class Stack:
         env.update({
             "REDIS_URL": s.redis_url, "DATABASE_URL": s.database_url,
             "ADMIN_TOKEN": s.admin_token, "KEY_PREFIX": s.key_prefix,
+            "BROKER_URL": s.broker_url,
             "BUCKETS": str(s.buckets), "INPROCESS_PERSISTER": "false",
             "COMMISSION_FLUSH_S": str(s.commission_flush_s),
             "PERSIST_RUN_S": str(s.persist_run_s), "PERSIST_EVERY_S": str(s.persist_every_s),
@@ -170,8 +171,9 @@ class Stack:
         """Enqueue one message, as the scheduler does (a broker of our own, not the global)."""
         broker, _ = build(self.settings)
         try:
-            broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=actor, args=args,
-                                            kwargs={}, options={}))
+            broker.enqueue(dramatiq.Message(queue_name=queue_name(self.settings),
+                                            actor_name=actor, args=args, kwargs={},
+                                            options={}))
         finally:
             broker.close()
 

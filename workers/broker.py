@@ -1,14 +1,20 @@
 """Dramatiq's broker: configured here, before any actor is imported.
 
-``import workers.broker`` builds a :class:`dramatiq.brokers.redis.RedisBroker` from
-:class:`plumbing.settings.Settings` and makes it the global broker; :mod:`workers.actors`
-imports this module first, so every ``@dramatiq.actor`` binds to it.
+``import workers.broker`` builds the broker from :class:`plumbing.settings.Settings` and
+makes it the global broker; :mod:`workers.actors` imports this module first, so every
+``@dramatiq.actor`` binds to it.
 
-Where it lives: ``BROKER_URL``, or when that is empty the Redis server of ``REDIS_URL`` with
-database 1 (2 if ``REDIS_URL`` itself names database 1). Never the balance cluster: Dramatiq
-builds key names inside its own Lua scripts, which a Redis Cluster refuses (CROSSSLOT); it
-runs on a plain Redis (or database) beside it. Its keys are namespaced by ``KEY_PREFIX``, so
-two deployments (or two test runs) sharing a broker Redis never take each other's messages.
+Where it lives, one setting: ``BROKER_URL``, a plain Redis (``redis://``, ``rediss://``:
+:class:`~dramatiq.brokers.redis.RedisBroker`) or RabbitMQ (``amqp://``, ``amqps://``:
+:class:`~dramatiq.brokers.rabbitmq.RabbitmqBroker`, with publisher confirms so an enqueue
+that returned is in the broker). Empty: the Redis server of ``REDIS_URL`` with database 1
+(2 if ``REDIS_URL`` itself names database 1), unless that server is a Redis Cluster node:
+Dramatiq builds key names inside its own Lua scripts, which a cluster refuses (CROSSSLOT),
+so then the workers refuse to start and name ``BROKER_URL`` (:class:`BrokerSettingError`).
+
+Two deployments (or two test runs) may share a broker: the Redis broker's keys are
+namespaced ``<KEY_PREFIX>-dramatiq``, and the queue is ``<KEY_PREFIX>.stakepro``
+(:func:`queue_name`), which is what keeps them apart in one RabbitMQ virtual host.
 
 Middleware: Dramatiq's defaults (age limit, time limit, shutdown notifications, callbacks,
 pipelines, retries), then :class:`~dramatiq.middleware.asyncio.AsyncIO` (one event loop
@@ -20,24 +26,65 @@ clients while the event loop still runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
+import redis
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, default_middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
 from plumbing.settings import Settings
 
-#: The one queue of the actors (the CLI consumes every queue its actors declare).
-QUEUE = "stakepro"
+REDIS_SCHEMES = ("redis", "rediss")
+AMQP_SCHEMES = ("amqp", "amqps")
 
 
-def broker_url(settings: Settings) -> str:
-    """``settings.broker_url``, or REDIS_URL's server with database 1 (2 if it uses 1)."""
+class BrokerSettingError(ValueError):
+    """The broker's setting cannot work; the message names the setting to change."""
+
+
+def queue_name(settings: Settings) -> str:
+    """The actors' one queue (the CLI consumes every queue its actors declare)."""
+    return f"{settings.key_prefix}.stakepro"
+
+
+def redis_is_cluster(url: str) -> bool:
+    """Whether the Redis at ``url`` runs in cluster mode (``INFO cluster``). A Redis that
+    does not answer is taken as plain: the broker then fails on it as it would anyway, and
+    the supervisor's restart asks again."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        info: Any = client.info("cluster")
+        return bool(int(info.get("cluster_enabled", 0)))
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def broker_url(settings: Settings,
+               is_cluster: Callable[[str], bool] = redis_is_cluster) -> str:
+    """``settings.broker_url``, or REDIS_URL's server with database 1 (2 if it uses 1).
+
+    Raises :class:`BrokerSettingError` for a scheme neither broker speaks, and when the
+    broker would default onto a Redis Cluster node.
+    """
     if settings.broker_url:
+        scheme = urlsplit(settings.broker_url).scheme
+        if scheme not in REDIS_SCHEMES + AMQP_SCHEMES:
+            raise BrokerSettingError(
+                f"BROKER_URL must be a redis://, rediss://, amqp:// or amqps:// URL, "
+                f"got scheme {scheme!r}")
         return settings.broker_url
+    if is_cluster(settings.redis_url):
+        raise BrokerSettingError(
+            "REDIS_URL names a Redis Cluster node, where Dramatiq's broker cannot run "
+            "(its scripts build key names: CROSSSLOT): set BROKER_URL to a plain Redis "
+            "(redis://host:port/db) or RabbitMQ (amqp://user:password@host:5672/vhost)")
     parts = urlsplit(settings.redis_url)
     current = parts.path.strip("/") or "0"
     database = "2" if current == "1" else "1"
@@ -61,16 +108,21 @@ class Lifecycle(Middleware):
             hook()
 
 
-def build(settings: Settings) -> tuple[RedisBroker, Lifecycle]:
+def build(settings: Settings) -> tuple[dramatiq.Broker, Lifecycle]:
     lifecycle = Lifecycle()
     middleware = [m() for m in default_middleware] + [AsyncIO(), lifecycle]
-    broker = RedisBroker(  # type: ignore[no-untyped-call]
-        url=broker_url(settings), middleware=middleware,
-        namespace=f"{settings.key_prefix}-dramatiq",
-    )
+    url = broker_url(settings)
+    broker: dramatiq.Broker
+    if urlsplit(url).scheme in AMQP_SCHEMES:
+        broker = RabbitmqBroker(url=url, middleware=middleware, confirm_delivery=True)
+    else:
+        broker = RedisBroker(  # type: ignore[no-untyped-call]
+            url=url, middleware=middleware, namespace=f"{settings.key_prefix}-dramatiq",
+        )
     return broker, lifecycle
 
 
 SETTINGS = Settings()
+QUEUE = queue_name(SETTINGS)
 broker, lifecycle = build(SETTINGS)
 dramatiq.set_broker(broker)

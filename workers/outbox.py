@@ -113,7 +113,7 @@ WITH chains AS (
            s.direction, s.nonce, s.multiplier, s.server_seed_hash, s.client_seed,
            s.balance_after, to_timestamp(s.ts / 1000.0), c.ancestors, c.rates, s.client_id
     FROM {_STAGE} AS s LEFT JOIN chains AS c ON c.player = s.user_id
-    ON CONFLICT (bet_id) DO NOTHING
+    ON CONFLICT (bet_id, created_at) DO NOTHING
 )
 INSERT INTO ledger (entry_id, user_id, currency, delta, kind, created_at)
 SELECT 'bet:' || bet_id, user_id, currency, payout - amount, 'bet', to_timestamp(ts / 1000.0)
