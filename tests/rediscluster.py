@@ -170,6 +170,19 @@ class RedisCluster:
                 found.append(by_port[port])
         return found
 
+    def replica_of(self, master: ClusterNode) -> ClusterNode:
+        """A replica of ``master`` now."""
+        master_id = command(master.port, "CLUSTER", "MYID").strip()
+        by_port = {node.port: node for node in self.nodes}
+        for line in command(master.port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if fields[3] == master_id and "fail" not in fields[2]:
+                return by_port[int(fields[1].split("@")[0].rsplit(":", 1)[1])]
+        raise LookupError(f"no replica of {master.port}")
+
+    def is_master(self, node: ClusterNode) -> bool:
+        return command(node.port, "ROLE").split()[0] == "master"
+
     def cleanup(self) -> None:
         for node in self.nodes:
             node.stop()
