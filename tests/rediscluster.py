@@ -181,7 +181,19 @@ class RedisCluster:
         raise LookupError(f"no replica of {master.port}")
 
     def is_master(self, node: ClusterNode) -> bool:
-        return command(node.port, "ROLE").split()[0] == "master"
+        """Whether every running node sees ``node`` as a master serving slots and the
+        cluster as ok (a promotion has spread)."""
+        for other in self.nodes:
+            if other.proc is None:
+                continue
+            if other.info().get("cluster_state") != "ok":
+                return False
+            for line in command(other.port, "CLUSTER", "NODES").splitlines():
+                fields = line.split()
+                if fields[1].split("@")[0].endswith(f":{node.port}"):
+                    if "master" not in fields[2].split(",") or len(fields) < 9:
+                        return False
+        return True
 
     def cleanup(self) -> None:
         for node in self.nodes:

@@ -8,6 +8,7 @@ EPOCH for the failed-over shard's pairs, never a lost or doubled stake."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -48,9 +49,18 @@ async def conn(redis_cluster: RedisCluster) -> AsyncIterator[ClusterConnection]:
 
 
 def run_id_of(sync: SyncCluster, key: str) -> str:
-    node = sync.get_node_from_key(key)
-    info = sync.get_redis_connection(node).info("server")
-    return str(info["run_id"])
+    """The run id of the master of ``key`` now (the map is read again after a change)."""
+    for _ in range(50):
+        try:
+            node = sync.get_node_from_key(key)
+            info = sync.get_redis_connection(node).info("server")
+            if "role:master" in command(node.port, "INFO", "replication"):
+                return str(info["run_id"])
+        except (RedisError, OSError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.1)
+        sync.nodes_manager.initialize()
+    raise AssertionError(f"no master for {key}")
 
 
 def users_on_every_master(sync: SyncCluster, keys: Keys, per_master: int) -> list[int]:
@@ -119,6 +129,71 @@ async def test_bets_on_every_master_settle_in_one_batch_and_replay(
     assert conn.moved == conn.asked == 0  # the map was right: nothing redirected
 
 
+class Players:
+    """Users betting in a closed loop through ``conn`` until, after ``changed_at`` is set,
+    each has had ``after_change`` more bets confirmed. What a client and the server do is
+    done here: a call not confirmed (a connection lost, no master reachable) is resent
+    with the same id; NOSCRIPT loads the scripts; EPOCH installs a pair under the new
+    master's run id (the server rotates); STALE takes the stored nonce."""
+
+    def __init__(self, conn: ClusterConnection, sync: SyncCluster, keys: Keys,
+                 users: list[int], after_change: int = 5) -> None:
+        self.conn, self.sync, self.keys, self.users = conn, sync, keys, users
+        self.nonce = dict.fromkeys(users, 0)
+        self.confirmed = dict.fromkeys(users, 0)
+        self.epochs = dict.fromkeys(users, 0)
+        self.after = dict.fromkeys(users, 0)
+        self.after_change = after_change
+        self.changed_at: float | None = None
+        self.unconfirmed = 0
+        self.last: dict[int, Any] = {}
+
+    async def run(self, within: float = 60.0) -> None:
+        await asyncio.gather(*(self._player(uid, within) for uid in self.users))
+
+    async def _player(self, uid: int, within: float) -> None:
+        deadline = time.monotonic() + within
+        while self.changed_at is None or self.after[uid] < self.after_change:
+            assert time.monotonic() < deadline, f"no bets after the change: {self.last[uid]!r}"
+            try:
+                if self.conn.ready_run_id() is None:
+                    await self.conn.connect()
+                (reply,) = await send_batch(self.conn, [bet(self.keys, uid, self.nonce[uid])])
+            except RedisError as exc:  # no master reachable yet: resent, as on UNAVAILABLE
+                reply = exc
+            self.last[uid] = reply
+            if isinstance(reply, NoScriptError):  # a promoted replica has no scripts
+                await self.conn.execute([("SCRIPT", "LOAD", scripts.BET.source)])
+                continue
+            if isinstance(reply, RedisError):
+                self.unconfirmed += 1
+                await asyncio.sleep(0.02)  # a client's pause before its resend
+                continue
+            code = reply[0][0]
+            if code == BetCode.EPOCH:
+                self.epochs[uid] += 1
+                seed = self.keys.seed(uid)
+                self.sync.hset(seed, "rid", run_id_of(self.sync, seed))
+                continue
+            if code == BetCode.STALE:
+                self.nonce[uid] = int(reply[0][2])
+                continue
+            assert code in (BetCode.SETTLED, BetCode.REPLAY), reply
+            self.nonce[uid] += 1
+            self.confirmed[uid] += 1
+            if self.changed_at is not None:
+                self.after[uid] += 1
+
+    def ledger(self, uid: int) -> tuple[int, int]:
+        """(balance, stored nonce) of ``uid`` on its master now."""
+        balance = int(self.sync.hget(self.keys.balances(uid), "USDT") or 0)
+        return balance, int(self.sync.hget(self.keys.seed(uid), "n") or 0)
+
+
+def shard_users(sync: SyncCluster, keys: Keys, users: list[int], port: int) -> list[int]:
+    return [u for u in users if sync.get_node_from_key(keys.balances(u)).port == port]
+
+
 async def test_a_failover_under_load_loses_and_doubles_nothing(
     conn: ClusterConnection, sync: SyncCluster, redis_cluster: RedisCluster
 ) -> None:
@@ -127,61 +202,67 @@ async def test_a_failover_under_load_loses_and_doubles_nothing(
     for uid in users:
         fund(sync, keys, uid)
     by_port = {n.port: n for n in redis_cluster.nodes}
-    old = by_port[sync.get_node_from_key(keys.balances(users[0])).port]
-    replica = redis_cluster.replica_of(old)
-    confirmed = dict.fromkeys(users, 0)
-    epochs: dict[int, int] = dict.fromkeys(users, 0)
-    failed_over_at: float | None = None
-    after: dict[int, int] = dict.fromkeys(users, 0)
-    last: dict[int, Any] = {}
-
-    async def player(uid: int) -> None:
-        deadline = time.monotonic() + 60
-        while failed_over_at is None or after[uid] < 5:
-            assert time.monotonic() < deadline, f"no bets after the failover: {last[uid]!r}"
-            try:
-                if conn.ready_run_id() is None:
-                    await conn.connect()
-                (reply,) = await send_batch(conn, [bet(keys, uid, confirmed[uid])])
-            except RedisError:  # not connected yet: the client resends, as on UNAVAILABLE
-                reply = RedisError("not sent")
-            last[uid] = reply
-            if isinstance(reply, NoScriptError):  # a promoted replica has no scripts
-                await conn.execute([("SCRIPT", "LOAD", scripts.BET.source)])
-                continue
-            if isinstance(reply, RedisError):
-                await asyncio.sleep(0.02)  # a client's pause before its resend
-                continue
-            code = reply[0][0]
-            if code == BetCode.EPOCH:  # the shard's master changed: the server rotates
-                epochs[uid] += 1
-                sync.hset(keys.seed(uid), "rid", run_id_of(sync, keys.seed(uid)))
-                continue
-            assert code in (BetCode.SETTLED, BetCode.REPLAY), reply
-            confirmed[uid] += 1
-            if failed_over_at is not None:
-                after[uid] += 1
-
-    players = [asyncio.create_task(player(uid)) for uid in users]
-    await eventually(lambda: _all_bet(confirmed, 3))
-    command(replica.port, "CLUSTER", "FAILOVER")
-    await eventually(lambda: _true(redis_cluster.is_master(replica)), within=30)
-    failed_over_at = time.monotonic()
-    await asyncio.gather(*players)
+    owner = by_port[sync.get_node_from_key(keys.balances(users[0])).port]
+    replica = redis_cluster.replica_of(owner)
+    load = Players(conn, sync, keys, users)
+    running = asyncio.create_task(load.run())
+    try:
+        await eventually(lambda: _all_at_least(load.confirmed, 3))
+        command(replica.port, "CLUSTER", "FAILOVER")
+        await eventually(lambda: _true(redis_cluster.is_master(replica)), within=30)
+        load.changed_at = time.monotonic()
+        await running
+    finally:  # the old master rejoins as a replica: the session's cluster is whole again
+        redis_cluster.wait_ok(time.monotonic() + 60)
 
     assert conn.moved >= 1  # the demoted master's MOVED was followed
-    moved_users = [u for u in users
-                   if sync.get_node_from_key(keys.balances(u)).port == replica.port]
-    assert users[0] in moved_users
-    assert all(epochs[u] >= 1 for u in moved_users)  # a pair from before the change rotates
+    moved = shard_users(sync, keys, users, replica.port)
+    assert users[0] in moved
+    assert all(load.epochs[u] >= 1 for u in moved)  # a pair from before the change rotates
+    for uid in users:  # a manual failover waits for the replica: nothing confirmed is lost
+        assert load.ledger(uid) == (START - STAKE * load.confirmed[uid], load.confirmed[uid])
+
+
+async def test_a_killed_master_is_replaced_and_bets_continue(
+    conn: ClusterConnection, sync: SyncCluster, redis_cluster: RedisCluster
+) -> None:
+    keys = Keys("rt3", 64)
+    users = users_on_every_master(sync, keys, 2)
     for uid in users:
-        balance = int(sync.hget(keys.balances(uid), "USDT") or 0)
-        nonce = int(sync.hget(keys.seed(uid), "n") or 0)
-        assert (balance, nonce) == (START - STAKE * confirmed[uid], confirmed[uid]), uid
+        fund(sync, keys, uid)
+    by_port = {n.port: n for n in redis_cluster.nodes}
+    victim = by_port[sync.get_node_from_key(keys.balances(users[0])).port]
+    replica = redis_cluster.replica_of(victim)
+    load = Players(conn, sync, keys, users)
+    running = asyncio.create_task(load.run())
+    try:
+        await eventually(lambda: _all_at_least(load.confirmed, 3))
+        victim.stop(kill=True)
+        await eventually(lambda: _true(redis_cluster.is_master(replica)), within=30)
+        load.changed_at = time.monotonic()
+        await running
+    finally:
+        if victim.proc is None:  # back as a replica, so the session's cluster is whole again
+            victim.start()
+            redis_cluster.wait_ok(time.monotonic() + 60)
+
+    sync.nodes_manager.initialize()
+    assert load.unconfirmed >= 1  # the kill was felt: calls went unanswered, then resent
+    moved = shard_users(sync, keys, users, replica.port)
+    assert users[0] in moved
+    assert all(load.epochs[u] >= 1 for u in moved)
+    for uid in users:
+        balance, nonce = load.ledger(uid)
+        # Replication is asynchronous: the new master may lack the last bets the old one
+        # confirmed (the EPOCH rotation covers their rolls), but what it holds is whole.
+        assert balance == START - STAKE * nonce, uid
+        assert nonce <= load.confirmed[uid], uid
+        if uid not in moved:
+            assert nonce == load.confirmed[uid], uid
 
 
-async def _all_bet(confirmed: dict[int, int], n: int) -> bool:
-    return all(c >= n for c in confirmed.values())
+async def _all_at_least(counts: dict[int, int], n: int) -> bool:
+    return all(c >= n for c in counts.values())
 
 
 async def _true(value: bool) -> bool:
