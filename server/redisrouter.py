@@ -19,7 +19,9 @@ can use either. How a call finds its node:
   is asked again and the command is sent to the named node. **ASK** (the slot is being
   migrated and the key is already on the target): ``ASKING`` then the command, to the
   named node, once, without changing the map. After :data:`MAX_REDIRECTS` redirects of
-  one command its last error reply is its answer. A resend is safe because every money
+  one command its last error reply is its answer. **TRYAGAIN** (a call whose keys are
+  split between the two ends of a migration) is resent after a short pause, through the
+  map again, for up to the read timeout. A resend is safe because every money
   script is idempotent by the request's id.
 - **A lost connection** (a master killed, a failover) fails the calls in flight on it with
   the connection's error, as one connection does (the callers answer UNAVAILABLE), and
@@ -50,6 +52,9 @@ log = structlog.get_logger(__name__)
 SLOTS = 16384
 #: Redirects one command may follow before its error reply is its answer.
 MAX_REDIRECTS = 5
+#: TRYAGAIN (a multi-key call on a slot in migration) is resent after this pause, for as
+#: long as the read timeout, then the error is its answer (the caller answers UNAVAILABLE).
+TRYAGAIN_DELAY_S = 0.05
 
 Address = tuple[str, int]
 
@@ -73,10 +78,13 @@ def slot_of(command: Command) -> int | None:
 
 
 def redirect_of(reply: Any) -> tuple[str, Address] | None:
-    """("MOVED" or "ASK", node address) of a redirect error reply, else None."""
+    """("MOVED" or "ASK", node address) of a redirect error reply, ("TRYAGAIN", ("", 0))
+    for TRYAGAIN, else None."""
     if not isinstance(reply, ResponseError):
         return None
     words = str(reply).split()
+    if words and words[0] == "TRYAGAIN":
+        return "TRYAGAIN", ("", 0)
     if len(words) != 3 or words[0] not in ("MOVED", "ASK"):
         return None
     host, _, port = words[2].rpartition(":")
@@ -112,9 +120,10 @@ class ClusterConnection:
         self._nodes: dict[Address, FastConnection] = {}
         self._owner: list[Address] = []
         self._connecting = asyncio.Lock()
-        #: Redirects followed (MOVED, ASK) and map reads, for tests and /metrics.
+        #: Redirects followed (MOVED, ASK), TRYAGAIN resends and map reads.
         self.moved = 0
         self.asked = 0
+        self.retried = 0
         self.refreshes = 0
 
     # -- the map --------------------------------------------------------------------------
@@ -212,17 +221,23 @@ class ClusterConnection:
             node = self._nodes[address]
             run_id = node.ready_run_id() or ""
             node.send_now([_fill(c, run_id) for c in cmds],
-                          self._answer(cmds, index, on_reply, 0))
+                          self._answer(cmds, index, on_reply))
 
     def _answer(self, part: list[Command], index: list[int], on_reply: OnReply,
-                redirects: int) -> OnReply:
+                redirects: int = 0, tries: int = 0) -> OnReply:
+        """The reply handler of ``part``: redirects and TRYAGAIN are followed (within
+        their budgets, ``redirects`` and ``tries`` being what this command has used),
+        every other reply goes to ``on_reply`` under the command's index."""
         def answer(j: int, reply: Any) -> None:
             redirect = redirect_of(reply)
-            if redirect is None or redirects >= MAX_REDIRECTS:
+            if redirect is None or (
+                tries * TRYAGAIN_DELAY_S >= self._timeouts[1] if redirect[0] == "TRYAGAIN"
+                else redirects >= MAX_REDIRECTS
+            ):
                 on_reply(index[j], reply)
                 return
             task = asyncio.get_running_loop().create_task(
-                self._follow(redirect, part[j], index[j], on_reply, redirects + 1)
+                self._follow(redirect, part[j], index[j], on_reply, redirects, tries)
             )
             _FOLLOWING.add(task)
             task.add_done_callback(_FOLLOWING.discard)
@@ -230,20 +245,28 @@ class ClusterConnection:
         return answer
 
     async def _follow(self, redirect: tuple[str, Address], command: Command, i: int,
-                      on_reply: OnReply, redirects: int) -> None:
+                      on_reply: OnReply, redirects: int, tries: int) -> None:
         kind, address = redirect
         try:
-            if address not in self._known:
-                self._known.append(address)
+            if kind == "TRYAGAIN":
+                self.retried += 1
+                tries += 1
+                await asyncio.sleep(TRYAGAIN_DELAY_S)
+                slot = slot_of(command)
+                address = self._owner[0 if slot is None else slot]
+            else:
+                redirects += 1
+                if address not in self._known:
+                    self._known.append(address)
             if kind == "MOVED":
                 self.moved += 1
                 await self._refresh()
-            else:
+            elif kind == "ASK":
                 self.asked += 1
             node = self._node(address)
             await node.connect()
             run_id = node.ready_run_id() or ""
-            answer = self._answer([command], [i], on_reply, redirects)
+            answer = self._answer([command], [i], on_reply, redirects, tries)
             if kind == "ASK":
                 # ASKING's own reply (OK) is dropped; the command's is the answer.
                 def after_asking(k: int, reply: Any) -> None:

@@ -267,3 +267,51 @@ async def _all_at_least(counts: dict[int, int], n: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def asking(port: int, *commands: str) -> str:
+    """``commands`` on one connection to ``port``, each after ASKING (it holds for one
+    command)."""
+    done = subprocess.run(
+        ["redis-cli", "-p", str(port)], input="".join(f"ASKING\n{c}\n" for c in commands),
+        capture_output=True, text=True, timeout=5, check=True,
+    )
+    return done.stdout
+
+
+async def test_a_slot_in_migration_is_asked_retried_then_moved(
+    conn: ClusterConnection, sync: SyncCluster, redis_cluster: RedisCluster
+) -> None:
+    keys = Keys("rt4", 64)
+    uid = 1
+    slot = slot_of(bet(keys, uid, 0))
+    assert slot is not None
+    source = sync.get_node_from_key(keys.balances(uid)).port
+    target = next(n.port for n in redis_cluster.masters() if n.port != source)
+    source_id = command(source, "CLUSTER", "MYID").strip()
+    target_id = command(target, "CLUSTER", "MYID").strip()
+    command(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+    command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+    try:
+        # The user's keys are on the target already; the source has none and says ASK.
+        target_rid = command(target, "INFO", "server").split("run_id:")[1].split()[0]
+        asking(target, f"HSET {keys.balances(uid)} USDT {START}",
+               f"HSET {keys.seed(uid)} pid 1 ss s sh h cs c n 0 rid {target_rid}")
+        read = ("EVAL", "return redis.call('HGET', KEYS[1], 'USDT')", 1, keys.balances(uid))
+        assert await conn.execute([read]) == [str(START).encode()]
+        assert (conn.asked, conn.moved) == (1, 0)
+        # A bet's keys are split between the two ends (its outbox and idempotency record
+        # do not exist yet): TRYAGAIN, resent until the migration ends.
+        betting = asyncio.create_task(send_batch(conn, [bet(keys, uid, 0)]))
+        await eventually(lambda: _true(conn.retried >= 1))
+        assert not betting.done()
+    finally:  # the migration ends: the slot is the target's on every master
+        for node in redis_cluster.masters():
+            command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        redis_cluster.wait_ok(time.monotonic() + 30)
+    (reply,) = await betting
+    assert not isinstance(reply, Exception), str(reply)
+    assert reply[0][:3] == [BetCode.SETTLED, str(START - STAKE).encode(), 1]
+    assert conn.moved >= 1  # the source's MOVED, once the slot was the target's
+    (reply,) = await send_batch(conn, [bet(keys, uid, 1)])
+    assert reply[0][:3] == [BetCode.SETTLED, str(START - 2 * STAKE).encode(), 2]
