@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.cluster import RedisCluster as SyncCluster
 from redis.exceptions import NoScriptError, RedisError
 
@@ -315,3 +317,19 @@ async def test_a_slot_in_migration_is_asked_retried_then_moved(
     assert conn.moved >= 1  # the source's MOVED, once the slot was the target's
     (reply,) = await send_batch(conn, [bet(keys, uid, 1)])
     assert reply[0][:3] == [BetCode.SETTLED, str(START - 2 * STAKE).encode(), 2]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=60))
+async def test_every_reply_reaches_its_own_caller(
+    conn: ClusterConnection, users: list[int]
+) -> None:
+    """A batch split over the masters and answered in pieces: each command gets exactly
+    its own reply (the key it named, echoed by the script), whatever the mix of nodes."""
+    keys = Keys("rt5", 64)
+    echo = "return KEYS[1]"
+    batch: list[Command] = [("EVAL", echo, 1, keys.balances(u)) for u in users]
+    replies = await send_batch(conn, batch)
+    assert replies == [keys.balances(u).encode() for u in users]
