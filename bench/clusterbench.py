@@ -10,6 +10,8 @@ server's Batcher and Wallet do the same), through one of the candidate clients:
              as they arrive). On a cluster: :class:`SlotRouter`, a prototype that reads the
              slot map once (CLUSTER SHARDS), keeps one FastConnection per master, splits a
              tick's batch by key slot and writes each node's part in one write.
+``router``   the built cluster path, server.redisrouter.ClusterConnection (on one Redis:
+             FastConnection, as the server picks).
 ``redispy``  redis-py's asyncio client: ``Redis.pipeline(transaction=False)`` on one Redis,
              ``redis.asyncio.cluster.RedisCluster.pipeline()`` on the cluster.
 ``coredis``  coredis' ``Redis`` / ``RedisCluster`` pipelines (not in the lock: install it
@@ -51,6 +53,7 @@ from bench.durability import Server
 from plumbing import scripts
 from plumbing.keys import Keys
 from server.redisconn import RunId
+from server.redisrouter import ClusterConnection
 from server.resp import Command, FastConnection, OnReply
 from tests.rediscluster import RedisCluster
 
@@ -132,7 +135,7 @@ def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
         future.set_result(reply)
 
 
-def fast_sender(conn: FastConnection | SlotRouter) -> Send:
+def fast_sender(conn: FastConnection | SlotRouter | ClusterConnection) -> Send:
     async def send(batch: Batch) -> None:
         done = asyncio.get_running_loop().create_future()
         left = len(batch)
@@ -322,10 +325,10 @@ async def drive(ticker: Ticker, inflight: int, seconds: float,
 async def make_client(kind: str, target: str, url: str) -> tuple[Send, Callable[[], Awaitable[
         None]]]:
     """The batch sender of ``kind`` on ``url`` and how to close it."""
-    if kind == "fast":
-        conn: FastConnection | SlotRouter = (
-            SlotRouter(url) if target == "cluster" else FastConnection(url, RunId())
-        )
+    if kind in ("fast", "router"):
+        conn: FastConnection | SlotRouter | ClusterConnection = FastConnection(url, RunId())
+        if target == "cluster":
+            conn = SlotRouter(url) if kind == "fast" else ClusterConnection(url)
         await conn.connect()
 
         async def close_fast() -> None:
@@ -409,7 +412,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="single,cluster")
-    parser.add_argument("--clients", default="fast,redispy,coredis")
+    parser.add_argument("--clients", default="fast,router,redispy,coredis")
     parser.add_argument("--windows", default="1,2,0", help="batches in flight (0: no limit)")
     parser.add_argument("--inflight", type=int, default=400, help="users betting at once")
     parser.add_argument("--seconds", type=float, default=6.0)
