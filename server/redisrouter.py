@@ -28,8 +28,8 @@ can use either. How a call finds its node:
   makes ``ready_run_id`` None, so the next batch first calls ``connect``, which reads the
   map again and connects to the masters it names.
 
-A command with no key (``execute`` of ``SCRIPT LOAD``, say) goes to every master when it
-is a ``SCRIPT`` command and to the first master otherwise.
+A command with no key goes to one master; ``execute`` sends a batch of ``SCRIPT``
+commands (``SCRIPT LOAD``) to every master.
 """
 
 from __future__ import annotations
@@ -260,7 +260,10 @@ class ClusterConnection:
                     self._known.append(address)
             if kind == "MOVED":
                 self.moved += 1
-                await self._refresh()
+                slot = slot_of(command)
+                # One map read serves every call redirected by the same change.
+                if slot is None or self._owner[slot] != address:
+                    await self._refresh()
             elif kind == "ASK":
                 self.asked += 1
             node = self._node(address)
@@ -281,13 +284,22 @@ class ClusterConnection:
 
     async def execute(self, commands: list[Command]) -> list[Any]:
         """Send ``commands`` and wait for their replies, in order (error replies in the
-        list, as :meth:`FastConnection.execute`). ``SCRIPT`` commands go to every master
-        and answer with the first master's reply."""
+        list, as :meth:`FastConnection.execute`). A batch of ``SCRIPT`` commands goes to
+        every master and answers with the first master's replies.
+
+        Raises:
+            ValueError: ``SCRIPT`` commands mixed with others in one batch.
+        """
         await self.connect()
-        scripts = [c for c in commands if _text(c[0]).upper() == "SCRIPT"]
-        for command in scripts:
+        is_script = [_text(c[0]).upper() == "SCRIPT" for c in commands]
+        if any(is_script):
+            if not all(is_script):
+                raise ValueError("SCRIPT commands go to every master: send them apart")
+            replies: list[Any] | None = None
             for node in self._masters():
-                await node.execute([command])
+                answered = await node.execute(commands)
+                replies = answered if replies is None else replies
+            return replies or []
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
 
