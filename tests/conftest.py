@@ -4,7 +4,8 @@ postgresql://root@127.0.0.1:5432), and the StakePro app served by uvicorn on a f
 Everything is removed at the end of the session.
 
 Besides the session's shared server (``base``, ``api``): servers, Redis and databases a test
-may break (``own_redis``, ``aof_redis``, ``own_database``, :func:`serve`), the deployment of
+may break (``own_redis``, ``aof_redis``, ``own_database``, :func:`serve`), a Redis Cluster
+(``redis_cluster``, tests/rediscluster.py), the deployment of
 real worker processes of tests/workerprocs.py (``stack``, ``stack_api``, ``stack_pool``),
 Chromium for the page tests (``chromium_path``) and the seed of a test's random choices
 (``seeded``). docs/testing.md says which to use when."""
@@ -39,6 +40,7 @@ from stakepro.app import create_app
 from tests.helpers import Api
 
 if TYPE_CHECKING:
+    from tests.rediscluster import RedisCluster
     from tests.workerprocs import Stack
 
 ADMIN_TOKEN = "test-admin-token"
@@ -134,6 +136,20 @@ def own_redis() -> Iterator[RedisServer]:
 def aof_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own with its AOF on (appendfsync everysec)."""
     yield from running_redis(appendonly=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real Redis Cluster (3 masters, 3 replicas on loopback, tests/rediscluster.py),
+    started once for the session by the first test that asks for it."""
+    from tests.rediscluster import RedisCluster
+
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 def database_named(name: str) -> str:
