@@ -40,7 +40,7 @@ def months_from_now(n: int) -> datetime:
 
 def bet(bet_id: str, at: datetime, user: int = 1, amount: int = 100) -> BetRow:
     return (bet_id, user, 1, "USDT", amount, 0, 1234, 5000, "over", 1, 19800, "h" * 64,
-            "client", 900, int(at.timestamp() * 1000))
+            "client", 900, int(at.timestamp() * 1000), None)  # no client bet id
 
 
 async def migrate_until(dsn: str, version: int) -> None:
@@ -77,7 +77,7 @@ async def test_migration_keeps_every_row_and_partitions_by_month() -> None:
             "INSERT INTO bets (bet_id, user_id, pair_id, currency, amount, payout, roll,"
             " target, direction, nonce, multiplier, server_seed_hash, client_seed,"
             " balance_after, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-            " $11, $12, $13, $14, to_timestamp($15 / 1000.0))", rows)
+            " $11, $12, $13, $14, to_timestamp($15 / 1000.0))", [r[:15] for r in rows])
         await conn.executemany(
             "INSERT INTO ledger (entry_id, user_id, currency, delta, kind, created_at)"
             " VALUES ('bet:' || $1, $2, $3, $4, 'bet', to_timestamp($5 / 1000.0))",
