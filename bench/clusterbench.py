@@ -236,8 +236,8 @@ class Ticker:
 def bet_command(sha: str, uid: int, nonce: int, event: bytes) -> Command:
     """One bet of ``uid`` at stored nonce ``nonce``, as server.wallet.Wallet._flush builds it."""
     return (
-        "EVALSHA", sha, 5, KEYS.balances(uid), KEYS.seed(uid), KEYS.outbox_for(uid),
-        KEYS.user_channel(uid), KEYS.bet_idem(uid, nonce + 1),
+        "EVALSHA", sha, 6, KEYS.balances(uid), KEYS.seed(uid), KEYS.outbox_for(uid),
+        KEYS.user_channel(uid), KEYS.healed(uid), KEYS.bet_idem(uid, nonce + 1),
         str(uid), RID, WINDOW_MS, "0",
         "USDT", "100", "-100", str(nonce), "USDT|100|5000|under", event, "bench:1",
     )
@@ -265,6 +265,7 @@ async def setup(masters: list[aioredis.Redis], users: int) -> None:
                 pipe.hset(KEYS.balances(uid), "USDT", str(START))
                 pipe.hset(KEYS.seed(uid), mapping={"pid": str(uid), "ss": "s", "sh": "h",
                                                    "cs": "c", "n": "0", "rid": RID})
+                pipe.set(KEYS.healed(uid), RID)
     for pipe in by_master.values():
         await pipe.execute()
 

@@ -59,9 +59,10 @@ def test_a_bet_settles_on_the_master_of_its_slot(client: SyncCluster) -> None:
         client.hset(KEYS.balances(uid), "USDT", "1000")
         client.hset(KEYS.seed(uid), mapping={"pid": "7", "ss": "s", "sh": "h", "cs": "c",
                                              "n": "0", "rid": "r"})
+        client.set(KEYS.healed(uid), "r")  # its state matches the ledger under run "r"
     for uid in users:
         keys = [KEYS.balances(uid), KEYS.seed(uid), KEYS.outbox_for(uid),
-                KEYS.user_channel(uid), KEYS.bet_idem(uid, 1)]
+                KEYS.user_channel(uid), KEYS.healed(uid), KEYS.bet_idem(uid, 1)]
         args = ["7", "r", "300000", "0",
                 "USDT", "100", "-100", "0", "USDT|100|5000|under", b"event", "sock"]
         reply = client.execute_command("EVAL", scripts.BET.source, len(keys), *keys, *args)
