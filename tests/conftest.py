@@ -327,3 +327,9 @@ async def fresh_database(like: str) -> AsyncIterator[str]:
         yield dsn
     finally:
         await drop_database(dsn)
+
+
+def own_settings(redis_url: str, database_url: str) -> Settings:
+    """Settings on these servers under a fresh key prefix, with the tests' limits."""
+    return Settings(redis_url=redis_url, database_url=database_url,
+                    key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning", **TEST_SETTINGS)

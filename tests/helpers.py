@@ -284,6 +284,14 @@ class Player:
             delay = min(0.5, delay * 2)
 
 
+async def bet_settled(p: Player, message: dict[str, Any]) -> dict[str, Any]:
+    """A bet sent, and resent while UNAVAILABLE (:meth:`Player.settle`), that must settle;
+    pushes in between are ignored."""
+    reply = await p.settle(message, [])
+    assert reply["type"] == "bet_result", reply
+    return reply
+
+
 class RawSocket:
     """A blocking WebSocket client on a plain socket (run it in a thread): the handshake,
     then bytes as the test writes them and frames as they come."""
@@ -353,3 +361,17 @@ class RawSocket:
                 return None
             if opcode == 0x8:
                 return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+
+
+async def play_alternating(api: Api, token: str, bets: int, currency: str = "USDT",
+               amount: str = "1.00") -> list[dict[str, Any]]:
+    """``bets`` bets of 1.00 (or ``amount``) on one socket, alternating two targets."""
+    results = []
+    async with api.play(token) as p:
+        for i in range(bets):
+            target, direction = ("50.00", "under") if i % 2 else ("30.00", "over")
+            r = await p.bet(amount=amount, target=target, direction=direction,
+                            currency=currency)
+            assert r["type"] == "bet_result", r
+            results.append(r)
+    return results

@@ -26,8 +26,14 @@ from ops import audit, rebuild
 from plumbing import heal
 from plumbing.keys import Keys
 from plumbing.settings import Settings
-from tests.conftest import ADMIN_TOKEN, TEST_SETTINGS, RedisServer, fresh_database, serve
-from tests.helpers import Api, Player, outbox_drained, tool
+from tests.conftest import (
+    ADMIN_TOKEN,
+    RedisServer,
+    fresh_database,
+    own_settings,
+    serve,
+)
+from tests.helpers import Api, Player, outbox_drained, play_alternating, tool
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,19 +60,6 @@ async def audited(settings: Settings, users: list[int] | None) -> audit.Audit:
     return result
 
 
-async def play(api: Api, token: str, bets: int, currency: str = "USDT",
-               amount: str = "1.00") -> list[dict[str, Any]]:
-    results = []
-    async with api.play(token) as p:
-        for i in range(bets):
-            target, direction = ("50.00", "under") if i % 2 else ("30.00", "over")
-            r = await p.bet(amount=amount, target=target, direction=direction,
-                            currency=currency)
-            assert r["type"] == "bet_result", r
-            results.append(r)
-    return results
-
-
 async def population(api: Api) -> list[int]:
     """An agent chain with commission rates, two players, deposits and bets in two
     currencies. Returns every user id created."""
@@ -75,9 +68,9 @@ async def population(api: Api) -> list[int]:
     p1, t1 = await api.player(deposit="100.00", parent_id=agent)
     p2, t2 = await api.player(deposit="50.00")
     await api.deposit(p1, "0.01000000", "BTC")
-    await play(api, t1, 12)
-    await play(api, t1, 5, "BTC", "0.00010000")
-    await play(api, t2, 8, amount="2.50")
+    await play_alternating(api, t1, 12)
+    await play_alternating(api, t1, 5, "BTC", "0.00010000")
+    await play_alternating(api, t2, 8, amount="2.50")
     await api.deposit(p2, "7.77")
     return [master, agent, p1, p2]
 
@@ -266,7 +259,7 @@ async def test_pending_outbox_counts_as_pending_not_lost(
     """An event in the outbox that the ledger does not have yet (here: one of our own,
     appended to a prefix no persister drains) is pending, and balances still agree."""
     uid, token = await api.player(deposit="10.00")
-    await play(api, token, 3)
+    await play_alternating(api, token, 3)
     await drained(settings, redis)
     own = settings.model_copy(update={"key_prefix": f"a{uuid.uuid4().hex[:6]}"})
     keys = keys_of(own)
@@ -293,8 +286,8 @@ async def test_rebuild_restores_a_deleted_balance_exactly(
 ) -> None:
     uid, token = await api.player(deposit="20.00")
     await api.deposit(uid, "0.00500000", "BTC")
-    await play(api, token, 6)
-    await play(api, token, 2, "BTC", "0.00001000")
+    await play_alternating(api, token, 6)
+    await play_alternating(api, token, 2, "BTC", "0.00001000")
     await drained(settings, redis)
     keys = keys_of(settings)
     before = await redis.hgetall(keys.balances(uid))
@@ -406,18 +399,13 @@ async def test_commissions_in_flight_are_pending_not_missing(
 # -- a system of its own: the global run and Redis losing writes -----------------------------
 
 
-def own_settings(redis_url: str, database_url: str) -> Settings:
-    return Settings(redis_url=redis_url, database_url=database_url,
-                    key_prefix=f"g{uuid.uuid4().hex[:6]}", log_level="warning", **TEST_SETTINGS)
-
-
 async def test_global_audit_of_a_whole_system(
     redis_server: RedisServer, own_database: str, redis: aioredis.Redis
 ) -> None:
     settings = own_settings(redis_server.url, own_database)
     async with serve(settings) as served, Api(served.address, ADMIN_TOKEN) as api:
         users = await population(api)
-        await play(api, (await api.player(deposit="3.00"))[1], 3)
+        await play_alternating(api, (await api.player(deposit="3.00"))[1], 3)
         await drained(settings, redis)
         result = await audited(settings, None)
         assert result.ok, audit.summary(result)
@@ -464,10 +452,10 @@ async def test_redis_losing_writes_is_found_and_rebuilt(
     client = aioredis.Redis.from_url(settings.redis_url)
     async with serve(settings) as served, Api(served.address, ADMIN_TOKEN) as api:
         uid, token = await api.player(deposit="40.00")
-        await play(api, token, 3)
+        await play_alternating(api, token, 3)
         await drained(settings, client)
         shutil.copytree(aof_redis.dir, tmp_path / "old")
-        await play(api, token, 4)
+        await play_alternating(api, token, 4)
         await api.deposit(uid, "1.00")
         await drained(settings, client)  # PostgreSQL has all of it
         await client.aclose()

@@ -25,8 +25,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import ADMIN_TOKEN, started
 from tests.helpers import Api
-from tests.test_workers import play
-from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually, redis_balances
+from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually, play, redis_balances
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

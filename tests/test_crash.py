@@ -28,8 +28,16 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ADMIN_TOKEN, started
 from tests.helpers import Api
-from tests.test_workers import paid_exactly, play
-from tests.workerprocs import Stack, Tree, bet_counts, earned, eventually, redis_balances
+from tests.workerprocs import (
+    Stack,
+    Tree,
+    bet_counts,
+    earned,
+    eventually,
+    paid_exactly,
+    play,
+    redis_balances,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

@@ -45,8 +45,7 @@ from tests.supervised import (
     healthz,
     postgres_bin,
 )
-from tests.test_workers import paid_exactly
-from tests.workerprocs import Stack, Tree, bet_counts, eventually
+from tests.workerprocs import Stack, Tree, bet_counts, eventually, paid_exactly
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

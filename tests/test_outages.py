@@ -23,9 +23,8 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import ADMIN_TOKEN, free_port, started
-from tests.helpers import Api
-from tests.test_rollback import DIFF, bet, ledger_equals_redis, quiet
-from tests.workerprocs import Stack, Tree, bet_counts, eventually
+from tests.helpers import Api, bet_settled
+from tests.workerprocs import DIFF, Stack, Tree, bet_counts, eventually, ledger_equals_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -43,7 +42,7 @@ async def keep_betting(api: Api, uid: int, token: str, stop: asyncio.Event,
             message = {"type": "bet", "id": f"{uid}-{n}", "currency": "USDT",
                        "amount": "0.25", "target": "50.00",
                        "direction": "under" if n % 2 else "over"}
-            told[message["id"]] = (await bet(p, message))["bet_id"]
+            told[message["id"]] = (await bet_settled(p, message))["bet_id"]
             n += 1
             await asyncio.sleep(PACE_S)
 
@@ -153,7 +152,7 @@ async def test_postgres_down_30s_then_a_worker_killed_under_load(
                 return await bet_counts(pool, ids) == dict.fromkeys(ids, 1)
 
             await eventually(all_in, within=60)
-            await eventually(lambda: quiet(stack), within=60)
+            await eventually(lambda: stack.commissions_idle(), within=60)
             users = [uid for uid, _ in tree.players] + [int(u) for u, _ in tree.chain]
             try:
                 await eventually(lambda: ledger_equals_redis(stack, pool, users), within=30)

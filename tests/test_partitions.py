@@ -20,9 +20,15 @@ from ops import audit, partitions
 from plumbing.events import BetRow
 from plumbing.keys import Keys
 from server.db import MIGRATIONS, drop_database, ensure_database, migrate
-from tests.conftest import ADMIN_TOKEN, RedisServer, database_named, fresh_database_name, serve
-from tests.helpers import Api, outbox_drained, tool
-from tests.test_audit import own_settings, play
+from tests.conftest import (
+    ADMIN_TOKEN,
+    RedisServer,
+    database_named,
+    fresh_database_name,
+    own_settings,
+    serve,
+)
+from tests.helpers import Api, outbox_drained, play_alternating, tool
 from workers import outbox
 
 NOW = datetime.now(UTC)
@@ -199,8 +205,8 @@ async def test_detaching_old_months_leaves_the_audit_passing(
         async with serve(s) as served, Api(served.address, ADMIN_TOKEN) as api:
             old_player, old_token = await api.player(deposit="100.00")
             _, new_token = await api.player(deposit="100.00")
-            await play(api, old_token, 10)
-            await play(api, new_token, 6)
+            await play_alternating(api, old_token, 10)
+            await play_alternating(api, new_token, 6)
             await outbox_drained(redis, keys)
         # The first player's bets become history of five months ago (a partition for that
         # month first, so they do not wait in the default one); their ledger rows keep the

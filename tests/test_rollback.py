@@ -35,11 +35,10 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 
 from tests.conftest import ADMIN_TOKEN, started
-from tests.helpers import Api, Player
-from tests.workerprocs import Proc, Stack, Tree, eventually
+from tests.helpers import Api, bet_settled
+from tests.workerprocs import DIFF, Proc, Stack, Tree, eventually, ledger_equals_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -54,22 +53,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     await s.close()
 
 
-async def bet(p: Player, message: dict[str, Any]) -> dict[str, Any]:
-    """Send a bet and wait for its answer, resending while the server says UNAVAILABLE (as
-    a client does); pushes and rotations in between are ignored."""
-    for _ in range(200):
-        await p.send(message)
-        while True:
-            reply = await p.recv()
-            if reply.get("id") == message["id"] and reply["type"] in ("bet_result", "error"):
-                break
-        if reply["type"] == "bet_result":
-            return reply
-        assert reply["code"] == "UNAVAILABLE", reply
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"bet {message['id']} never answered")
-
-
 async def play(api: Api, tree: Tree, tag: str, n: int,
                told: dict[str, dict[str, Any]]) -> None:
     """``n`` bets per player with ids ``<tag>-<player>-<i>``; every result goes to ``told``."""
@@ -81,39 +64,9 @@ async def play(api: Api, tree: Tree, tag: str, n: int,
                 message = {"type": "bet", "id": f"{tag}-{uid}-{i}", "currency": "USDT",
                            "amount": amount, "target": target, "direction": direction}
                 told[message["id"]] = {"message": message, "uid": uid,
-                                       "reply": await bet(p, message)}
+                                       "reply": await bet_settled(p, message)}
 
     await asyncio.gather(*(one(uid, token) for uid, token in tree.players))
-
-
-async def quiet(stack: Stack) -> bool:
-    """The outbox is empty and no commission is left to pay or to credit."""
-    return await stack.commissions_idle()
-
-
-#: The last differences ledger_equals_redis found (for the failure message).
-DIFF: list[Any] = []
-
-
-async def ledger_equals_redis(stack: Stack, pool: asyncpg.Pool, users: list[int]) -> bool:
-    rows = await pool.fetch(
-        "SELECT user_id, currency, sum(delta)::bigint AS total FROM ledger"
-        " WHERE user_id = ANY($1::bigint[]) GROUP BY user_id, currency", users)
-    ledger: dict[int, dict[str, int]] = {u: {} for u in users}
-    for r in rows:
-        ledger[int(r["user_id"])][r["currency"]] = int(r["total"])
-    client = aioredis.Redis.from_url(stack.settings.redis_url)
-    DIFF.clear()
-    try:
-        for u in users:
-            raw = await client.hgetall(stack.keys.balances(u))
-            have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
-            want = {c: v for c, v in ledger[u].items() if v}
-            if have != want:
-                DIFF.append((u, have, want))
-        return not DIFF
-    finally:
-        await client.aclose()
 
 
 async def commission_totals(pool: asyncpg.Pool, users: list[int]) -> dict[int, int]:
@@ -146,7 +99,7 @@ async def test_redis_rollback_heals_itself(point: str, stack: Stack, tmp_path: P
             players = [uid for uid, _ in tree.players]
             ancestors = [int(uid) for uid, _ in tree.chain]
             await play(api, tree, "a", 4, told)
-            await eventually(lambda: quiet(stack))
+            await eventually(lambda: stack.commissions_idle())
 
             if point == "before_flush":
                 shutil.copytree(stack.redis_server.dir, snapshot)
@@ -181,7 +134,7 @@ async def test_redis_rollback_heals_itself(point: str, stack: Stack, tmp_path: P
                 rotated = await p.request({"type": "rotate_seed", "id": "rot",
                                            "client_seed": "after-the-point"})
                 assert rotated["type"] == "seed_rotated", rotated
-            await eventually(lambda: quiet(stack))
+            await eventually(lambda: stack.commissions_idle())
             assert await ledger_equals_redis(stack, pool, players + ancestors)
             before = await commission_totals(pool, ancestors)
 
@@ -193,7 +146,7 @@ async def test_redis_rollback_heals_itself(point: str, stack: Stack, tmp_path: P
                     for cid, seen in list(told.items())[in_doubt_from:]:
                         if seen["uid"] != uid:
                             continue
-                        again = await bet(p, seen["message"])
+                        again = await bet_settled(p, seen["message"])
                         for name in ("bet_id", "roll", "nonce", "payout", "balance",
                                      "server_seed_hash"):
                             assert again[name] == seen["reply"][name], (cid, name, again)
@@ -204,7 +157,7 @@ async def test_redis_rollback_heals_itself(point: str, stack: Stack, tmp_path: P
             await play(api, tree, "d", 2, told)
             for proc in procs:
                 assert proc.alive(), stack.logs()
-            await eventually(lambda: quiet(stack), within=40)
+            await eventually(lambda: stack.commissions_idle(), within=40)
             # A user nothing happened to since the rollback (the master earns nothing on
             # small stakes) is healed when anything reads or moves its money: here, the
             # admin view. Until then its scripts refuse, so its stale hash is never used.

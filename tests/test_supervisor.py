@@ -31,8 +31,7 @@ from stakepro.supervisor import Backoff, ending
 from tests.conftest import ADMIN_TOKEN, free_port
 from tests.helpers import Api
 from tests.supervised import Bettor, Supervised, audit, children_of, cmdline, running, tree
-from tests.test_workers import paid_exactly
-from tests.workerprocs import Stack, Tree, bet_counts, eventually
+from tests.workerprocs import Stack, Tree, bet_counts, eventually, paid_exactly
 
 # -- the backoff, pure -------------------------------------------------------------------------
 

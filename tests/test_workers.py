@@ -20,10 +20,10 @@ from tests.workerprocs import (
     Stack,
     Tree,
     bet_counts,
-    earned,
     eventually,
+    paid_exactly,
     persisted_stakes,
-    redis_balances,
+    play,
 )
 from workers.actors import ShardKeys
 from workers.broker import broker_url
@@ -53,40 +53,6 @@ async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
     p = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     yield p
     await p.close()
-
-
-async def play(api: Api, tree: Tree, bets: int) -> tuple[list[str], list[int]]:
-    """``bets`` bets for each player; returns the acknowledged bet ids and stakes."""
-    ids: list[str] = []
-    stakes: list[int] = []
-
-    async def one(token: str) -> None:
-        async with api.play(token) as p:
-            for i in range(bets):
-                amount = 100 + 37 * i  # 1.00, 1.37, ... (minor units below)
-                reply = await p.bet(amount=f"{amount // 100}.{amount % 100:02d}",
-                                    target="49.50", direction="under" if i % 2 else "over")
-                assert reply["type"] == "bet_result", reply
-                ids.append(reply["bet_id"])
-                stakes.append(amount)
-
-    await asyncio.gather(*(one(token) for _, token in tree.players))
-    return ids, stakes
-
-
-async def paid_exactly(pool: asyncpg.Pool, stack: Stack, tree: Tree,
-                       stakes: list[int]) -> None:
-    owed = tree.expected(stakes)
-    ancestors = list(owed)
-
-    async def settled() -> bool:
-        return (await earned(pool, ancestors) == owed
-                and await redis_balances(stack, ancestors) == owed)
-
-    await eventually(settled)
-    await asyncio.sleep(2 * stack.settings.commission_flush_s)  # and stays so (no double)
-    assert await earned(pool, ancestors) == owed
-    assert await redis_balances(stack, ancestors) == owed
 
 
 def test_broker_lives_beside_the_balances() -> None:

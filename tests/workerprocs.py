@@ -313,19 +313,19 @@ async def persisted_once(stack: Stack, pool: asyncpg.Pool, ids: list[str],
 async def paid_exactly(pool: asyncpg.Pool, stack: Stack, tree: Tree, stakes: list[int],
                        nudge: Callable[[], None] | None = None) -> None:
     """Every ancestor earned exactly its shares of ``stakes``, in PostgreSQL and in Redis,
-    and nothing that could pay again is left. ``nudge`` runs at each look (without a
-    scheduler: enqueue a flush)."""
+    and still does two flush windows later (nothing paid twice). ``nudge`` runs at each
+    look (without a scheduler: enqueue a flush)."""
     owed = tree.expected(stakes)
     ancestors = list(owed)
 
     async def settled() -> bool:
         if nudge is not None:
             nudge()
-        return (await stack.commissions_idle()
-                and await earned(pool, ancestors) == owed
+        return (await earned(pool, ancestors) == owed
                 and await redis_balances(stack, ancestors) == owed)
 
     await eventually(settled)
+    await asyncio.sleep(2 * stack.settings.commission_flush_s)  # and stays so (no double)
     assert await earned(pool, ancestors) == owed
     assert await redis_balances(stack, ancestors) == owed
 
@@ -342,3 +342,28 @@ async def persisted_stakes(pool: asyncpg.Pool, user_ids: list[int]) -> list[int]
     rows = await pool.fetch("SELECT amount FROM bets WHERE user_id = ANY($1::bigint[])",
                             user_ids)
     return [int(r["amount"]) for r in rows]
+
+
+#: The last differences ledger_equals_redis found (for the failure message).
+DIFF: list[Any] = []
+
+
+async def ledger_equals_redis(stack: Stack, pool: asyncpg.Pool, users: list[int]) -> bool:
+    rows = await pool.fetch(
+        "SELECT user_id, currency, sum(delta)::bigint AS total FROM ledger"
+        " WHERE user_id = ANY($1::bigint[]) GROUP BY user_id, currency", users)
+    ledger: dict[int, dict[str, int]] = {u: {} for u in users}
+    for r in rows:
+        ledger[int(r["user_id"])][r["currency"]] = int(r["total"])
+    client = aioredis.Redis.from_url(stack.settings.redis_url)
+    DIFF.clear()
+    try:
+        for u in users:
+            raw = await client.hgetall(stack.keys.balances(u))
+            have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
+            want = {c: v for c, v in ledger[u].items() if v}
+            if have != want:
+                DIFF.append((u, have, want))
+        return not DIFF
+    finally:
+        await client.aclose()
