@@ -61,6 +61,9 @@ log = structlog.get_logger(__name__)
 _encode_bet = events.encode_bet
 _client_ref = events.client_ref
 
+#: Seconds after which an unrevealed pair that is not active in Redis can never become
+#: active (see Wallet._reveal_orphans).
+ORPHAN_AFTER_S = 60.0
 #: A bet recomputed this many times in a row (other instances betting for the same user,
 #: or rotating under it) gives up with UNAVAILABLE; nothing was changed.
 MAX_ATTEMPTS = 8
@@ -317,6 +320,27 @@ class Wallet:
             revealed = Pair(pid, ss, sh, cs, max(int(n), int(final or 0)))
             return Rotation(revealed, new)
         raise Unavailable("the seed pair kept changing; try again")
+
+    async def _reveal_orphans(self, user_id: int, active: int) -> None:
+        """After a Redis rollback (EPOCH): the user's pairs PostgreSQL holds unrevealed, other
+        than the one just installed, were installed in the history Redis lost (a rotation
+        it forgot) or never installed at all. No bet can reach them again (a bet goes only
+        to the pair active in Redis), so they are revealed, with the highest nonce
+        PostgreSQL holds for them, and the bets made on them can be verified. A pair is
+        installed within one Redis round trip of its insert, so one older than
+        :data:`ORPHAN_AFTER_S` that is not active now never will be: younger ones wait
+        for the next rotation."""
+        async with self._pool.acquire() as conn:
+            revealed = await conn.fetch(
+                "UPDATE seed_pairs AS p SET revealed_at = now(), final_nonce ="
+                " (SELECT COALESCE(max(nonce), 0) FROM bets WHERE pair_id = p.pair_id)"
+                " WHERE user_id = $1 AND revealed_at IS NULL AND pair_id <> $2"
+                " AND created_at < now() - make_interval(secs => $3) RETURNING pair_id",
+                user_id, active, float(ORPHAN_AFTER_S),
+            )
+        if revealed:
+            log.warning("orphan_pairs_revealed", user_id=user_id,
+                        pairs=[int(r["pair_id"]) for r in revealed])
 
     async def _new_pair(self, user_id: int, client_seed: str) -> Pair:
         server_seed = seeds.new_server_seed()
@@ -576,6 +600,7 @@ class Wallet:
                     state.pair = None
                     rotation = await self._rotate_locked(state, None)
                     state.needs_rotation = False
+                    await self._reveal_orphans(state.user_id, int(rotation.current.pid))
                     if state.queue:  # that bet's socket learns of the rotation first
                         state.queue[0].rotated = rotation
                 else:

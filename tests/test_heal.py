@@ -145,3 +145,43 @@ async def test_a_stale_user_changes_nothing_until_healed(
     assert reply == [[BetCode.HEAL]]
     assert await redis.hgetall(k.balances(uid)) == before
     assert not await redis.exists(k.bet_idem(uid, "x"))
+
+
+async def test_a_pair_only_the_lost_history_knew_is_revealed_at_the_rotation(
+    api: Api, settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool
+) -> None:
+    """A rotation Redis forgot leaves a pair PostgreSQL holds unrevealed, with bets on it:
+    the rotation forced by the restart (EPOCH) reveals it, at the highest nonce PostgreSQL
+    holds, so those bets can be verified. A pair younger than ORPHAN_AFTER_S (it may be
+    another instance's rotation in flight) is left alone, and so is the new active one."""
+    uid, token = await api.player(deposit="5.00")
+    async with api.play(token) as p:
+        first = await p.bet("0.10")
+        assert first["type"] == "bet_result", first
+        old_pid = int(first["bet_id"].split("-")[0])
+        orphan = await pool.fetchval(
+            "INSERT INTO seed_pairs (user_id, server_seed, server_seed_hash, client_seed,"
+            " created_at) VALUES ($1, 'lost', 'h', 'c', now() - interval '5 minutes')"
+            " RETURNING pair_id", uid)
+        await pool.execute(
+            "INSERT INTO bets (bet_id, user_id, pair_id, currency, amount, payout, roll,"
+            " target, direction, nonce, multiplier, server_seed_hash, client_seed,"
+            " balance_after, created_at) VALUES ($1, $2, $3, 'USDT', 10, 0, 9000, 5000,"
+            " 'under', 4, 19800, 'h', 'c', 0, now())", f"{orphan}-4", uid, orphan)
+        young = await pool.fetchval(
+            "INSERT INTO seed_pairs (user_id, server_seed, server_seed_hash, client_seed)"
+            " VALUES ($1, 'fresh', 'h', 'c') RETURNING pair_id", uid)
+        # Redis restarted since the active pair was installed: its next bet rotates it.
+        await redis.hset(keys_of(settings).seed(uid), "rid", "an-earlier-run")
+        rotated = await p.bet("0.10")  # the unasked seed_rotated comes first
+        assert rotated["type"] == "seed_rotated", rotated
+        second = await p.recv()
+        assert second["type"] == "bet_result", second
+        new_pid = int(second["bet_id"].split("-")[0])
+        assert new_pid not in (old_pid, orphan, young) and second["nonce"] == 1
+    rows = {r["pair_id"]: r for r in await pool.fetch(
+        "SELECT pair_id, revealed_at, final_nonce FROM seed_pairs WHERE user_id = $1", uid)}
+    assert rows[orphan]["revealed_at"] is not None and rows[orphan]["final_nonce"] == 4
+    assert rows[old_pid]["revealed_at"] is not None  # the rotation itself
+    assert rows[young]["revealed_at"] is None
+    assert rows[new_pid]["revealed_at"] is None
