@@ -179,23 +179,10 @@ class PairRow:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredBet:
+class StoredBet(events.SettledBet):
     """A row of ``bets`` as the audit reads it, with its ledger row (the outbox event it was
     written from is :class:`plumbing.events.BetEvent`)."""
 
-    bet_id: str
-    user_id: int
-    pair_id: int
-    currency: str
-    amount: int
-    payout: int
-    roll: int
-    target: int
-    direction: str
-    nonce: int
-    multiplier: int
-    server_seed_hash: str
-    client_seed: str
     #: The bet's ledger row ``bet:<bet_id>`` (None when missing).
     ledger_user: int | None = None
     ledger_currency: str | None = None

@@ -35,7 +35,10 @@ class Malformed(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class BetEvent:
+class SettledBet:
+    """What a settled bet is, wherever it is read from: the outbox event that carries it
+    (:class:`BetEvent`) or its stored row (the audit's ``StoredBet``)."""
+
     bet_id: str
     user_id: int
     pair_id: int
@@ -49,6 +52,10 @@ class BetEvent:
     multiplier: int
     server_seed_hash: str
     client_seed: str
+
+
+@dataclass(frozen=True, slots=True)
+class BetEvent(SettledBet):
     ts: int
     balance_after: int
     #: The player's id of the bet (:func:`client_ref`), None in events written before it
