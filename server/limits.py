@@ -10,10 +10,12 @@ the request is done.
   ``--forwarded-allow-ips`` set to the proxy's address so that it is the client's.
 - Per user, across all of the user's sockets (:class:`UserMeter`): messages and bets a
   second. Checking Redis before each frame would add a round trip to every bet, so the
-  meter counts after the fact: the frames of one loop tick are charged in one pipeline, and
-  once Redis says a user is over, this instance refuses that user's frames until the retry
-  time. A user can overshoot by what arrives within one Redis round trip (and by what the
-  per-socket bucket of server/play.py lets through), never by more.
+  meter counts after the fact: the frames of each :data:`CHARGE_INTERVAL_S` are charged in
+  one pipeline, and once Redis says a user is over, this instance refuses that user's
+  frames until the retry time. A user can overshoot by what arrives within one interval
+  and one Redis round trip (and by what the per-socket bucket of server/play.py lets
+  through), never by more. Charging every loop tick instead cost a quarter of the bet
+  path's throughput (a script call per user and rate per tick; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from plumbing import scripts
 from plumbing.keys import Keys
 
 log = structlog.get_logger(__name__)
+
+#: Seconds of usage the per-user meter gathers into one charge (one script call per user
+#: and rate): the price of the meter on the bet path falls with it, the overshoot it allows
+#: grows with it.
+CHARGE_INTERVAL_S = 0.05
 
 #: How long a socket's place among its user's sockets is held without renewal (ms); a
 #: session renews it every third of that, so a crashed instance's places come free.
@@ -89,8 +96,8 @@ class Limits:
 
 
 class UserMeter:
-    """Per-user rates across sockets and instances, charged once per loop tick (see the
-    module docstring: the refusal follows Redis's answer by one round trip)."""
+    """Per-user rates across sockets and instances, charged every :data:`CHARGE_INTERVAL_S`
+    (see the module docstring: the refusal follows Redis's answer by one round trip)."""
 
     def __init__(self, limits: Limits, rates: Sequence[Rate]) -> None:
         self._limits = limits
@@ -99,6 +106,10 @@ class UserMeter:
         self._blocked: dict[tuple[str, int], float] = {}
         self._pending: dict[tuple[str, int], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _schedule(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(CHARGE_INTERVAL_S, self._flush)
 
     def take(self, name: str, user_id: int) -> None:
         """Count one unit, or raise RateLimited while the user is known to be over."""
@@ -110,7 +121,7 @@ class UserMeter:
                 raise RateLimited(f"too many {name} for this user; slow down", left)
             del self._blocked[key]
         if not self._pending and not self._tasks:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule()
         self._pending[key] = self._pending.get(key, 0) + 1
 
     def _flush(self) -> None:
@@ -125,7 +136,7 @@ class UserMeter:
     def _charged(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if self._pending and not task.cancelled():
-            self._flush()
+            self._schedule()
 
     async def _charge(self, pending: dict[tuple[str, int], int]) -> None:
         keys = list(pending)
@@ -144,6 +155,8 @@ class UserMeter:
             self._blocked = {k: t for k, t in self._blocked.items() if t > now}
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
