@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 import uvicorn
 
 from plumbing.settings import Settings
@@ -200,6 +201,22 @@ def settings(redis_server: RedisServer, database_url: str) -> Settings:
 class Served:
     address: str  # host:port
     server: uvicorn.Server
+
+
+@pytest_asyncio.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session's Redis (bytes replies)."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the session's database (modules with a stack of their own override it)."""
+    p = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    yield p
+    await p.close()
 
 
 async def started(

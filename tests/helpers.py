@@ -375,3 +375,8 @@ async def play_alternating(api: Api, token: str, bets: int, currency: str = "USD
             assert r["type"] == "bet_result", r
             results.append(r)
     return results
+
+
+def keys_of(settings: Settings) -> Keys:
+    """The key names of these settings' prefix and buckets."""
+    return Keys(settings.key_prefix, settings.buckets)

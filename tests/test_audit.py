@@ -13,18 +13,15 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from ops import audit, rebuild
 from plumbing import heal
-from plumbing.keys import Keys
 from plumbing.settings import Settings
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -33,16 +30,12 @@ from tests.conftest import (
     own_settings,
     serve,
 )
-from tests.helpers import Api, Player, outbox_drained, play_alternating, tool
+from tests.helpers import Api, Player, keys_of, outbox_drained, play_alternating, tool
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
-
-def keys_of(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix, settings.buckets)
 
 
 async def drained(settings: Settings, redis: aioredis.Redis) -> None:
@@ -73,20 +66,6 @@ async def population(api: Api) -> list[int]:
     await play_alternating(api, t2, 8, amount="2.50")
     await api.deposit(p2, "7.77")
     return [master, agent, p1, p2]
-
-
-@pytest_asyncio.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest_asyncio.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-    yield p
-    await p.close()
 
 
 def failures_of(result: audit.Audit, check: str) -> list[str]:

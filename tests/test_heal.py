@@ -7,35 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from games.codes import BetCode
 from plumbing import heal, scripts
-from plumbing.keys import Keys
 from plumbing.settings import Settings
-from tests.helpers import Api, eventually
-
-
-@pytest_asyncio.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest_asyncio.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    yield p
-    await p.close()
-
-
-def keys_of(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix, settings.buckets)
+from tests.helpers import Api, eventually, keys_of
 
 
 async def ledger_usdt(pool: asyncpg.Pool, uid: int) -> int:

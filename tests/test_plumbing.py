@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +16,6 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from plumbing import events, scripts
 from plumbing.lease import Lease
-from plumbing.settings import Settings
 
 I64 = st.integers(min_value=0, max_value=2**63 - 1)
 TEXT = st.text(min_size=1, max_size=20)
@@ -72,13 +70,6 @@ def test_a_deposit_the_wallet_encodes_is_the_event_the_persister_decodes() -> No
 def test_unpack_bet_refuses_what_is_not_a_bet_blob(blob: bytes) -> None:
     with pytest.raises(events.Malformed):
         events.unpack_bet(blob)
-
-
-@pytest_asyncio.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_a_lease_is_held_by_one_and_only_its_holder_renews_or_releases_it(
