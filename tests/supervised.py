@@ -105,6 +105,14 @@ class Supervised:
     def lines(self, text: str) -> list[str]:
         return [line for line in self.output().splitlines() if text in line]
 
+    async def logged(self, text: str, within: float = 10.0) -> list[str]:
+        """The log lines holding ``text``, once there is one (the supervisor writes a
+        restart's line after the new child's pid can already be seen)."""
+        async def found() -> list[str] | None:
+            return self.lines(text) or None
+
+        return await eventually(found, within)
+
     async def up(self, within: float = 60.0) -> None:
         """Wait for the banner (the server answers /healthz)."""
         async def banner() -> bool:

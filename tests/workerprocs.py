@@ -52,8 +52,6 @@ async def eventually(probe: Callable[[], Awaitable[T]], within: float = 20.0,
     return await helpers_eventually(probe, within, every)
 
 
-
-
 @dataclass
 class Proc:
     name: str
