@@ -348,17 +348,12 @@ class PlaySession:
             message.get("direction"),
         )
         self._inflight += 1
-        try:
-            services.wallet.submit(state, PendingBet(
-                request_id, checked.spec, self.socket_id,
-                services.pushes.local_count(state.user_id) - 1, self._bet_done,
-                (encoding, received, checked), checked.fingerprint,
-            ))
-        except BaseException:
-            # Not queued, so _bet_done will never run: a leaked slot would, after
-            # max_inflight of them, stop this socket from being read at all.
-            self._inflight -= 1
-            raise
+        # Wallet.submit never raises: _bet_done gives the slot back.
+        services.wallet.submit(state, PendingBet(
+            request_id, checked.spec, self.socket_id,
+            services.pushes.local_count(state.user_id) - 1, self._bet_done,
+            (encoding, received, checked), checked.fingerprint,
+        ))
         if self._inflight >= self._max_inflight:
             self._pause()
 

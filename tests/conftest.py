@@ -38,7 +38,7 @@ from plumbing.settings import Settings
 from server.db import drop_database, migrate
 from server.wslink import DirectProtocol
 from stakepro.app import create_app
-from tests.helpers import Api
+from tests.helpers import Api, redis_pongs
 
 if TYPE_CHECKING:
     from tests.rediscluster import RedisCluster
@@ -93,13 +93,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
+            if redis_pongs(self.port):
+                return
             time.sleep(0.025)
         raise RuntimeError("redis-server did not start")
 

@@ -380,3 +380,13 @@ async def play_alternating(api: Api, token: str, bets: int, currency: str = "USD
 def keys_of(settings: Settings) -> Keys:
     """The key names of these settings' prefix and buckets."""
     return Keys(settings.key_prefix, settings.buckets)
+
+
+def redis_pongs(port: int) -> bool:
+    """Whether a Redis on this loopback port answers PING now."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

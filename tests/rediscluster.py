@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers import redis_pongs
+
 MASTERS = 3
 REPLICAS_PER_MASTER = 1
 
@@ -76,12 +78,7 @@ class ClusterNode:
         )
 
     def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        return redis_pongs(self.port)
 
     def info(self) -> dict[str, str]:
         text = command(self.port, "CLUSTER", "INFO")
