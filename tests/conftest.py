@@ -150,6 +150,32 @@ def redis_cluster() -> Iterator[RedisCluster]:
         cluster.cleanup()
 
 
+@pytest_asyncio.fixture
+async def cluster_settings(redis_cluster: RedisCluster) -> AsyncIterator[Settings]:
+    """Settings on the session's Redis Cluster (``REDIS_URL`` names its second node: any
+    node will do) and a migrated database of this test's own, under a fresh key prefix
+    whose keys are deleted from every master afterwards."""
+    from plumbing.redisclient import open_client, scan_keys
+
+    dsn = database_named(fresh_database_name("cl"))
+    await migrate(dsn)
+    settings = Settings(
+        redis_url=redis_cluster.nodes[1].url, database_url=dsn,
+        key_prefix=f"c{uuid.uuid4().hex[:6]}", log_level="warning", **TEST_SETTINGS,
+        redis_durability="none",  # the test cluster keeps no AOF: speed, on purpose
+    )
+    try:
+        yield settings
+    finally:
+        client = await open_client(settings.redis_url)
+        try:
+            async for key in scan_keys(client, f"{settings.key_prefix}:*"):
+                await client.delete(key)
+        finally:
+            await client.aclose()
+        await drop_database(dsn)
+
+
 def database_named(name: str) -> str:
     """The URL of database ``name`` on the tests' PostgreSQL server."""
     base = os.environ.get("TEST_DATABASE_URL") or os.environ.get(
