@@ -69,14 +69,14 @@ async def unfinished_work(redis: aioredis.Redis, keys: Keys) -> list[str]:
 async def _apply(redis: aioredis.Redis, keys: Keys, batch: dict[int, dict[str, int]]) -> None:
     """Set each user's balances to the ledger's, and mark the user healed under the running
     Redis (plumbing/heal.py): its state now equals the ledger, which is what a heal makes."""
-    rid = await heal.run_id(redis)
+    rids = {user: await heal.run_id(redis, keys, user) for user in batch}
     pipe = redis.pipeline(transaction=True)
     for user, money in batch.items():
         key = keys.balances(user)
         pipe.delete(key)
         if money:
             pipe.hset(key, mapping={c: str(v) for c, v in money.items()})
-        pipe.set(keys.healed(user), rid)
+        pipe.set(keys.healed(user), rids[user])
     await pipe.execute()
 
 

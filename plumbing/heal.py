@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 
 from games.codes import HealCode
 from plumbing import events, scripts
 from plumbing.keys import COMMISSION_RECHECK_S, Keys
+from plumbing.redisclient import Client, node_run_id
 from plumbing.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -72,31 +72,30 @@ class Truth:
     credited_now: list[str] = field(default_factory=list)
 
 
-async def run_id(redis: aioredis.Redis) -> str:
-    return str((await redis.info("server"))["run_id"])
+async def run_id(redis: Client, keys: Keys, user_id: int) -> str:
+    """The run id of the Redis that holds ``user_id``'s keys (on a cluster, the master of
+    the user's slot: each shard restarts, and may roll back, on its own)."""
+    return await node_run_id(redis, keys.healed(user_id))
 
 
-async def mark_new(redis: aioredis.Redis, keys: Keys, user_id: int) -> None:
+async def mark_new(redis: Client, keys: Keys, user_id: int) -> None:
     """Mark a user just created (nothing of it can be in the ledger yet) as healed under the
     running Redis. Should Redis restart between the two calls, the marker names the old run
     and the user is healed on first use, as any other."""
-    await redis.set(keys.healed(user_id), await run_id(redis), nx=True)
+    await redis.set(keys.healed(user_id), await run_id(redis, keys, user_id), nx=True)
 
 
-async def is_healed(redis: aioredis.Redis, keys: Keys, user_id: int) -> bool:
+async def is_healed(redis: Client, keys: Keys, user_id: int) -> bool:
     """Whether the user's marker holds the run id of the Redis answering now."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.get(keys.healed(user_id))
-    pipe.info("server")
-    marker, info = await pipe.execute()
-    return marker is not None and _text(marker) == str(info["run_id"])
+    marker = await redis.get(keys.healed(user_id))
+    return marker is not None and _text(marker) == await run_id(redis, keys, user_id)
 
 
-async def heal(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, user_id: int,
+async def heal(redis: Client, pool: asyncpg.Pool, keys: Keys, user_id: int,
                window_ms: int = DEFAULT_WINDOW_MS) -> bool:
     """Heal ``user_id`` (see the module docstring). True when this call healed, False when
     the user was healed already (by another process, or by an earlier call)."""
-    rid = await run_id(redis)
+    rid = await run_id(redis, keys, user_id)
     pending = await _outbox_events(redis, keys, user_id)
     now_ms = int(time.time() * 1000)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
@@ -112,7 +111,7 @@ async def heal(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, user_id: i
     return healed
 
 
-async def _outbox_events(redis: aioredis.Redis, keys: Keys, user_id: int
+async def _outbox_events(redis: Client, keys: Keys, user_id: int
                          ) -> list[events.BetEvent | events.DepositEvent]:
     """The user's bet and deposit events in the bucket's outbox, oldest first. An entry
     that cannot be decoded is skipped: the persister dead-letters it and the audit counts
@@ -237,7 +236,7 @@ async def _truth(conn: Conn, keys: Keys, user_id: int,
     return truth
 
 
-async def _credit_markers(redis: aioredis.Redis, conn: Conn, keys: Keys,
+async def _credit_markers(redis: Client, conn: Conn, keys: Keys,
                           user_id: int) -> list[str]:
     """The credit markers to set for the user: one per commission flush that paid the user
     and whose credit a later flush may still make: not yet recorded as credited, or

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
+
+from plumbing.redisclient import Client
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 
@@ -83,13 +84,13 @@ async def send_loading_once(
     return replies
 
 
-async def load(redis: aioredis.Redis, which: Iterable[Script] = ALL) -> None:
+async def load(redis: Client, which: Iterable[Script] = ALL) -> None:
     """SCRIPT LOAD each of ``which``."""
     for script in which:
         await redis.script_load(script.source)
 
 
-async def run(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+async def run(redis: Client, calls: Sequence[Call]) -> list[Any]:
     """EVALSHA every call in one pipeline; load and retry the NOSCRIPT ones once.
 
     Raises the first other error (after every call ran: each caller's calls are
@@ -114,7 +115,7 @@ async def run(redis: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
-async def run_one(redis: aioredis.Redis, script: Script, keys: Sequence[str],
+async def run_one(redis: Client, script: Script, keys: Sequence[str],
                   args: Sequence[Any]) -> Any:
     """:func:`run` for a single call: its reply."""
     return (await run(redis, [(script, keys, args)]))[0]

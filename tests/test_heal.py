@@ -114,7 +114,7 @@ async def test_a_stale_user_changes_nothing_until_healed(
     uid, _ = await api.player(deposit="4.00")
     k = keys_of(settings)
     await redis.set(k.healed(uid), "another-run")
-    rid = await heal.run_id(redis)
+    rid = await heal.run_id(redis, k, uid)
     before = await redis.hgetall(k.balances(uid))
     reply = await scripts.run_one(
         redis, scripts.BET,
