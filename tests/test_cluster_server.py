@@ -31,12 +31,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from games import dice
+from plumbing import durability, scripts
 from plumbing.heal import run_id
 from plumbing.keys import Keys
 from plumbing.redisclient import open_client
 from plumbing.settings import Settings
 from server.redisrouter import ClusterConnection
-from server.services import Services
+from server.services import Services, UnsafeRedis, check_eviction_policy
 from tests.conftest import ADMIN_TOKEN, Served, serve
 from tests.helpers import Api, Player, json_or_msgpack, keys_of, minor
 
@@ -268,3 +269,48 @@ async def test_a_plain_redis_is_not_taken_for_a_cluster(settings: Settings) -> N
         assert not isinstance(services.redis, AsyncCluster)
         r = await http.get(f"http://{served.address}/healthz")
         assert r.status_code == 200, r.text
+
+
+async def flush_scripts(cluster: AsyncCluster) -> None:
+    for node in cluster.get_primaries():
+        await cluster.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+        assert await cluster.execute_command(
+            "SCRIPT", "EXISTS", scripts.BET.sha, target_nodes=node) == [0]
+
+
+async def test_scripts_flushed_from_every_master_are_loaded_again(two: Two) -> None:
+    """A promoted replica has no scripts (Redis 7 does not replicate the script cache): with
+    every master's cache flushed, a deposit and a bet (the bet path's connection) and a
+    sign-in (the limits' scripts on the general client) load them again and go through."""
+    uid, token = await two.a.player(deposit="5.00")
+    await flush_scripts(two.cluster)
+    assert await two.b.deposit(uid, "1.00") == "6.00"
+    await flush_scripts(two.cluster)
+    async with two.a.play(token) as p:  # sign-in: rate-1 and hold-1
+        await flush_scripts(two.cluster)
+        r = await p.bet("1.00", "50.00")
+    assert r["type"] == "bet_result" and r["nonce"] == 1, r
+    assert (await two.b.user(uid))["balances"]["USDT"] == r["balance"]
+
+
+async def test_every_master_is_checked_for_eviction_and_durability(
+    redis_cluster: Any, cluster_settings: Settings
+) -> None:
+    """One master with an evicting policy stops the server; the durability report speaks
+    for the weakest master (the test cluster keeps no AOF)."""
+    client = await open_client(cluster_settings.redis_url)
+    assert isinstance(client, AsyncCluster)
+    last = client.get_primaries()[-1]
+    try:
+        assert await durability.check(client, "none") is None
+        problem = await durability.check(client, "always")
+        assert problem is not None and "AOF is off" in problem
+        await check_eviction_policy(client)
+        await client.config_set("maxmemory-policy", "allkeys-lru", target_nodes=last)
+        with pytest.raises(UnsafeRedis, match=last.name):
+            await check_eviction_policy(client)
+        with pytest.raises(UnsafeRedis, match="allkeys-lru"):
+            await Services.start(cluster_settings)
+    finally:
+        await client.config_set("maxmemory-policy", "noeviction", target_nodes=last)
+        await client.aclose()
