@@ -8,15 +8,18 @@ accepts only ``always``; ``REDIS_DURABILITY=everysec`` or ``none`` accepts less,
 
 :func:`check` reads ``CONFIG GET appendonly / appendfsync``; where CONFIG is renamed or
 refused (managed Redis services do that), ``INFO persistence`` still says whether AOF is on,
-and the policy is reported as unknown.
+and the policy is reported as unknown. On a Redis Cluster every master is asked and the
+weakest one decides (each holds its own part of the ledger).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
+
+from plumbing.redisclient import Client, open_client
 
 Durability = Literal["always", "everysec", "none"]
 
@@ -24,13 +27,22 @@ Durability = Literal["always", "everysec", "none"]
 _RANK = {"none": 0, "no": 0, "everysec": 1, "always": 2}
 
 
-async def observed(redis: aioredis.Redis) -> str:
+async def observed(redis: Client) -> str:
     """The policy the Redis at hand runs: ``always``, ``everysec``, ``no`` (AOF on, never
-    fsynced), ``none`` (AOF off) or ``unknown`` (AOF on, CONFIG refused)."""
+    fsynced), ``none`` (AOF off) or ``unknown`` (AOF on, CONFIG refused); on a cluster, the
+    weakest of its masters' (``unknown`` ranks above ``none`` and below the others)."""
+    if not isinstance(redis, RedisCluster):
+        return await _observed_on(redis, None)
+    policies = [await _observed_on(redis, node) for node in redis.get_primaries()]
+    return min(policies, key=lambda p: _RANK.get(p, 0.5))
+
+
+async def _observed_on(redis: Client, node: ClusterNode | None) -> str:
+    where: dict[str, Any] = {} if node is None else {"target_nodes": node}
     try:
-        config = await redis.config_get("append*")
+        config = await redis.config_get("append*", **where)
     except ResponseError:
-        info = await redis.info("persistence")
+        info = await redis.info("persistence", **where)
         return "unknown" if int(info.get("aof_enabled", 0)) else "none"
     text = {_text(k): _text(v) for k, v in config.items()}
     if text.get("appendonly") != "yes":
@@ -38,9 +50,10 @@ async def observed(redis: aioredis.Redis) -> str:
     return text.get("appendfsync", "unknown")
 
 
-async def check(redis: aioredis.Redis, accepted: Durability) -> str | None:
-    """None when the Redis keeps at least what ``accepted`` asks, else why not (one line,
-    for an error-level log line, the launcher's output and /healthz)."""
+async def check(redis: Client, accepted: Durability) -> str | None:
+    """None when the Redis keeps at least what ``accepted`` asks (on a cluster, every
+    master does), else why not (one line, for an error-level log line, the launcher's
+    output and /healthz)."""
     policy = await observed(redis)
     if policy == "unknown":
         if accepted == "none":
@@ -59,8 +72,9 @@ async def check(redis: aioredis.Redis, accepted: Durability) -> str | None:
 
 
 async def check_url(url: str, accepted: Durability) -> str | None:
-    """:func:`check` on a client of its own (the launcher, before it starts anything)."""
-    redis = aioredis.Redis.from_url(url)
+    """:func:`check` on a client of its own (the launcher, before it starts anything); a
+    cluster node's URL checks every master of that cluster."""
+    redis = await open_client(url)
     try:
         return await check(redis, accepted)
     finally:

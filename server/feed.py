@@ -34,11 +34,11 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import msgpack
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
 from games.bets import Checked
+from plumbing.redisclient import Client
 from plumbing.settings import Settings
 from server import codec
 from server.codec import Encoding
@@ -90,7 +90,7 @@ class Sink(Protocol):
 
 class Feed:
     def __init__(
-        self, redis: aioredis.Redis, hub: Hub, channel: str, metrics: Metrics,
+        self, redis: Client, hub: Hub, channel: str, metrics: Metrics,
         interval_s: float,
     ) -> None:
         self._redis = redis

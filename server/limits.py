@@ -26,12 +26,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 
 from games.errors import RateLimited
 from plumbing import scripts
 from plumbing.keys import Keys
+from plumbing.redisclient import Client
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class Rate:
 
 
 class Limits:
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
 

@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
 from games.errors import Unavailable
+from plumbing.redisclient import Client
 
 log = structlog.get_logger(__name__)
 
@@ -25,7 +25,7 @@ SUBSCRIBE_ATTEMPTS = 6
 
 
 class Hub:
-    def __init__(self, client: aioredis.Redis, heartbeat_channel: str) -> None:
+    def __init__(self, client: Client, heartbeat_channel: str) -> None:
         self._pubsub = client.pubsub()
         self._handlers: dict[str, Handler] = {}
         self._heartbeat = heartbeat_channel

@@ -13,12 +13,16 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from plumbing import scripts
+from plumbing.redisclient import Client
 from plumbing.scripts import Script
+from server.redisrouter import ClusterConnection
 from server.resp import FastConnection
+
+#: The bet path's connection: one Redis, or every master of a cluster.
+BetConnection = FastConnection | ClusterConnection
 
 Arg = str | bytes | int
 
@@ -26,20 +30,35 @@ Arg = str | bytes | int
 class Batcher:
     """Batches script calls and sends them over ``fast``.
 
-    ``client`` (redis-py) stays the general-purpose client of the process (it loads the
-    scripts); the script calls go through :class:`server.resp.FastConnection`, which also
-    fills in the Redis run id (:data:`server.redisconn.RUN_ID`) at send time.
+    ``client`` (redis-py) stays the general-purpose client of the process; the script calls
+    go through :class:`server.resp.FastConnection` (or, on a cluster,
+    :class:`server.redisrouter.ClusterConnection`), which also fills in the Redis run id
+    (:data:`server.redisconn.RUN_ID`) at send time.
     """
 
-    def __init__(self, client: aioredis.Redis, fast: FastConnection) -> None:
+    def __init__(self, client: Client, fast: BetConnection) -> None:
         self.client = client
         self.fast = fast
         self._queue: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def load_scripts(self) -> None:
-        """Load every script (a restarted Redis has none: the bet path meets them all)."""
-        await scripts.load(self.client)
+        """Load every script (a restarted Redis has none: the bet path meets them all).
+
+        Through the bet path's own connection: on a cluster it sends SCRIPT LOAD to every
+        master of its slot map, which a MOVED or a lost connection has made current, so
+        the replica promoted by a failover (Redis does not replicate the script cache)
+        gets them too, whatever the general client's map says.
+
+        Raises:
+            RedisError: a master refused a script or did not answer.
+        """
+        replies = await self.fast.execute(
+            [("SCRIPT", "LOAD", script.source) for script in scripts.ALL]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
     def run(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Queue one EVALSHA; the future resolves to its reply or raises its error."""

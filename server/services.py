@@ -7,28 +7,32 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import BusyLoadingError
 
 from games.bets import BetChecker
 from plumbing import durability
 from plumbing.keys import Keys
+from plumbing.redisclient import Client, each_master_info, open_client
 from plumbing.settings import Settings
 from server.feed import Feed
 from server.limits import Limits, Rate, UserMeter
 from server.metrics import Metrics
 from server.pubsub import Hub
 from server.pushes import Pushes
-from server.redisbatch import Batcher
+from server.redisbatch import Batcher, BetConnection
 from server.redisconn import RunId
+from server.redisrouter import ClusterConnection, cluster_enabled
 from server.resp import FastConnection
 from server.tokens import Tokens
 from server.wallet import Wallet
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: The only eviction policy under which Redis never deletes a key to make room: any other
 #: would silently delete balances, seed pairs or unpersisted outbox entries.
@@ -38,7 +42,9 @@ SAFE_EVICTION = "noeviction"
 @dataclass
 class Services:
     settings: Settings
-    redis: aioredis.Redis
+    #: The general client: a plain Redis, or a Redis Cluster client when REDIS_URL names
+    #: a cluster node (plumbing/redisclient.py).
+    redis: Client
     pool: asyncpg.Pool
     keys: Keys
     batcher: Batcher
@@ -61,12 +67,15 @@ class Services:
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
-        run_id = RunId()  # kept current by the FastConnection, which runs every script
         # First: it refuses a REDIS_URL it cannot honour before anything is opened.
-        fast = FastConnection(
-            settings.redis_url, run_id, read_timeout=settings.redis_read_timeout_s
+        fast: BetConnection = FastConnection(
+            settings.redis_url, RunId(), read_timeout=settings.redis_read_timeout_s
         )
-        client = aioredis.Redis.from_url(settings.redis_url)
+        if await _when_loaded_value(lambda: cluster_enabled(settings.redis_url)):
+            fast = ClusterConnection(
+                settings.redis_url, read_timeout=settings.redis_read_timeout_s
+            )
+        client = await _when_loaded_value(lambda: open_client(settings.redis_url))
         try:
             await _when_loaded(lambda: check_eviction_policy(client))
         except BaseException:
@@ -116,17 +125,19 @@ class UnsafeRedis(RuntimeError):
     """Redis is configured so that it could lose money silently: the server does not start."""
 
 
-async def check_eviction_policy(client: aioredis.Redis) -> None:
-    """Refuse a Redis whose ``maxmemory-policy`` is not ``noeviction``. Read from INFO, not
-    CONFIG, which managed services often forbid."""
-    policy = (await client.info("memory")).get("maxmemory_policy")
-    text = policy.decode() if isinstance(policy, bytes) else str(policy)
-    if text != SAFE_EVICTION:
-        raise UnsafeRedis(
-            f"Redis maxmemory-policy is {text!r}: it must be {SAFE_EVICTION!r} (eviction "
-            f"would silently delete balances). Run CONFIG SET maxmemory-policy "
-            f"{SAFE_EVICTION} and set it in redis.conf."
-        )
+async def check_eviction_policy(client: Client) -> None:
+    """Refuse a Redis whose ``maxmemory-policy`` is not ``noeviction`` (on a cluster, any
+    master's). Read from INFO, not CONFIG, which managed services often forbid."""
+    for node, info in (await each_master_info(client, "memory")).items():
+        policy = info.get("maxmemory_policy")
+        text = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if text != SAFE_EVICTION:
+            where = "" if node == "redis" else f" on the cluster master {node}"
+            raise UnsafeRedis(
+                f"Redis maxmemory-policy is {text!r}{where}: it must be {SAFE_EVICTION!r}"
+                f" (eviction would silently delete balances). Run CONFIG SET"
+                f" maxmemory-policy {SAFE_EVICTION} and set it in redis.conf."
+            )
 
 
 #: Seconds a starting server waits for a Redis that is still loading its data (AOF replay).
@@ -136,11 +147,15 @@ REDIS_LOADING_WAIT_S = 120.0
 async def _when_loaded(call: Callable[[], Awaitable[None]]) -> None:
     """Run ``call``, waiting while Redis answers LOADING (a restarted Redis replaying a large
     AOF); any other failure is raised at once."""
+    await _when_loaded_value(call)
+
+
+async def _when_loaded_value(call: Callable[[], Awaitable[T]]) -> T:
+    """:func:`_when_loaded` for a call whose result is wanted."""
     deadline = time.monotonic() + REDIS_LOADING_WAIT_S
     while True:
         try:
-            await call()
-            return
+            return await call()
         except BusyLoadingError:
             if time.monotonic() > deadline:
                 raise

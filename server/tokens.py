@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from games.errors import NotFound, Unauthorized
 from plumbing.keys import Keys
+from plumbing.redisclient import Client
 from server.auth import new_token, token_hash
 from server.users import User
 
@@ -46,7 +46,7 @@ class SignedIn:
 
 class Tokens:
     def __init__(
-        self, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, ttl_s: int
+        self, redis: Client, pool: asyncpg.Pool, keys: Keys, ttl_s: int
     ) -> None:
         self._redis = redis
         self._pool = pool
@@ -115,7 +115,8 @@ class Tokens:
         return token
 
     async def _forget(self, user_id: int, old_hash: bytes) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._keys.token(old_hash.hex()), _REFUSED, px=CACHE_S * 1000)
-            pipe.publish(self._keys.user_channel(user_id), REVOKE_MESSAGE)
-            await pipe.execute()
+        # Two calls, in this order: the token's cache key and the user's channel live on
+        # different slots of a cluster, and the refusal must be in place before the sockets
+        # are closed (one that reconnects at once is refused).
+        await self._redis.set(self._keys.token(old_hash.hex()), _REFUSED, px=CACHE_S * 1000)
+        await self._redis.publish(self._keys.user_channel(user_id), REVOKE_MESSAGE)
