@@ -18,7 +18,8 @@
   KEYS[1]      balances hash of the user            (field = currency, value = minor units)
   KEYS[2]      active seed pair hash of the user     (fields pid, ss, sh, cs, n, rid)
   KEYS[3]      outbox stream of the user's bucket
-  KEYS[4]      the user's push channel (a channel, not a key; listed for cluster routing)
+  KEYS[4]      the user's push channel (a shard channel, not a key: SPUBLISH and
+               PUBSUB SHARDNUMSUB need it on the user's slot; docs/decisions.md, 7)
   KEYS[5]      the user's heal marker: the run id under which the user's state was last made
                equal to the ledger (lua/heal-n.lua)
   KEYS[5 + i]  idempotency record of bet i's id: a string "<fingerprint>\n<balance after>\n
@@ -161,10 +162,10 @@ for i = 1, #KEYS - 5 do
         redis.call('SET', idem, ARGV[a + 5] .. '\n' .. after .. '\n' .. event, 'PX', window)
         redis.call('XADD', KEYS[3], '*', 'k', 'bet', 'e', event, 'b', after)
         if listened == nil then
-          listened = others ~= '0' or redis.call('PUBSUB', 'NUMSUB', KEYS[4])[2] > 1
+          listened = others ~= '0' or redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[4])[2] > 1
         end
         if listened then
-          redis.call('PUBLISH', KEYS[4], 'bet|' .. ARGV[a + 7] .. '|' .. currency .. '|' .. after)
+          redis.call('SPUBLISH', KEYS[4], 'bet|' .. ARGV[a + 7] .. '|' .. currency .. '|' .. after)
         end
         out[i] = {0, after, nonce}
       end

@@ -10,7 +10,7 @@
   credit whose marker is missing is missing too, and may be made (again).
 
   KEYS[1]     balances hash of the ancestor
-  KEYS[2]     push channel of the ancestor (a channel, not a key; listed for cluster routing)
+  KEYS[2]     push channel of the ancestor (a shard channel, not a key: SPUBLISH routes by it)
   KEYS[3]     heal marker of the ancestor (lua/heal-n.lua)
   KEYS[3+i]   for i = 1 ... m: the "credited" marker of flush i for this ancestor
               (plumbing/keys.py: Keys.credit_marker)
@@ -53,7 +53,7 @@ end
 for j = 1, c do
   if touched[j] then
     local balance = redis.call('HGET', KEYS[1], ARGV[2 + j])
-    redis.call('PUBLISH', KEYS[2], 'commission|-|' .. ARGV[2 + j] .. '|' .. balance)
+    redis.call('SPUBLISH', KEYS[2], 'commission|-|' .. ARGV[2 + j] .. '|' .. balance)
   end
 end
 return credited

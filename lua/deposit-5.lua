@@ -4,7 +4,7 @@
   KEYS[1]  balances hash of the user
   KEYS[2]  deposit idempotency record (fields f, b; kept: PostgreSQL holds the key too)
   KEYS[3]  outbox stream of the user's bucket
-  KEYS[4]  the user's push channel
+  KEYS[4]  the user's push channel (a shard channel: SPUBLISH)
   KEYS[5]  the user's heal marker (lua/heal-n.lua)
 
   ARGV[1]  currency code
@@ -45,5 +45,5 @@ redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 local after = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'f', ARGV[3], 'b', after)
 redis.call('XADD', KEYS[3], '*', 'k', 'deposit', 'e', ARGV[4], 'b', after)
-redis.call('PUBLISH', KEYS[4], 'deposit|-|' .. ARGV[1] .. '|' .. after)
+redis.call('SPUBLISH', KEYS[4], 'deposit|-|' .. ARGV[1] .. '|' .. after)
 return {0, after}

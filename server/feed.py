@@ -4,7 +4,7 @@
 Path of one bet (STYLE.md point 13: broadcast without stalls)::
 
     PlaySession._bet_done --add()--> local outbox --publisher, every feed_interval_s-->
-    PUBLISH feed_channel (one msgpack list per tick and instance) --Hub--> inbox of every
+    SPUBLISH feed_channel (one msgpack list per tick and instance) --Hub--> inbox of every
     instance with spectators --broadcast, at once unless the last one is younger than
     feed_interval_s--> one frame per encoding, encoded and framed once --> written to each
     spectator's socket (server/wslink.py)
@@ -164,7 +164,7 @@ class Feed:
         batch = list(self._outbox)
         self._outbox.clear()
         try:
-            await self._redis.publish(self._channel, msgpack.packb(batch))
+            await self._redis.spublish(self._channel, msgpack.packb(batch))
         except (RedisError, OSError) as exc:
             self._metrics.feed_dropped_bets.labels("publish_failed").inc(len(batch))
             log.warning("feed_publish_failed", error=str(exc), bets=len(batch))

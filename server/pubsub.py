@@ -1,7 +1,14 @@
-"""One Redis pub/sub connection per process, shared by balance pushes and the feed.
+"""Sharded pub/sub of one process, shared by balance pushes and the feed.
 
 Channels are subscribed while some local consumer wants them; messages are dispatched to
-the handler registered for their channel. redis-py re-subscribes after a reconnect.
+the handler registered for their channel. Every channel is a shard channel (SSUBSCRIBE;
+the scripts and the feed SPUBLISH), on one Redis and on a cluster alike (docs/decisions.md,
+section 7): on a cluster a message travels only to the nodes serving its channel's slot,
+and PUBSUB SHARDNUMSUB, which bet-n.lua asks before it pushes, counts every subscriber.
+
+On one Redis this is one connection (redis-py's PubSub, re-subscribed after a reconnect);
+on a cluster, redis-py's ClusterPubSub holds one connection per master with subscribed
+channels, and moves a channel to its slot's new master after a failover or a migration.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ class Hub:
 
     async def start(self) -> None:
         # Always subscribed to one channel, so the reader never spins on an idle connection.
-        await self._pubsub.subscribe(self._heartbeat)
+        await self._pubsub.ssubscribe(self._heartbeat)
         self._task = asyncio.create_task(self._read(), name="pubsub-reader")
 
     async def close(self) -> None:
@@ -50,7 +57,7 @@ class Hub:
         self._handlers[channel] = handler
         for attempt in range(SUBSCRIBE_ATTEMPTS):
             try:
-                await self._pubsub.subscribe(channel)
+                await self._pubsub.ssubscribe(channel)
                 return
             except Exception as exc:  # redis-py can fail oddly mid-reconnect, not only RedisError
                 log.warning("pubsub_subscribe_failed", error=repr(exc), attempt=attempt)
@@ -62,14 +69,15 @@ class Hub:
         """Best effort: a channel left subscribed only costs messages nobody handles."""
         if self._handlers.pop(channel, None) is not None:
             try:
-                await self._pubsub.unsubscribe(channel)
+                await self._pubsub.sunsubscribe(channel)
             except Exception as exc:
                 log.warning("pubsub_unsubscribe_failed", error=repr(exc))
 
     async def _read(self) -> None:
         while True:
             try:
-                message = await self._pubsub.get_message(
+                # One Redis: get_message itself; a cluster: every master's connection.
+                message = await self._pubsub.get_sharded_message(
                     ignore_subscribe_messages=True, timeout=1.0
                 )
             except asyncio.CancelledError:
@@ -78,7 +86,7 @@ class Hub:
                 log.warning("pubsub_read_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if message is None or message["type"] != "message":
+            if message is None or message["type"] != "smessage":
                 continue
             channel = message["channel"]
             name = channel.decode() if isinstance(channel, bytes) else channel

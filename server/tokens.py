@@ -119,4 +119,4 @@ class Tokens:
         # different slots of a cluster, and the refusal must be in place before the sockets
         # are closed (one that reconnects at once is refused).
         await self._redis.set(self._keys.token(old_hash.hex()), _REFUSED, px=CACHE_S * 1000)
-        await self._redis.publish(self._keys.user_channel(user_id), REVOKE_MESSAGE)
+        await self._redis.spublish(self._keys.user_channel(user_id), REVOKE_MESSAGE)

@@ -96,13 +96,13 @@ def evalsha(
     args: Sequence[Any],
     then_publish: tuple[str, bytes],
 ) -> tuple[Any, int]:
-    """EVALSHA, then PUBLISH a marker, in one round trip: the script's reply, and how many
+    """EVALSHA, then SPUBLISH a marker, in one round trip: the script's reply, and how many
     markers were published (2 after a NOSCRIPT: the pushes of the script precede the last)."""
     markers = 0
     while True:
         pipe = c.pipeline(transaction=False)
         pipe.evalsha(script.sha, len(keys), *keys, *args)
-        pipe.publish(*then_publish)
+        pipe.spublish(*then_publish)
         reply, _subscribers = pipe.execute(raise_on_error=False)
         markers += 1
         if not isinstance(reply, NoScriptError) or markers == 2:
@@ -139,9 +139,9 @@ class Harness:
         self.keys = Keys(f"wm{uuid.uuid4().hex[:12]}", BUCKETS)
         self.channel = self.keys.user_channel(USER)
         self.pubsub = c.pubsub()  # type: ignore[no-untyped-call]
-        self.pubsub.subscribe(self.channel)
+        self.pubsub.ssubscribe(self.channel)
         first = self.pubsub.get_message(timeout=5)
-        assert first is not None and first["type"] == "subscribe"
+        assert first is not None and first["type"] == "ssubscribe"
         self.pushed = 0
         #: The Redis run id the "server" believes in; a restart rule changes it.
         self.rid = "run-1"
@@ -166,7 +166,7 @@ class Harness:
         while markers:
             msg = self.pubsub.get_message(timeout=5)
             assert msg is not None, "the marker push did not arrive"
-            if msg["type"] != "message":
+            if msg["type"] != "smessage":
                 continue
             if msg["data"] == SYNC:
                 markers -= 1
