@@ -43,6 +43,7 @@ import pytest_asyncio
 from plumbing.keys import Keys
 from plumbing.redisclient import Client, open_client
 from plumbing.settings import Settings
+from server.redisrouter import ClusterConnection
 from tests.conftest import ADMIN_TOKEN, serve
 from tests.helpers import Api, eventually, keys_of, minor, tool
 from tests.rediscluster import ClusterNode, RedisCluster, command
@@ -58,7 +59,7 @@ REPLICATION_WINDOW_S = 1.0
 
 
 @dataclass
-class Player:
+class Punter:
     user_id: int
     token: str
     master: int  # the port of the master that held its keys before the failover
@@ -84,9 +85,9 @@ def master_of(client: Client, key: str) -> int:
 
 
 async def players_on_every_master(api: Api, client: Client, keys: Keys,
-                                  masters: list[int]) -> list[Player]:
+                                  masters: list[int]) -> list[Punter]:
     """New players (credited) until each master holds the keys of PLAYERS_PER_MASTER."""
-    chosen: dict[int, list[Player]] = {port: [] for port in masters}
+    chosen: dict[int, list[Punter]] = {port: [] for port in masters}
     for _ in range(200):
         if all(len(v) >= PLAYERS_PER_MASTER for v in chosen.values()):
             break
@@ -94,7 +95,7 @@ async def players_on_every_master(api: Api, client: Client, keys: Keys,
         port = master_of(client, keys.balances(uid))
         if len(chosen[port]) < PLAYERS_PER_MASTER:
             await api.deposit(uid, "100000.00")
-            chosen[port].append(Player(uid, token, port))
+            chosen[port].append(Punter(uid, token, port))
     assert all(len(v) >= PLAYERS_PER_MASTER for v in chosen.values()), chosen
     return [p for group in chosen.values() for p in group]
 
@@ -121,6 +122,7 @@ async def all_held(pool: asyncpg.Pool, told: dict[str, dict[str, Any]]) -> bool:
 @pytest.mark.parametrize("how", ["manual", "kill"])
 async def test_a_master_fails_over_under_load(
     how: str, cluster_settings: Settings, redis_cluster: RedisCluster, cluster_client: Client,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     keys = keys_of(cluster_settings)
     by_port = {n.port: n for n in redis_cluster.nodes}
@@ -213,6 +215,11 @@ async def test_a_master_fails_over_under_load(
                     assert reply["master"] == victim.port, reply
                     assert killed_at - REPLICATION_WINDOW_S <= reply["at"] <= changed, reply
             bettors = [b for p in players for b in p.bettors]
+            fast = served.server.config.app.state.services.batcher.fast
+            if how == "manual":  # the server met the demoted master's redirect
+                assert isinstance(fast, ClusterConnection) and fast.moved >= 1
+            else:  # the kill was felt: bets were answered UNAVAILABLE, then resent
+                assert sum(len(b.unavailable) for b in bettors) >= 1
             print(f"{how}: confirmed {len(told)}, after the promotion per master {per_shard},"
                   f" UNAVAILABLE answers {sum(len(b.unavailable) for b in bettors)},"
                   f" reconnects {sum(len(b.closes) for b in bettors)},"
@@ -260,3 +267,5 @@ async def test_a_master_fails_over_under_load(
 
     audit = await asyncio.to_thread(tool, cluster_settings, "ops.audit")
     assert audit.returncode == 0, audit.stdout + audit.stderr
+    out, err = capfd.readouterr()
+    assert not [w for w in ("CROSSSLOT", "MOVED") if w in out + err], (out + err)[-4000:]
