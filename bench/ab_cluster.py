@@ -9,9 +9,10 @@ bench/clusterstack.py; both with AOF and the same ``appendfsync``), drives it wi
 in flight, ``--duration`` s), and stops it. Rounds alternate single, cluster, single, ...
 
 While the load runs, every process of the stack (the game server, each redis-server, the
-load client) is sampled once a second from /proc: CPU cores busy per process. The figures
-reported per process are the median of the seconds in which the server was at least half
-as busy as in its busiest second (the measured window; the players' creation, the ramp-up
+load client) is sampled once a second from /proc: CPU cores busy per process, and the
+whole machine's busy cores ("box": every process, other people's included). The figures
+reported are the median of the seconds in which the server was at least half as busy as
+in its busiest second (the measured window; the players' creation, the ramp-up
 and the drain fall outside it). Redis CPU per bet = the redis-servers' cores (all six
 nodes on the cluster: replicas apply the stream too) / bets per second.
 
@@ -50,6 +51,13 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def box_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (every core; /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
 def listening_pid(port: int) -> int:
     out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
                          text=True, check=True).stdout
@@ -85,13 +93,17 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         last = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        box = box_busy_seconds()
         t0 = time.monotonic()
         while not self.halt.wait(1.0):
             now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+            box_now = box_busy_seconds()
             t1 = time.monotonic()
-            self.rows.append({name: ((now[name] or 0.0) - (last[name] or 0.0)) / (t1 - t0)
-                              for name in self.pids if now[name] is not None})
-            last, t0 = now, t1
+            row = {name: ((now[name] or 0.0) - (last[name] or 0.0)) / (t1 - t0)
+                   for name in self.pids if now[name] is not None}
+            row["box"] = (box_now - box) / (t1 - t0)
+            self.rows.append(row)
+            last, box, t0 = now, box_now, t1
 
     def steady(self) -> dict[str, float]:
         """Median cores per process over the seconds the server was at least half as busy
@@ -101,7 +113,7 @@ class Sampler(threading.Thread):
         peak = max(r.get("server", 0.0) for r in self.rows)
         busy = [r for r in self.rows if r.get("server", 0.0) >= peak / 2] or self.rows
         return {name: round(statistics.median(r.get(name, 0.0) for r in busy), 3)
-                for name in self.pids}
+                for name in [*self.pids, "box"]}
 
 
 def stack(action: str, target: str, args: argparse.Namespace) -> str:
@@ -158,7 +170,7 @@ def row(name: str, r: dict[str, Any]) -> str:
     return (f"{name:10} {rate:9,.0f} bets/s  p50 {r['latency_ms']['p50']:6.1f}"
             f"  p99 {r['latency_ms']['p99']:6.1f} ms  server {cpu.get('server', 0):.2f}"
             f"  redis {redis:.2f} (masters {'/'.join(f'{m:.2f}' for m in masters)})"
-            f"  client {cpu.get('client', 0):.2f} cores"
+            f"  client {cpu.get('client', 0):.2f}  box {cpu.get('box', 0):.2f} cores"
             f"  redis {redis / rate * 1e6 if rate else 0:5.1f} us/bet"
             f"  server {cpu.get('server', 0) / rate * 1e6 if rate else 0:5.1f} us/bet"
             f"  errors {errors}  exit {r['exit']}  load {r['load_at_start']}")
