@@ -264,6 +264,8 @@ async def test_a_master_fails_over_under_load(
             victim.start()  # it rejoins as a replica of the promoted node
         # The next test finds three masters and three replicas again.
         await asyncio.to_thread(redis_cluster.wait_ok, time.monotonic() + 60)
+    assert victim is not None
+    assert victim.port not in [n.port for n in redis_cluster.masters()]  # now a replica
 
     audit = await asyncio.to_thread(tool, cluster_settings, "ops.audit")
     assert audit.returncode == 0, audit.stdout + audit.stderr
