@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,8 @@ from plumbing.settings import Settings
 from server.redisrouter import ClusterConnection
 from server.services import Services, UnsafeRedis, check_eviction_policy
 from tests.conftest import ADMIN_TOKEN, Served, serve
-from tests.helpers import Api, Player, json_or_msgpack, keys_of, minor
+from tests.helpers import Api, Player, eventually, json_or_msgpack, keys_of, minor
+from tests.rediscluster import RedisCluster, command
 
 _rounds = itertools.count()
 
@@ -64,10 +67,12 @@ def services_of(served: Served) -> Services:
     return services
 
 
-@pytest_asyncio.fixture
-async def two(
-    cluster_settings: Settings, capfd: pytest.CaptureFixture[str]
+@asynccontextmanager
+async def instances(
+    cluster_settings: Settings, capfd: pytest.CaptureFixture[str], still: bool
 ) -> AsyncIterator[Two]:
+    """Two instances on ``cluster_settings``; afterwards, no cluster error in the log and,
+    when the cluster was ``still`` (no failover), no redirect followed by the bet path."""
     settings = cluster_settings.model_copy(update={"inprocess_persister": False})
     client = await open_client(settings.redis_url)
     assert isinstance(client, AsyncCluster)
@@ -82,12 +87,21 @@ async def two(
             for served in (one, other):
                 fast = services_of(served).batcher.fast
                 assert isinstance(fast, ClusterConnection)
-                assert (fast.moved, fast.asked, fast.retried) == (0, 0, 0)
+                if still:
+                    assert (fast.moved, fast.asked, fast.retried) == (0, 0, 0)
     finally:
         await client.aclose()
     out, err = capfd.readouterr()
     logged = out + err
     assert not [word for word in CLUSTER_ERRORS if word in logged], logged[-4000:]
+
+
+@pytest_asyncio.fixture
+async def two(
+    cluster_settings: Settings, capfd: pytest.CaptureFixture[str]
+) -> AsyncIterator[Two]:
+    async with instances(cluster_settings, capfd, still=True) as running:
+        yield running
 
 
 async def test_users_on_every_master_deposit_read_and_bet_on_both_instances(
@@ -198,11 +212,13 @@ async def test_a_rotation_on_one_instance_reveals_every_bet_of_both(two: Two) ->
     assert (await two.a.user(uid))["balances"]["USDT"] == after["balance"]
 
 
-async def _push(p: Player, reason: str) -> dict[str, Any]:
-    while True:
-        message = await asyncio.wait_for(p.recv_any(), 5)
-        if message.get("type") == "balance" and message.get("reason") == reason:
-            return message
+async def _push(p: Player, reason: str, within: float = 5.0) -> dict[str, Any]:
+    """The next balance push of ``reason`` (frames before it are dropped)."""
+    async with asyncio.timeout(within):
+        while True:
+            message = await p.recv_any()
+            if message.get("type") == "balance" and message.get("reason") == reason:
+                return message
 
 
 async def test_pushes_and_revocation_reach_the_other_instance(two: Two) -> None:
@@ -225,6 +241,14 @@ async def test_pushes_and_revocation_reach_the_other_instance(two: Two) -> None:
             assert p.ws is not None
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(p.ws.recv(), 5)
+
+
+async def bet_settled(p: Player, bet_id: str, unasked: list[dict[str, Any]]) -> dict[str, Any]:
+    """A 0.01 bet resent while UNAVAILABLE, as a client does, that must settle."""
+    reply = await p.settle({"type": "bet", "id": bet_id, "currency": "USDT", "amount": "0.01",
+                            "target": "50.00", "direction": "under"}, unasked)
+    assert reply["type"] == "bet_result", reply
+    return reply
 
 
 async def test_a_spectator_on_one_instance_sees_the_bets_of_the_other(two: Two) -> None:
@@ -314,3 +338,61 @@ async def test_every_master_is_checked_for_eviction_and_durability(
     finally:
         await client.config_set("maxmemory-policy", "noeviction", target_nodes=last)
         await client.aclose()
+
+
+@pytest.mark.parametrize("how", ["failover", "kill"])
+async def test_pushes_and_the_feed_follow_a_failover(
+    redis_cluster: RedisCluster, cluster_settings: Settings,
+    capfd: pytest.CaptureFixture[str], how: str,
+) -> None:
+    """The master holding a user and the feed channel is replaced by its replica (CLUSTER
+    FAILOVER on the replica, or the master killed with SIGKILL), with the user's sockets on
+    both instances and a spectator: bets go on (resent while UNAVAILABLE; the user is
+    healed and its pair rotated under the new run id), and the pushes and the feed follow
+    the channels to the promoted replica. A demoted master drops its subscribers with a
+    sunsubscribe of its own; a killed one drops their connections."""
+    async with instances(cluster_settings, capfd, still=False) as two:
+        feed_master = two.cluster.get_node_from_key(two.keys.feed_channel()).port
+        for _ in range(60):
+            uid, token = await two.a.player(deposit="100.00")
+            if two.cluster.get_node_from_key(two.keys.balances(uid)).port == feed_master:
+                break
+        else:
+            raise AssertionError("no user on the feed channel's master")
+        by_port = {node.port: node for node in redis_cluster.nodes}
+        replica = redis_cluster.replica_of(by_port[feed_master])
+        async with two.a.play(token) as pa, two.b.play(token) as pb, \
+                connect(f"ws://{two.b.address}/ws/feed", compression=None) as spectator:
+            await two.a.feed_is_live(spectator)
+            master = by_port[feed_master]
+            try:
+                if how == "kill":
+                    master.stop(kill=True)
+                else:
+                    await asyncio.to_thread(command, replica.port, "CLUSTER", "FAILOVER")
+                await eventually(
+                    lambda: asyncio.to_thread(redis_cluster.is_master, replica), within=30)
+            finally:  # back as a replica: the session's cluster is whole again
+                if master.proc is None:
+                    master.start()
+                await asyncio.to_thread(redis_cluster.wait_ok, time.monotonic() + 60)
+            ids = itertools.count()
+            unasked: list[dict[str, Any]] = []
+
+            async def pushed_across() -> bool:
+                """A bet on instance a whose own push reaches the socket on instance b."""
+                placed = await bet_settled(pa, f"f{next(ids)}", unasked)
+                try:
+                    async with asyncio.timeout(1.0):
+                        while (await _push(pb, "bet"))["balance"] != placed["balance"]:
+                            pass
+                except TimeoutError:
+                    return False
+                return True
+
+            await eventually(pushed_across, within=20)
+            await two.a.feed_is_live(spectator)
+            last = await bet_settled(pb, "after", unasked)
+        assert minor((await two.a.user(uid))["balances"]["USDT"]) == minor(last["balance"])
+        fast = services_of(two.served[0]).batcher.fast
+        assert isinstance(fast, ClusterConnection) and fast.refreshes >= 2
