@@ -62,6 +62,9 @@ class Hub:
         #: Channels Redis dropped that are still wanted, and the task subscribing them again.
         self._dropped: set[str] = set()
         self._repair: asyncio.Task[None] | None = None
+        #: Channels this hub unsubscribed whose sunsubscribe has not been read yet (a count:
+        #: a channel can be left, wanted and left again meanwhile).
+        self._leaving: dict[str, int] = {}
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -97,10 +100,15 @@ class Hub:
     async def unsubscribe(self, channel: str) -> None:
         """Best effort: a channel left subscribed only costs messages nobody handles."""
         if self._handlers.pop(channel, None) is not None:
+            self._leaving[channel] = self._leaving.get(channel, 0) + 1
             try:
                 await self._pubsub.sunsubscribe(channel)
             except Exception as exc:
                 log.warning("pubsub_unsubscribe_failed", error=repr(exc))
+                # No confirmation will come for it.
+                left = self._leaving.pop(channel, 1) - 1
+                if left:
+                    self._leaving[channel] = left
 
     async def _read(self) -> None:
         while True:
@@ -120,8 +128,11 @@ class Hub:
             channel = message["channel"]
             name = channel.decode() if isinstance(channel, bytes) else channel
             if message["type"] == "sunsubscribe":
-                # Ours (unsubscribe() forgot the handler first) or Redis's own: see above.
-                if name in self._handlers or name == self._heartbeat:
+                left = self._leaving.pop(name, 0)
+                if left > 1:
+                    self._leaving[name] = left - 1
+                # Not ours: Redis dropped the channel (see above).
+                if not left and (name in self._handlers or name == self._heartbeat):
                     self._resubscribe(name)
                 continue
             if message["type"] != "smessage":
