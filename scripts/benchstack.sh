@@ -7,6 +7,9 @@
 #   scripts/benchstack.sh stop
 # Ports: BENCH_PORT (8030) for the server, BENCH_REDIS_PORT (6398); database BENCH_DB
 # (stakepro_bench).
+# BENCH_REDIS=cluster puts the stack on a Redis Cluster of its own instead (3 masters and 3
+# replicas on free loopback ports, bench/clusterstack.py), each node with the same AOF
+# settings as the single Redis; REDIS_URL names one of its nodes.
 # Redis keeps an AOF (appendfsync always, as make run; BENCH_APPENDFSYNC=everysec for the
 # comparison in docs/benchmarks.md), but does not compact it by
 # itself (auto-aof-rewrite-percentage 0): a rewrite forks a child that takes a whole core for
@@ -46,15 +49,23 @@ stop() {
         kill -9 "${pids[@]}" 2>/dev/null || true
     fi
     redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
+    [[ -e $DIR/cluster.root ]] && .venv/bin/python -m bench.clusterstack stop "$DIR"
+    return 0
 }
 
 case ${1:-} in
 start)
     stop
     rm -rf "$DIR"; mkdir -p "$DIR/redis"
-    redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
-        --appendfsync "${BENCH_APPENDFSYNC:-always}" --auto-aof-rewrite-percentage 0 \
-        --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
+    if [[ ${BENCH_REDIS:-single} == cluster ]]; then
+        REDIS_URL=$(setsid .venv/bin/python -m bench.clusterstack start "$DIR" \
+            --appendfsync "${BENCH_APPENDFSYNC:-always}")
+        export REDIS_URL
+    else
+        redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly yes \
+            --appendfsync "${BENCH_APPENDFSYNC:-always}" --auto-aof-rewrite-percentage 0 \
+            --dir "$DIR/redis" --daemonize yes --logfile "$DIR/redis.log"
+    fi
     psql -h 127.0.0.1 -U root -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
         -c "CREATE DATABASE $DB"
     if [[ ${2:-full} == serve ]]; then
@@ -72,9 +83,14 @@ asyncio.run(d.migrate(s.Settings().database_url))'
     done
     curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null
     echo "server pid $(ss -ltnpH "sport = :$PORT" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)" \
-        "on ws://127.0.0.1:$PORT, redis pid $(redis-cli -p "$RPORT" info server | grep process_id | tr -d '\r' | cut -d: -f2)"
+        "on ws://127.0.0.1:$PORT, redis $REDIS_URL"
     ;;
 workers)
+    if [[ -e $DIR/cluster.url ]]; then
+        # On a cluster the Dramatiq broker cannot default to REDIS_URL's server.
+        [[ -n ${BROKER_URL:-} ]] || { echo "$0: set BROKER_URL for workers on a cluster" >&2; exit 2; }
+        REDIS_URL=$(cat "$DIR/cluster.url"); export REDIS_URL
+    fi
     setsid .venv/bin/python -m dramatiq workers.actors --processes 1 --threads 4 \
         --worker-shutdown-timeout 18000 >"$DIR/worker.log" 2>&1 &
     echo $! >"$DIR/worker.pid"
