@@ -1,0 +1,184 @@
+"""The workers and the operator commands on a real Redis Cluster (3 masters, 3 replicas:
+tests/rediscluster.py).
+
+The bets are real: :class:`tests.workerprocs.Wallets` runs the game server's wallet over
+the bet path's cluster connection, so balances, seed pairs, outbox entries and PostgreSQL
+rows are what a server on the cluster writes. The outbox is drained per bucket stream (a
+multi-stream read or ack is CROSSSLOT there), two Dramatiq worker processes persist and
+pay a commission storm exactly once, and the audit and the rebuild walk every master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from plumbing import heal
+from plumbing.keys import bucket_of
+from plumbing.redisclient import open_client
+from plumbing.settings import Settings
+from tests.conftest import free_port
+from tests.rediscluster import RedisCluster
+from tests.workerprocs import (
+    DIFF,
+    ROOT,
+    Stack,
+    Wallets,
+    bet_counts,
+    direct_play,
+    direct_tree,
+    eventually,
+    ledger_equals_redis,
+    paid_exactly,
+    persisted_once,
+)
+from workers import outbox
+from workers.persister import Persister
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def masters_of(wallets: Wallets, users: list[int]) -> set[str]:
+    """The masters holding these users' keys, by node name."""
+    client = wallets.redis
+    assert not isinstance(client, type(None))
+    names = set()
+    for uid in users:
+        node = client.get_node_from_key(wallets.keys.balances(uid))  # type: ignore[union-attr]
+        names.add(node.name)
+    return names
+
+
+# -- the outbox drain, in this process ---------------------------------------------------------
+
+
+async def test_the_drain_reads_and_acks_every_bucket_on_every_master(
+    cluster_settings: Settings,
+) -> None:
+    settings = cluster_settings.model_copy(update={"buckets": 16})
+    async with Wallets.on(settings) as w:
+        tree = await direct_tree(w, players=12)
+        players = [uid for uid, _ in tree.players]
+        assert len(masters_of(w, players)) == 3  # the test means something only so
+        ids, _ = await direct_play(w, tree, bets=3)
+        assert await outbox.pending_count(w.redis, w.keys) == len(ids) + len(players)
+
+        await outbox.ensure_groups(w.redis, w.keys)
+        await outbox.ensure_groups(w.redis, w.keys)  # BUSYGROUP per stream: fine
+        # A consumer reads a batch and dies before writing it: its entries stay pending.
+        taken = await outbox._read(w.redis, w.keys, "dead", 1000, 0, outbox.GROUP, ">")
+        assert len(taken) == len(ids) + len(players)
+        assert len({e.stream for e in taken}) > 3  # from many buckets, in one read
+        assert await outbox.drain_once(w.redis, w.pool, w.keys, "live", block_ms=0) == 0
+        # Its own pending list, then a reclaim by another consumer, persist them once.
+        assert await outbox.reclaim(w.redis, w.pool, w.keys, "live", min_idle_ms=0) == len(taken)
+        assert await bet_counts(w.pool, ids) == dict.fromkeys(ids, 1)
+        assert await outbox.pending_count(w.redis, w.keys) == 0
+
+        # New bets, a blocking read that polls (no BLOCK across slots) and finds them.
+        more, _ = await direct_play(w, tree, bets=2)
+        assert await outbox.drain_once(w.redis, w.pool, w.keys, "live", block_ms=2000) > 0
+        while await outbox.drain_once(w.redis, w.pool, w.keys, "live", block_ms=0):
+            pass
+        assert await bet_counts(w.pool, more) == dict.fromkeys(more, 1)
+        assert await outbox.pending_count(w.redis, w.keys) == 0
+        # An empty blocking read waits, then answers nothing.
+        started = asyncio.get_running_loop().time()
+        assert await outbox.drain_once(w.redis, w.pool, w.keys, "live", block_ms=300) == 0
+        assert asyncio.get_running_loop().time() - started >= 0.3
+
+        # The in-process persister (the server's, beside it) on the cluster, with its flush.
+        persister = Persister(w.redis, w.pool, w.keys, "inproc", commission_flush_s=0.3)
+        persister.start()
+        try:
+            last, stakes = await direct_play(w, tree, bets=2)
+
+            async def stored() -> bool:
+                return await bet_counts(w.pool, last) == dict.fromkeys(last, 1)
+
+            await eventually(stored)
+        finally:
+            await persister.close()
+        assert await outbox.pending_count(w.redis, w.keys) == 0
+        assert await ledger_equals_redis_of(w, players), DIFF
+
+
+async def ledger_equals_redis_of(w: Wallets, users: list[int]) -> bool:
+    """tests.workerprocs.ledger_equals_redis for a :class:`Wallets`."""
+    rows = await w.pool.fetch(
+        "SELECT user_id, currency, sum(delta)::bigint AS total FROM ledger"
+        " WHERE user_id = ANY($1::bigint[]) GROUP BY user_id, currency", users)
+    ledger: dict[int, dict[str, int]] = {u: {} for u in users}
+    for r in rows:
+        ledger[int(r["user_id"])][r["currency"]] = int(r["total"])
+    DIFF.clear()
+    for u in users:
+        raw = await w.redis.hgetall(w.keys.balances(u))
+        have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
+        want = {c: v for c, v in ledger[u].items() if v}
+        if have != want:
+            DIFF.append((u, have, want))
+    return not DIFF
+
+
+# -- worker processes on the cluster -----------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(redis_cluster: RedisCluster,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """Workers on the cluster, their broker a plain Redis of their own; three persist
+    shards, so that two worker processes drain at the same time."""
+    s = await Stack.on_cluster(tmp_path_factory.mktemp("cluster-workers"),
+                               redis_cluster.nodes[2].url, persist_shards=3)
+    yield s
+    await s.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def wallets(stack: Stack) -> AsyncIterator[Wallets]:
+    async with Wallets.on(stack.settings) as w:
+        yield w
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
+    yield p
+    await p.close()
+
+
+def clean_logs(stack: Stack) -> None:
+    """No call met CROSSSLOT or a redirect it did not follow, no job failed."""
+    text = "\n".join(p.log.read_text(errors="replace") for p in stack.procs if p.log.exists())
+    for bad in ("CROSSSLOT", "MOVED", "Traceback", "persist_cancelled", "error"):
+        assert bad not in text, stack.logs()
+
+
+async def test_two_workers_persist_and_pay_a_storm_exactly_once(
+    stack: Stack, wallets: Wallets, pool: asyncpg.Pool,
+) -> None:
+    tree = await direct_tree(wallets, players=30)
+    players = [uid for uid, _ in tree.players]
+    assert len(masters_of(wallets, players)) == 3
+    procs = [stack.worker(), stack.worker(), stack.scheduler()]
+    try:
+        ids, stakes = await direct_play(wallets, tree, bets=12)
+        assert len(ids) == len(set(ids)) == 360
+        await persisted_once(stack, pool, ids, drained=True, within=60)
+        await paid_exactly(pool, stack, tree, stakes)
+        ancestors = [int(uid) for uid, _ in tree.chain]
+        assert await ledger_equals_redis(stack, pool, players + ancestors), DIFF
+        assert all(proc.alive() for proc in procs), stack.logs()
+    finally:
+        for proc in reversed(procs):
+            assert proc.stop() == 0, stack.logs()
+    clean_logs(stack)
+    stack.assert_audit_passes()
