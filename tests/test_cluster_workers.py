@@ -21,8 +21,6 @@ import pytest
 import pytest_asyncio
 
 from plumbing import heal
-from plumbing.keys import bucket_of
-from plumbing.redisclient import open_client
 from plumbing.settings import Settings
 from tests.conftest import free_port
 from tests.rediscluster import RedisCluster
@@ -39,7 +37,7 @@ from tests.workerprocs import (
     paid_exactly,
     persisted_once,
 )
-from workers import outbox
+from workers import commissions, outbox
 from workers.persister import Persister
 
 pytestmark = pytest.mark.timeout(300)
@@ -98,7 +96,7 @@ async def test_the_drain_reads_and_acks_every_bucket_on_every_master(
         persister = Persister(w.redis, w.pool, w.keys, "inproc", commission_flush_s=0.3)
         persister.start()
         try:
-            last, stakes = await direct_play(w, tree, bets=2)
+            last, _ = await direct_play(w, tree, bets=2)
 
             async def stored() -> bool:
                 return await bet_counts(w.pool, last) == dict.fromkeys(last, 1)
@@ -182,3 +180,110 @@ async def test_two_workers_persist_and_pay_a_storm_exactly_once(
             assert proc.stop() == 0, stack.logs()
     clean_logs(stack)
     stack.assert_audit_passes()
+
+
+# -- the audit and the rebuild over every master -----------------------------------------------
+
+
+def tool(stack: Stack, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=stack.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+async def storm_users(wallets: Wallets, pool: asyncpg.Pool) -> list[int]:
+    """Every user of the stack's database (players and ancestors, on every master): the
+    storm's, or, when this test runs first, bets of its own persisted here."""
+    if not await pool.fetchval("SELECT count(*) FROM bets"):
+        tree = await direct_tree(wallets, players=12)
+        await direct_play(wallets, tree, bets=3)
+        await outbox.ensure_groups(wallets.redis, wallets.keys)
+        while await outbox.drain_once(wallets.redis, pool, wallets.keys, "storm-users",
+                                      block_ms=0):
+            pass
+        for _ in range(2):  # pay, then record the credit
+            await commissions.flush(wallets.redis, pool, wallets.keys)
+    users = [int(r[0]) for r in await pool.fetch("SELECT user_id FROM users")]
+    assert len(masters_of(wallets, users)) == 3
+    return users
+
+
+async def test_the_audit_judges_every_master(stack: Stack, wallets: Wallets,
+                                             pool: asyncpg.Pool) -> None:
+    users = await storm_users(wallets, pool)
+    clean = tool(stack, "ops.audit")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    # Each user's heal marker is judged by the run id of its own master: none awaits a heal.
+    assert "awaiting heal 0 users" in clean.stdout, clean.stdout
+    judged = await pool.fetchval("SELECT count(DISTINCT user_id) FROM ledger")
+    assert f"users {judged}" in clean.stdout, clean.stdout  # found on every master
+
+    # One stale marker on each master: counted (the balance is then what a heal would set).
+    stale = {wallets.redis.get_node_from_key(  # type: ignore[union-attr]
+        wallets.keys.healed(u)).name: u for u in users}
+    assert len(stale) == 3
+    for uid in stale.values():
+        await wallets.redis.set(wallets.keys.healed(uid), "0" * 40)
+    tampered = next(u for u in users if u not in stale.values())
+    await wallets.redis.hincrby(wallets.keys.balances(tampered), "USDT", 1)
+    try:
+        found = tool(stack, "ops.audit", "--retries", "0")
+        assert found.returncode == 1, found.stdout + found.stderr
+        assert "awaiting heal 3 users" in found.stdout, found.stdout
+        assert f"[balances] user {tampered} USDT" in found.stdout, found.stdout
+        assert "off by +1" in found.stdout and "AUDIT FAILED: 2 problem(s)" in found.stdout, (
+            found.stdout)
+    finally:
+        await wallets.redis.hincrby(wallets.keys.balances(tampered), "USDT", -1)
+        for uid in stale.values():
+            await heal.heal(wallets.redis, pool, wallets.keys, uid)
+    again = tool(stack, "ops.audit")
+    assert again.returncode == 0 and "awaiting heal 0 users" in again.stdout, again.stdout
+
+
+async def test_the_rebuild_restores_every_master(stack: Stack, wallets: Wallets,
+                                                 pool: asyncpg.Pool) -> None:
+    users = await storm_users(wallets, pool)
+    # A bet not yet persisted: the rebuild refuses, changing nothing.
+    player = int(await pool.fetchval("SELECT min(user_id) FROM users WHERE role = 'player'"))
+    await wallets.bet(player, 100)
+    refused = tool(stack, "ops.rebuild")
+    assert refused.returncode == 1 and "1 outbox event(s)" in refused.stderr, refused.stderr
+    while await outbox.drain_once(wallets.redis, pool, wallets.keys, "rebuild-test",
+                                  block_ms=0):
+        pass
+
+    ledgered = [int(r[0]) for r in await pool.fetch("SELECT DISTINCT user_id FROM ledger")]
+    assert len(masters_of(wallets, ledgered)) == 3
+    for uid in ledgered:
+        await wallets.redis.delete(wallets.keys.balances(uid), wallets.keys.healed(uid))
+    # Money that is in no ledger: the rebuild removes it.
+    await wallets.redis.hset(wallets.keys.balances(ledgered[0]), "BTC", "123")
+    done = tool(stack, "ops.rebuild")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"rebuilt {len(ledgered)} balance hash(es)" in done.stdout, done.stdout
+    assert await ledger_equals_redis(stack, pool, users), DIFF
+    for uid in ledgered:  # healed under the run id of its own master
+        assert await heal.is_healed(wallets.redis, wallets.keys, uid), uid
+    audit = tool(stack, "ops.audit")
+    assert audit.returncode == 0 and "awaiting heal 0 users" in audit.stdout, (
+        audit.stdout + audit.stderr)
+
+
+# -- the launcher ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["", "cluster"])
+def test_the_launcher_refuses_a_broker_on_the_cluster_before_anything_starts(
+    redis_cluster: RedisCluster, broker: str,
+) -> None:
+    node = redis_cluster.nodes[0].url
+    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "REDIS_URL")}
+    env.update({"REDIS_URL": node, "BROKER_URL": node if broker else "",
+                # Nothing answers here: reaching the migration would fail differently.
+                "DATABASE_URL": f"postgresql://root@127.0.0.1:{free_port()}/none"})
+    done = subprocess.run([sys.executable, "-m", "stakepro"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    named = "BROKER_URL names a Redis Cluster node" if broker else "set BROKER_URL"
+    assert named in done.stderr and "CROSSSLOT" in done.stderr, done.stderr
+    assert done.stdout == "", done.stdout
