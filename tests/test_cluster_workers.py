@@ -11,9 +11,11 @@ pay a commission storm exactly once, and the audit and the rebuild walk every ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -23,7 +25,7 @@ import pytest_asyncio
 from plumbing import heal
 from plumbing.settings import Settings
 from tests.conftest import free_port
-from tests.rediscluster import RedisCluster
+from tests.rediscluster import RedisCluster, command
 from tests.workerprocs import (
     DIFF,
     ROOT,
@@ -182,6 +184,80 @@ async def test_two_workers_persist_and_pay_a_storm_exactly_once(
     stack.assert_audit_passes()
 
 
+async def test_workers_ride_a_manual_failover_under_load(
+    stack: Stack, wallets: Wallets, pool: asyncpg.Pool, redis_cluster: RedisCluster,
+) -> None:
+    """CLUSTER FAILOVER of the master of some players while they bet and two workers drain:
+    bets continue (resent while UNAVAILABLE), every one is stored once, every commission
+    paid once, the ledger equals Redis and the audit passes."""
+    tree = await direct_tree(wallets, players=18, deposit=10_000_000)
+    players = [uid for uid, _ in tree.players]
+    assert len(masters_of(wallets, players)) == 3
+    by_port = {node.port: node for node in redis_cluster.nodes}
+    owner = by_port[wallets.redis.get_node_from_key(  # type: ignore[union-attr]
+        wallets.keys.balances(players[0])).port]
+    replica = redis_cluster.replica_of(owner)
+    ids: list[str] = []
+    stakes: list[int] = []
+    stop = asyncio.Event()
+
+    async def bets_of(uid: int) -> None:
+        i = 0
+        while not stop.is_set():
+            amount = 100 + 37 * (i % 50)
+            try:
+                async with asyncio.timeout(40):  # a bet never answered fails the test
+                    result = await wallets.bet(uid, amount,
+                                               direction="under" if i % 2 else "over")
+            except TimeoutError:
+                state = wallets.wallet.user(uid)
+                raise AssertionError(
+                    f"user {uid}: a bet unanswered for 40 s (inflight {state.inflight}, "
+                    f"queued {len(state.queue)}, ready {state.ready}, locked "
+                    f"{state.lock.locked()}, heal {state.needs_heal}, rotate "
+                    f"{state.needs_rotation}, wallet {wallets.wallet.__dict__}, resent "
+                    f"{wallets.resent})") from None
+            ids.append(result.bet_id)
+            stakes.append(amount)
+            i += 1
+
+    procs = [stack.worker(), stack.worker(), stack.scheduler()]
+    load = asyncio.gather(*(bets_of(uid) for uid in players))
+    try:
+        async def some_stored() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM bets WHERE user_id ="
+                                            " ANY($1::bigint[])", players))
+
+        await eventually(some_stored)
+        before = len(ids)
+        command(replica.port, "CLUSTER", "FAILOVER")
+        await eventually(lambda: _true(redis_cluster.is_master(replica)), within=30)
+        after = len(ids)
+        await asyncio.sleep(2.0)  # bets go on against the new master
+        stop.set()
+        await load
+        assert len(ids) > after >= before, (before, after, len(ids))
+        await persisted_once(stack, pool, ids, drained=True, within=60)
+        await paid_exactly(pool, stack, tree, stakes)
+        ancestors = [int(uid) for uid, _ in tree.chain]
+        assert await ledger_equals_redis(stack, pool, players + ancestors), DIFF
+        assert all(proc.alive() for proc in procs), stack.logs()
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await load
+        for proc in reversed(procs):
+            assert proc.stop() == 0, stack.logs()
+        redis_cluster.wait_ok(time.monotonic() + 60)
+    text = "\n".join(p.log.read_text(errors="replace") for p in procs)
+    assert "CROSSSLOT" not in text, stack.logs()
+    stack.assert_audit_passes()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 # -- the audit and the rebuild over every master -----------------------------------------------
 
 
@@ -204,6 +280,9 @@ async def storm_users(wallets: Wallets, pool: asyncpg.Pool) -> list[int]:
             await commissions.flush(wallets.redis, pool, wallets.keys)
     users = [int(r[0]) for r in await pool.fetch("SELECT user_id FROM users")]
     assert len(masters_of(wallets, users)) == 3
+    for uid in users:  # after the failover test: what a server does at each one's next use
+        if not await heal.is_healed(wallets.redis, wallets.keys, uid):
+            await heal.heal(wallets.redis, pool, wallets.keys, uid)
     return users
 
 
