@@ -25,7 +25,6 @@ from typing import Any, Self, TypeVar, cast
 
 import asyncpg
 import dramatiq
-from redis.asyncio.cluster import RedisCluster
 
 from games.bets import validate_bet
 from games.commission import split
@@ -286,18 +285,8 @@ class Wallets:
             await fast.connect()
             # Batcher and Wallet are typed for the one-Redis client and connection; the
             # cluster's have the same methods (docs/cluster.md).
-            batcher = Batcher(cast(Any, redis), cast(Any, fast))
+            batcher = _Batcher(cast(Any, redis), cast(Any, fast))
             await batcher.load_scripts()
-            if isinstance(redis, RedisCluster):
-                # The bet path's scripts on the replicas too, so that a promoted replica has
-                # them: main's Batcher.load_scripts reloads through the general client, whose
-                # map may still name the old master after a failover (seen here: a bet
-                # waiting for that reload for more than 40 s). The cluster-server branch
-                # reloads through the bet path's connection instead. The workers' own
-                # scripts are still loaded only on NOSCRIPT: these tests are about them.
-                for script in (scripts.BET, scripts.DEPOSIT, scripts.ROTATE):
-                    await redis.execute_command("SCRIPT LOAD", script.source,
-                                                target_nodes=RedisCluster.REPLICAS)
             keys = Keys(settings.key_prefix, settings.buckets)
             yield cls(settings, redis, pool, keys, Wallet(
                 batcher, pool, keys, settings.currencies, settings.idempotency_window_s))
@@ -337,6 +326,19 @@ class Wallets:
                     raise
                 self.resent += 1
                 await asyncio.sleep(0.05)
+
+
+class _Batcher(Batcher):
+    """Loads the scripts through the bet path's connection, whose slot map a MOVED has made
+    current, so a replica promoted by a failover gets them (as the cluster-server branch's
+    Batcher does). main's loads through the general client, whose map may still name the
+    old master: a bet was seen to wait more than 40 s for that reload."""
+
+    async def load_scripts(self) -> None:
+        for reply in await self.fast.execute(
+                [("SCRIPT", "LOAD", script.source) for script in scripts.ALL]):
+            if isinstance(reply, Exception):
+                raise reply
 
 
 async def direct_tree(wallets: Wallets, players: int,
