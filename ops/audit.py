@@ -48,6 +48,10 @@ when Redis lost acknowledged writes that never reached PostgreSQL (``appendfsync
 on a machine crash, a failover to a lagging replica); each such pair is a failure, and the
 summary counts the bets.
 
+``REDIS_URL`` may name one Redis or any node of a Redis Cluster: the balance hashes are
+found by SCAN on every master, and whether a user awaits its heal is judged against the run
+id of the master holding its keys (each shard restarts, and may roll back, on its own).
+
 A live system moves between reads of Redis and PostgreSQL, so failures of (b), (c) and (d) are
 re-checked ``--retries`` times a second apart; only what persists is reported. (a) reads one
 PostgreSQL snapshot of immutable rows and needs no retry.
@@ -65,13 +69,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from games import dice, seeds
 from games.errors import InvalidTarget
 from games.types import Hundredths, Minor
-from plumbing import events
+from plumbing import events, heal
 from plumbing.keys import Keys
+from plumbing.redisclient import Client, open_client, scan_keys
 from plumbing.settings import Settings
 from workers import commissions
 
@@ -463,7 +467,7 @@ def _text(value: bytes | str) -> str:
 
 
 async def _stream_entries(
-    redis: aioredis.Redis, stream: str, chunk: int
+    redis: Client, stream: str, chunk: int
 ) -> AsyncIterator[tuple[bytes, dict[bytes, bytes]]]:
     start = "-"
     while True:
@@ -478,7 +482,7 @@ async def _stream_entries(
 
 
 async def read_pending(
-    redis: aioredis.Redis, keys: Keys, users: Sequence[int] | None = None, chunk: int = 1000,
+    redis: Client, keys: Keys, users: Sequence[int] | None = None, chunk: int = 1000,
 ) -> list[events.Event]:
     """Every event still in the outbox streams (persisted or not: the caller sorts that out).
 
@@ -500,7 +504,7 @@ async def read_pending(
     return found
 
 
-async def read_dead(redis: aioredis.Redis, keys: Keys, users: Sequence[int] | None,
+async def read_dead(redis: Client, keys: Keys, users: Sequence[int] | None,
                     chunk: int = 1000) -> list[Failure]:
     """Dead-lettered entries: money that moved in Redis and will never reach the ledger."""
     wanted = None if users is None else set(users)
@@ -530,7 +534,7 @@ GROUP BY b.currency
 
 
 async def read_commissions(
-    redis: aioredis.Redis, conn: Conn, keys: Keys, pending: Pending,
+    redis: Client, conn: Conn, keys: Keys, pending: Pending,
     users: Sequence[int] | None,
 ) -> None:
     """The commission flush's work in hand (:mod:`workers.commissions`).
@@ -631,7 +635,7 @@ async def check_commission_totals(conn: Conn, users: Sequence[int] | None) -> li
                     f"commission_totals {r['total']}, ledger {r['ledger']}") for r in rows]
 
 
-async def _hgetall_many(redis: aioredis.Redis, keys: Keys,
+async def _hgetall_many(redis: Client, keys: Keys,
                         users: Sequence[int]) -> dict[int, Money]:
     pipe = redis.pipeline(transaction=False)
     for user in users:
@@ -643,23 +647,24 @@ async def _hgetall_many(redis: aioredis.Redis, keys: Keys,
     }
 
 
-async def _stale(redis: aioredis.Redis, keys: Keys, users: Sequence[int]) -> set[int]:
-    """The users whose heal marker does not hold the run id of this Redis (plumbing/heal.py)."""
+async def _stale(redis: Client, keys: Keys, users: Sequence[int]) -> set[int]:
+    """The users whose heal marker does not hold the run id of the Redis holding their keys
+    (plumbing/heal.py)."""
     pipe = redis.pipeline(transaction=False)
-    pipe.info("server")
     for user in users:
         pipe.get(keys.healed(user))
-    info, *markers = await pipe.execute()
-    run_id = str(info["run_id"])
-    return {u for u, m in zip(users, markers, strict=True) if m is None or _text(m) != run_id}
+    markers = await pipe.execute()
+    run_ids = await heal.run_ids(redis, keys, users)
+    return {u for u, m in zip(users, markers, strict=True)
+            if m is None or _text(m) != run_ids[u]}
 
 
 async def _redis_balance_users(
-    redis: aioredis.Redis, keys: Keys, chunk: int
+    redis: Client, keys: Keys, chunk: int
 ) -> AsyncIterator[list[int]]:
     """User ids of every balance hash in Redis, a SCAN page at a time."""
     page: list[int] = []
-    async for key in redis.scan_iter(match=keys.scan_match("bal"), count=chunk):
+    async for key in scan_keys(redis, keys.scan_match("bal"), chunk):
         tail = _text(key).rsplit(":", 1)[-1]
         if tail.isdigit():
             page.append(int(tail))
@@ -674,7 +679,7 @@ async def _redis_balance_users(
 
 
 async def audit_money(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
+    redis: Client, pool: asyncpg.Pool, keys: Keys,
     users: Sequence[int] | None = None, chunk: int = CHUNK,
 ) -> MoneyReport:
     """Balances (b) and conservation (c), on both sides, with the pending outbox counted."""
@@ -829,7 +834,7 @@ async def run(
     """Every check, with failures of (b) and (c) re-checked ``retries`` times."""
     started = time.monotonic()
     keys = Keys(settings.key_prefix, settings.buckets)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await open_client(settings.redis_url)
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     try:
         async with pool.acquire() as conn:

@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from plumbing.keys import Keys
+from plumbing.redisclient import Client, open_client
 from plumbing.settings import Settings
 
 #: How many months ahead ``ensure`` creates by default (the launcher's too).
@@ -57,7 +57,7 @@ def month_start(text: str) -> datetime:
     return parsed.replace(tzinfo=UTC)
 
 
-async def oldest_outbox_ms(redis: aioredis.Redis, keys: Keys) -> int | None:
+async def oldest_outbox_ms(redis: Client, keys: Keys) -> int | None:
     """The time (ms) of the oldest entry in any outbox stream (its id's first part)."""
     oldest: int | None = None
     for stream in keys.all_outboxes():
@@ -68,7 +68,7 @@ async def oldest_outbox_ms(redis: aioredis.Redis, keys: Keys) -> int | None:
     return oldest
 
 
-async def detach(pool: asyncpg.Pool, redis: aioredis.Redis, keys: Keys,
+async def detach(pool: asyncpg.Pool, redis: Client, keys: Keys,
                  before: datetime) -> list[str]:
     """Detach the month partitions ending on or before ``before``; their names."""
     oldest = await oldest_outbox_ms(redis, keys)
@@ -115,7 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def _main(args: argparse.Namespace, settings: Settings) -> int:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await open_client(settings.redis_url)
     try:
         if args.command == "ensure":
             made = await ensure(pool, args.ahead)

@@ -2,7 +2,12 @@
 
 ``python -m ops.rebuild`` (``make rebuild-balances``) sets every user's balance hash
 ``keys.balances(user)`` to ``SUM(delta)`` of the ledger per currency, overwriting what is
-there (DEL + HSET in one MULTI per user, so a currency the ledger does not know disappears).
+there (DEL + HSET in one MULTI, so a currency the ledger does not know disappears).
+
+``REDIS_URL`` may name one Redis or any node of a Redis Cluster. On one Redis a chunk of
+users is one MULTI; a cluster refuses a transaction over keys of two slots (CROSSSLOT), so
+there each bucket's users of the chunk (whose keys share the bucket's slot) are one MULTI.
+Every user is marked healed under the run id of the master holding its keys.
 
 Run it with the servers and workers **stopped**: a bet settled while it runs would be
 overwritten by a ledger sum that does not contain it yet, and that money would be lost.
@@ -37,10 +42,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from plumbing import heal
-from plumbing.keys import CREDIT_MARKER_TTL_S, Keys
+from plumbing.keys import CREDIT_MARKER_TTL_S, Keys, bucket_of
+from plumbing.redisclient import Client, is_cluster, open_client
 from plumbing.settings import Settings
 from workers import outbox
 
@@ -57,7 +62,7 @@ class Rebuilt:
     deposit_keys: int = 0
 
 
-async def unfinished_work(redis: aioredis.Redis, keys: Keys) -> list[str]:
+async def unfinished_work(redis: Client, keys: Keys) -> list[str]:
     """Why a rebuild now would lose or double money (empty when it is safe)."""
     reasons: list[str] = []
     pending = await outbox.pending_count(redis, keys)
@@ -66,22 +71,31 @@ async def unfinished_work(redis: aioredis.Redis, keys: Keys) -> list[str]:
     return reasons
 
 
-async def _apply(redis: aioredis.Redis, keys: Keys, batch: dict[int, dict[str, int]]) -> None:
+async def _apply(redis: Client, keys: Keys, batch: dict[int, dict[str, int]]) -> None:
     """Set each user's balances to the ledger's, and mark the user healed under the running
-    Redis (plumbing/heal.py): its state now equals the ledger, which is what a heal makes."""
-    rids = {user: await heal.run_id(redis, keys, user) for user in batch}
-    pipe = redis.pipeline(transaction=True)
-    for user, money in batch.items():
-        key = keys.balances(user)
-        pipe.delete(key)
-        if money:
-            pipe.hset(key, mapping={c: str(v) for c, v in money.items()})
-        pipe.set(keys.healed(user), rids[user])
-    await pipe.execute()
+    Redis (plumbing/heal.py): its state now equals the ledger, which is what a heal makes.
+    One transaction for the batch on one Redis; on a cluster one per bucket (one slot)."""
+    rids = await heal.run_ids(redis, keys, batch)
+    groups: dict[int, list[int]] = {}
+    for user in batch:
+        groups.setdefault(bucket_of(user, keys.buckets) if is_cluster(redis) else 0,
+                          []).append(user)
+
+    async def one(users: list[int]) -> None:
+        pipe = redis.pipeline(transaction=True)
+        for user in users:
+            key = keys.balances(user)
+            pipe.delete(key)
+            if batch[user]:
+                pipe.hset(key, mapping={c: str(v) for c, v in batch[user].items()})
+            pipe.set(keys.healed(user), rids[user])
+        await pipe.execute()
+
+    await asyncio.gather(*(one(users) for users in groups.values()))
 
 
 async def rebuild(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, users: Sequence[int] | None = None,
+    redis: Client, pool: asyncpg.Pool, keys: Keys, users: Sequence[int] | None = None,
     force: bool = False, chunk: int = CHUNK,
 ) -> Rebuilt:
     """Overwrite the balances of every user in the ledger (or of ``users``).
@@ -150,7 +164,7 @@ async def rebuild(
 async def run(settings: Settings, users: Sequence[int] | None = None,
               force: bool = False) -> Rebuilt:
     keys = Keys(settings.key_prefix, settings.buckets)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = await open_client(settings.redis_url)
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     try:
         return await rebuild(redis, pool, keys, users, force)

@@ -33,16 +33,18 @@ Two processes healing one user compute the same truth; the second script call is
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import structlog
+from redis.asyncio.cluster import RedisCluster
 
 from games.codes import HealCode
 from plumbing import events, scripts
 from plumbing.keys import COMMISSION_RECHECK_S, Keys
-from plumbing.redisclient import Client, node_run_id
+from plumbing.redisclient import Client, each_master_info, node_run_id
 from plumbing.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -76,6 +78,24 @@ async def run_id(redis: Client, keys: Keys, user_id: int) -> str:
     """The run id of the Redis that holds ``user_id``'s keys (on a cluster, the master of
     the user's slot: each shard restarts, and may roll back, on its own)."""
     return await node_run_id(redis, keys.healed(user_id))
+
+
+async def run_ids(redis: Client, keys: Keys, users: Iterable[int]) -> dict[int, str]:
+    """:func:`run_id` of many users, with one INFO per master instead of one per user (the
+    audit and the rebuild judge thousands of users at a time)."""
+    users = list(users)
+    infos = await each_master_info(redis, "server")
+    if not isinstance(redis, RedisCluster):
+        rid = str(next(iter(infos.values()))["run_id"])
+        return dict.fromkeys(users, rid)
+    by_node = {name: str(info["run_id"]) for name, info in infos.items()}
+    out: dict[int, str] = {}
+    for user in users:
+        node = redis.get_node_from_key(keys.healed(user))
+        known = None if node is None else by_node.get(node.name)
+        # A slot map newer than the INFO replies (a failover in between): ask that node.
+        out[user] = known if known is not None else await run_id(redis, keys, user)
+    return out
 
 
 async def mark_new(redis: Client, keys: Keys, user_id: int) -> None:

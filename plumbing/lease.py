@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import redis.asyncio as aioredis
 import structlog
 
 from plumbing import scripts
+from plumbing.redisclient import Client
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +27,7 @@ RENEW_EVERY_S = 1.0
 class Lease:
     """One holder's claim on ``key``, ``ttl_ms`` at a time."""
 
-    def __init__(self, redis: aioredis.Redis, key: str, ttl_ms: int,
+    def __init__(self, redis: Client, key: str, ttl_ms: int,
                  token: str | None = None) -> None:
         self._redis = redis
         self.key = key

@@ -2,7 +2,9 @@
 
 ``python -m stakepro`` (the supervisor; ``make run``):
 
-1. migrates the database (creating it if needed);
+1. checks that the workers' broker can work (``BROKER_URL``, required when ``REDIS_URL``
+   names a Redis Cluster node: workers/brokerurl.py) and stops with exit code 2 if not,
+   then migrates the database (creating it if needed);
 2. starts, each as a child process in its own process group (so Ctrl-C reaches only this
    supervisor, which then stops them in order):
    - the game server, ``python -m stakepro serve`` (uvicorn, :func:`uvicorn_config`) with
@@ -47,6 +49,7 @@ from server.db import migrate
 from server.wslink import DirectProtocol
 from stakepro.app import create_app
 from stakepro.supervisor import STOP_TIMEOUT_S, Children, Spec
+from workers.brokerurl import BrokerSettingError, broker_url
 
 #: Seconds the game server gets to answer /healthz after it started.
 START_TIMEOUT_S = 60.0
@@ -129,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= processes <= 64:
         print(f"WORKER_PROCESSES must be a whole number from 1 to 64, got {text!r}",
               file=sys.stderr)
+        return 2
+    try:
+        # Checked here, not only by the workers: a worker that refuses its broker would be
+        # restarted with backoff forever, one line every 30 s, while the rest looked up.
+        broker_url(settings)
+    except BrokerSettingError as exc:
+        print(str(exc), file=sys.stderr)
         return 2
 
     applied = asyncio.run(migrate(settings.database_url))

@@ -15,21 +15,29 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import asyncpg
 import dramatiq
-import redis.asyncio as aioredis
 
+from games.bets import validate_bet
 from games.commission import split
+from games.errors import Unavailable
 from games.types import Minor, UserId
+from plumbing import heal, scripts
 from plumbing.keys import Keys
+from plumbing.redisclient import Client, open_client, scan_keys
 from plumbing.settings import Settings
 from server.db import drop_database, migrate
+from server.redisbatch import Batcher
+from server.redisrouter import ClusterConnection
+from server.wallet import BetResult, Wallet
 from tests.conftest import (
     TEST_SETTINGS,
     RedisServer,
@@ -94,6 +102,8 @@ class Stack:
     redis_server: RedisServer
     settings: Settings
     procs: list[Proc] = field(default_factory=list)
+    #: On a Redis Cluster (:meth:`on_cluster`): ``redis_server`` is then only the broker.
+    cluster: bool = False
 
     @classmethod
     async def create(cls, tmp: Path, appendonly: bool = False, **overrides: Any) -> Stack:
@@ -102,18 +112,43 @@ class Stack:
         dsn = database_named(fresh_database_name("w"))
         await migrate(dsn)
         settings = Settings(
-            redis_url=redis_server.url, database_url=dsn, **TEST_SETTINGS,
-            key_prefix=f"w{uuid.uuid4().hex[:6]}", log_level="warning", buckets=8,
-            inprocess_persister=False, commission_flush_s=0.5, persist_run_s=2.0,
-            persist_every_s=0.25, port=free_port(), redis_durability="none", **overrides,
-        )
+            redis_url=redis_server.url, database_url=dsn, **_stack_settings(overrides))
         return cls(tmp, redis_server, settings)
+
+    @classmethod
+    async def on_cluster(cls, tmp: Path, node_url: str, broker: str = "",
+                         **overrides: Any) -> Stack:
+        """A stack whose ``REDIS_URL`` is a node of a Redis Cluster, under a key prefix of
+        its own (its keys are deleted from every master at :meth:`close`). Dramatiq's
+        broker cannot live on a cluster: ``broker`` (RabbitMQ, say), else a plain
+        redis-server of the stack's own."""
+        redis_server = RedisServer()
+        redis_server.start()
+        dsn = database_named(fresh_database_name("wc"))
+        await migrate(dsn)
+        settings = Settings(
+            redis_url=node_url, database_url=dsn, broker_url=broker or redis_server.url,
+            **_stack_settings({"buckets": 16, **overrides}))
+        return cls(tmp, redis_server, settings, cluster=True)
 
     async def close(self) -> None:
         for proc in self.procs:
             proc.kill()
         self.redis_server.cleanup()
+        if self.cluster:
+            async with self.client() as client:
+                async for key in scan_keys(client, f"{self.settings.key_prefix}:*"):
+                    await client.delete(key)
         await drop_database(self.settings.database_url)
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[Client]:
+        """A client of the stack's Redis (a cluster client on a cluster)."""
+        client = await open_client(self.settings.redis_url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
 
     @property
     def keys(self) -> Keys:
@@ -184,11 +219,8 @@ class Stack:
         assert audit.returncode == 0, audit.stdout + audit.stderr
 
     async def pending(self) -> int:
-        client = aioredis.Redis.from_url(self.settings.redis_url)
-        try:
+        async with self.client() as client:
             return await outbox.pending_count(client, self.keys)
-        finally:
-            await client.aclose()
 
     async def commissions_idle(self) -> bool:
         """Nothing left that could still pay or credit a commission: no outbox entry (its
@@ -211,6 +243,133 @@ class Stack:
 
 
 _SETTINGS_ENV = {name.upper() for name in Settings.model_fields}
+
+
+def _stack_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """What every stack's settings hold but the servers: the tests' limits, a key prefix of
+    its own, quick windows, a free port."""
+    return {
+        **TEST_SETTINGS, "key_prefix": f"w{uuid.uuid4().hex[:6]}", "log_level": "warning",
+        "buckets": 8, "inprocess_persister": False, "commission_flush_s": 0.5,
+        "persist_run_s": 2.0, "persist_every_s": 0.25, "port": free_port(),
+        "redis_durability": "none", **overrides,
+    }
+
+
+# -- the bet path without a game server ------------------------------------------------------
+
+
+@dataclass
+class Wallets:
+    """The game server's bet path without the server: :class:`server.wallet.Wallet` on the
+    Redis Cluster of ``settings``, over the bet path's cluster connection
+    (server/redisrouter.py), with users, deposits and seed pairs written as the server
+    writes them. For the worker tests on a cluster: the outbox entries, balances and rows
+    are the real ones, so the audit can judge them."""
+
+    settings: Settings
+    redis: Client
+    pool: asyncpg.Pool
+    keys: Keys
+    wallet: Wallet
+    #: Bets sent again after an UNAVAILABLE answer.
+    resent: int = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def on(cls, settings: Settings) -> AsyncIterator[Self]:
+        redis = await open_client(settings.redis_url)
+        fast = ClusterConnection(settings.redis_url, read_timeout=settings.redis_read_timeout_s)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+        try:
+            await fast.connect()
+            # Batcher and Wallet are typed for the one-Redis client and connection; the
+            # cluster's have the same methods (docs/cluster.md).
+            batcher = _Batcher(cast(Any, redis), cast(Any, fast))
+            await batcher.load_scripts()
+            keys = Keys(settings.key_prefix, settings.buckets)
+            yield cls(settings, redis, pool, keys, Wallet(
+                batcher, pool, keys, settings.currencies, settings.idempotency_window_s))
+        finally:
+            await pool.close()
+            await fast.close()
+            await redis.aclose()
+
+    async def user(self, role: str = "player", parent: int | None = None, bps: int = 0) -> int:
+        """A user row, marked healed in Redis, as the admin API creates one."""
+        uid = int(await self.pool.fetchval(
+            "INSERT INTO users (role, parent_id, commission_bps, name, token_hash)"
+            " VALUES ($1, $2, $3, 'u', $4) RETURNING user_id", role, parent, bps,
+            os.urandom(16)))
+        await heal.mark_new(self.redis, self.keys, uid)
+        return uid
+
+    async def deposit(self, user_id: int, amount: int, currency: str = "USDT") -> int:
+        return int(await self.wallet.deposit(user_id, self.settings.currencies[currency],
+                                             Minor(amount), uuid.uuid4().hex))
+
+    async def bet(self, user_id: int, amount: int, target: str = "49.50",
+                  direction: str = "over", client_id: str | None = None,
+                  within: float = 30.0) -> BetResult:
+        """One bet, sent again with the same id while it is answered UNAVAILABLE (as a
+        client does, docs/protocol.md): its result, settled once."""
+        spec = validate_bet("USDT", f"{amount // 100}.{amount % 100:02d}", target, direction,
+                            self.settings.currencies, self.settings.house_edge_bp)
+        state = self.wallet.user(user_id)
+        client_id = client_id or uuid.uuid4().hex
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return await self.wallet.bet(state, client_id, spec, "test")
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                self.resent += 1
+                await asyncio.sleep(0.05)
+
+
+class _Batcher(Batcher):
+    """Loads the scripts through the bet path's connection, whose slot map a MOVED has made
+    current, so a replica promoted by a failover gets them (as the cluster-server branch's
+    Batcher does). main's loads through the general client, whose map may still name the
+    old master: a bet was seen to wait more than 40 s for that reload."""
+
+    async def load_scripts(self) -> None:
+        for reply in await self.fast.execute(
+                [("SCRIPT", "LOAD", script.source) for script in scripts.ALL]):
+            if isinstance(reply, Exception):
+                raise reply
+
+
+async def direct_tree(wallets: Wallets, players: int,
+                      deposit: int = 50_000) -> Tree:
+    """:meth:`Tree.create` through :class:`Wallets`: the same chain and rates."""
+    sm = await wallets.user("super_master", None, 30)
+    m = await wallets.user("master", sm, 70)
+    a = await wallets.user("agent", m, 150)
+    made: list[tuple[int, str]] = []
+    for _ in range(players):
+        uid = await wallets.user("player", a)
+        await wallets.deposit(uid, deposit)
+        made.append((uid, ""))
+    return Tree([(UserId(a), 150), (UserId(m), 70), (UserId(sm), 30)], made)
+
+
+async def direct_play(wallets: Wallets, tree: Tree, bets: int) -> tuple[list[str], list[int]]:
+    """:func:`play` through :class:`Wallets`: every player's bets one after the other, the
+    players at once."""
+    ids: list[str] = []
+    stakes: list[int] = []
+
+    async def one(uid: int) -> None:
+        for i in range(bets):
+            amount = 100 + 37 * i
+            result = await wallets.bet(uid, amount, direction="under" if i % 2 else "over")
+            ids.append(result.bet_id)
+            stakes.append(amount)
+
+    await asyncio.gather(*(one(uid) for uid, _ in tree.players))
+    return ids, stakes
 
 
 # -- a small agent tree and its bets ---------------------------------------------------------
@@ -250,15 +409,12 @@ async def earned(pool: asyncpg.Pool, users: list[int]) -> dict[int, int]:
 
 
 async def redis_balances(stack: Stack, users: list[int]) -> dict[int, int]:
-    client = aioredis.Redis.from_url(stack.settings.redis_url)
-    try:
+    async with stack.client() as client:
         out = {}
         for uid in users:
             raw: Any = await client.hget(stack.keys.balances(uid), "USDT")
             out[uid] = int(raw or 0)
         return out
-    finally:
-        await client.aclose()
 
 
 async def bet_counts(pool: asyncpg.Pool, bet_ids: list[str]) -> dict[str, int]:
@@ -353,15 +509,12 @@ async def ledger_equals_redis(stack: Stack, pool: asyncpg.Pool, users: list[int]
     ledger: dict[int, dict[str, int]] = {u: {} for u in users}
     for r in rows:
         ledger[int(r["user_id"])][r["currency"]] = int(r["total"])
-    client = aioredis.Redis.from_url(stack.settings.redis_url)
     DIFF.clear()
-    try:
+    async with stack.client() as client:
         for u in users:
-            raw = await client.hgetall(stack.keys.balances(u))
+            raw: Any = await client.hgetall(stack.keys.balances(u))
             have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
             want = {c: v for c, v in ledger[u].items() if v}
             if have != want:
                 DIFF.append((u, have, want))
         return not DIFF
-    finally:
-        await client.aclose()

@@ -29,7 +29,8 @@ workers/commissions.py); the leases only keep the work from being done twice for
     lease), exactly once whatever crashes (each bet records the flush that paid it in
     PostgreSQL; the lease only saves work).
 
-Each worker process keeps one redis.asyncio client and one asyncpg pool, created on first
+Each worker process keeps one Redis client (:func:`plumbing.redisclient.open_client`: a
+cluster client when ``REDIS_URL`` names a cluster node) and one asyncpg pool, created on first
 use in the event loop of Dramatiq's AsyncIO middleware. When the worker shuts down the jobs
 in hand stop after their batch, the commissions due so far are flushed once more, and
 the clients are closed (workers.broker.Lifecycle hooks).
@@ -49,12 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import dramatiq
-import redis.asyncio as aioredis
 import structlog
 from dramatiq.asyncio import get_event_loop_thread
 
 from plumbing.keys import Keys
 from plumbing.lease import RENEW_EVERY_S, Lease
+from plumbing.redisclient import Client, open_client
 from plumbing.settings import Settings
 from workers import outbox
 
@@ -101,7 +102,7 @@ class Resources:
     """One per worker process: the clients every job of the process shares."""
 
     settings: Settings
-    redis: aioredis.Redis
+    redis: Client
     pool: asyncpg.Pool
     keys: Keys
     #: Shards whose consumer groups this process has made sure of.
@@ -137,7 +138,7 @@ async def resources(settings: Settings = SETTINGS) -> Resources:
         _opening = asyncio.Lock()
     async with _opening:
         if _resources is None:
-            redis = aioredis.Redis.from_url(settings.redis_url)
+            redis = await open_client(settings.redis_url)
             pool = await open_pool(settings)
             _resources = Resources(settings, redis, pool,
                                    Keys(settings.key_prefix, settings.buckets))

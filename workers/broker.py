@@ -26,12 +26,10 @@ clients while the event loop still runs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import dramatiq
-import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, default_middleware
@@ -39,57 +37,19 @@ from dramatiq.middleware.asyncio import AsyncIO
 
 from plumbing.settings import Settings
 
-REDIS_SCHEMES = ("redis", "rediss")
-AMQP_SCHEMES = ("amqp", "amqps")
+# The broker's address is worked out in workers/brokerurl.py, which builds nothing on import
+# (the launcher checks it there before it starts any child).
+from workers.brokerurl import (
+    AMQP_SCHEMES,
+    REDIS_SCHEMES,
+    BrokerSettingError,
+    broker_url,
+    queue_name,
+    redis_is_cluster,
+)
 
-
-class BrokerSettingError(ValueError):
-    """The broker's setting cannot work; the message names the setting to change."""
-
-
-def queue_name(settings: Settings) -> str:
-    """The actors' one queue (the CLI consumes every queue its actors declare)."""
-    return f"{settings.key_prefix}.stakepro"
-
-
-def redis_is_cluster(url: str) -> bool:
-    """Whether the Redis at ``url`` runs in cluster mode (``INFO cluster``). A Redis that
-    does not answer is taken as plain: the broker then fails on it as it would anyway, and
-    the supervisor's restart asks again."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
-    try:
-        info: Any = client.info("cluster")
-        return bool(int(info.get("cluster_enabled", 0)))
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def broker_url(settings: Settings,
-               is_cluster: Callable[[str], bool] = redis_is_cluster) -> str:
-    """``settings.broker_url``, or REDIS_URL's server with database 1 (2 if it uses 1).
-
-    Raises :class:`BrokerSettingError` for a scheme neither broker speaks, and when the
-    broker would default onto a Redis Cluster node.
-    """
-    if settings.broker_url:
-        scheme = urlsplit(settings.broker_url).scheme
-        if scheme not in REDIS_SCHEMES + AMQP_SCHEMES:
-            raise BrokerSettingError(
-                f"BROKER_URL must be a redis://, rediss://, amqp:// or amqps:// URL, "
-                f"got scheme {scheme!r}")
-        return settings.broker_url
-    if is_cluster(settings.redis_url):
-        raise BrokerSettingError(
-            "REDIS_URL names a Redis Cluster node, where Dramatiq's broker cannot run "
-            "(its scripts build key names: CROSSSLOT): set BROKER_URL to a plain Redis "
-            "(redis://host:port/db) or RabbitMQ (amqp://user:password@host:5672/vhost)")
-    parts = urlsplit(settings.redis_url)
-    current = parts.path.strip("/") or "0"
-    database = "2" if current == "1" else "1"
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
-
+__all__ = ["AMQP_SCHEMES", "REDIS_SCHEMES", "BrokerSettingError", "Lifecycle", "broker_url",
+           "build", "queue_name", "redis_is_cluster"]
 
 class Lifecycle(Middleware):
     """Calls the hooks :mod:`workers.actors` registers: stopping (before the worker threads

@@ -60,7 +60,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
@@ -71,6 +70,7 @@ from plumbing import heal, scripts
 from plumbing.keys import COMMISSION_RECHECK_S, CREDIT_MARKER_TTL_S, Keys
 from plumbing.lease import Lease
 from plumbing.metrics import FLUSH_STATEMENTS, UNITS_PAID
+from plumbing.redisclient import Client
 from plumbing.scripts import Call
 from workers import faults
 
@@ -331,7 +331,7 @@ async def plans(pool: asyncpg.Pool, flush_ids: Sequence[str]) -> list[Plan]:
             for r in await pool.fetch(_PLANS_SQL, list(flush_ids))]
 
 
-async def lost_plans(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, paid: Paid,
+async def lost_plans(redis: Client, pool: asyncpg.Pool, keys: Keys, paid: Paid,
                      recheck_s: float = RECHECK_S) -> list[Plan]:
     """After a Redis rollback: the plans of every flush recorded as credited in the last
     ``recheck_s``, when Redis has lost the marker of one of the last recorded (so it lost
@@ -355,7 +355,7 @@ class NotHealed(RuntimeError):
     unrecorded as credited, and the next flush credits them again."""
 
 
-async def credit(redis: aioredis.Redis, keys: Keys, plans: Sequence[Plan],
+async def credit(redis: Client, keys: Keys, plans: Sequence[Plan],
                  marker_ttl_s: int = CREDIT_MARKER_TTL_S,
                  pool: asyncpg.Pool | None = None) -> int:
     """Credit every ancestor of ``plans`` (paid in PostgreSQL) in Redis, once per
@@ -402,13 +402,13 @@ async def credit(redis: aioredis.Redis, keys: Keys, plans: Sequence[Plan],
     return sum(1 for r in replies if int(r) > 0)
 
 
-async def confirm(redis: aioredis.Redis, keys: Keys, flush_ids: Sequence[str]) -> None:
+async def confirm(redis: Client, keys: Keys, flush_ids: Sequence[str]) -> None:
     """Tell the next statement (any process) that Redis took these plans."""
     if flush_ids:
         await redis.sadd(keys.commission_confirmed(), *flush_ids)
 
 
-async def confirmed(redis: aioredis.Redis, keys: Keys, count: int = 10_000) -> list[str]:
+async def confirmed(redis: Client, keys: Keys, count: int = 10_000) -> list[str]:
     """Take the flush ids Redis confirmed, for the next statement to record. Taken ids the
     statement then fails to record stay uncredited in PostgreSQL: the next flush credits
     them again (the markers make it a no-op) and confirms them again."""
@@ -421,7 +421,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def _count(redis: aioredis.Redis, keys: Keys, paid: Paid) -> None:
+async def _count(redis: Client, keys: Keys, paid: Paid) -> None:
     """Add one flush's statement and the bets it paid to the shared counters (just after
     the statement committed). Telemetry only: a failure is logged, never raised."""
     try:
@@ -443,7 +443,7 @@ class FlushReport:
     paid: dict[str, int] = field(default_factory=dict)  # currency -> minor units paid now
 
 
-async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
+async def flush(redis: Client, pool: asyncpg.Pool, keys: Keys,
                 label: str | None = None, *, limit: int = FLUSH_LIMIT,
                 marker_ttl_s: int = CREDIT_MARKER_TTL_S) -> FlushReport:
     """Pay, credit, confirm: pay everything due so far, exactly once.
@@ -483,7 +483,7 @@ async def flush(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
 # -- one flush per window, across processes --------------------------------------------------
 
 
-async def flush_window(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
+async def flush_window(redis: Client, pool: asyncpg.Pool, keys: Keys,
                        window_s: float, token: str) -> FlushReport | None:
     """Flush if this process wins the current window's lease, else return None.
 
@@ -511,7 +511,7 @@ class Flusher:
     commissions of the last bets persisted are paid before the process ends.
     """
 
-    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys,
+    def __init__(self, redis: Client, pool: asyncpg.Pool, keys: Keys,
                  interval_s: float, owner: str) -> None:
         self._redis = redis
         self._pool = pool

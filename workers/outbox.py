@@ -7,9 +7,10 @@ idempotently (every row has a key derived from the event: ``bet_id``, ``bet:<bet
 ``dep:<key>``, the pair id), so a crash anywhere only ever causes a replay that inserts
 nothing twice.
 
-The functions are plain coroutines over a redis.asyncio client (bytes replies, not
-``decode_responses``), an asyncpg pool and :class:`plumbing.keys.Keys`, so the in-process loop
-(:mod:`workers.persister`) and the Dramatiq actors can share them. The entries' format is
+The functions are plain coroutines over a :data:`plumbing.redisclient.Client` (one Redis or
+a Redis Cluster; bytes replies, not ``decode_responses``), an asyncpg pool and
+:class:`plumbing.keys.Keys`, so the in-process loop (:mod:`workers.persister`) and the
+Dramatiq actors can share them. The entries' format is
 :mod:`plumbing.events`, which decodes them (:func:`~plumbing.events.bet_row`,
 :func:`~plumbing.events.parse`); each bet row records its player's commission chain
 (:func:`workers.commissions.chain_columns`), which the commission flush pays from.
@@ -22,6 +23,14 @@ Life of an entry, per consumer group (``persist``)::
 The cost is per batch where it can be (bench/drainbench.py measures it): one XREADGROUP
 over every stream, COPY into a staging table and one INSERT for the bets and their ledger
 rows, one script call for the ack; per bet only the decoding (``bet_row``) is Python.
+
+On a Redis Cluster every bucket stream hashes to a slot of its own, and a command or a
+script over keys of two slots is refused (CROSSSLOT). There the read is one XREADGROUP per
+stream and the ack one script call per stream, each sent in one pipeline (redis-py sends
+each master its part at once); Redis cannot block on several slots in one command, so an
+empty read is repeated every :data:`CLUSTER_POLL_S` until ``block_ms`` has passed. On one
+Redis the single multi-stream calls stay: they are what the figures of docs/benchmarks.md
+were measured with.
 
 - Nothing is acknowledged before COMMIT. A consumer that dies between the read and the ack
   leaves the entries in its pending list; :func:`reclaim` (XAUTOCLAIM, idle > 30 s) hands them
@@ -39,14 +48,15 @@ rows, one script call for the ack; per bet only the decoding (``bet_row``) is Py
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
@@ -63,6 +73,7 @@ from plumbing.events import (
     row_of,
 )
 from plumbing.keys import Keys
+from plumbing.redisclient import Client, is_cluster
 from workers import commissions, faults
 
 log = structlog.get_logger(__name__)
@@ -70,6 +81,9 @@ log = structlog.get_logger(__name__)
 GROUP = "persist"
 #: Entries pending longer than this on some consumer are presumed orphaned by a dead process.
 RECLAIM_IDLE_MS = 30_000
+#: On a Redis Cluster, how long an empty read waits before it reads again (no command can
+#: block on the streams of several slots): at most this much persistence lag is added.
+CLUSTER_POLL_S = 0.05
 
 class Entry(NamedTuple):
     """One stream entry as read: the stream it came from, its id, its raw fields."""
@@ -221,7 +235,7 @@ def _is_data_error(exc: BaseException) -> bool:
 # -- the stream side -------------------------------------------------------------------------
 
 
-async def ensure_groups(redis: aioredis.Redis, keys: Keys, group: str = GROUP) -> None:
+async def ensure_groups(redis: Client, keys: Keys, group: str = GROUP) -> None:
     """Create the consumer group on every bucket stream (and the stream), once.
 
     The group starts at id 0 so that events appended before it existed are persisted too.
@@ -269,25 +283,48 @@ def _b(value: bytes | str) -> bytes:
 
 
 async def _read(
-    redis: aioredis.Redis, keys: Keys, consumer: str, count: int, block_ms: int, group: str,
+    redis: Client, keys: Keys, consumer: str, count: int, block_ms: int, group: str,
     start: str,
 ) -> list[Entry]:
-    # One XREADGROUP over every bucket stream: all of them live on one Redis here. On a Redis
-    # Cluster the streams hash to different slots and a multi-key XREADGROUP is refused
-    # (CROSSSLOT); it becomes one call per stream (grouped per node, e.g. by pipeline).
     streams = keys.all_outboxes()
+    if is_cluster(redis):
+        return await _read_each(redis, streams, consumer, count, block_ms, group, start)
+    # One XREADGROUP over every bucket stream: all of them live on this one Redis.
     args: list[Any] = [b"XREADGROUP", b"GROUP", group, consumer, b"COUNT", count]
     if block_ms > 0 and start == ">":
         args += (b"BLOCK", block_ms)
     # The command name as bytes: redis-py then applies no response callback (its callbacks
     # are keyed by str names) and hands back the raw reply, which _entries reads in one
     # pass instead of redis-py's three (docs/benchmarks.md has what they cost).
-    reply = await redis.execute_command(  # type: ignore[no-untyped-call]
+    reply = await redis.execute_command(
         *args, b"STREAMS", *streams, *[start] * len(streams))
     return _entries(reply)
 
 
-async def _dead_letter(redis: aioredis.Redis, keys: Keys, entry: Entry, reason: str) -> None:
+async def _read_each(
+    redis: Client, streams: Sequence[str], consumer: str, count: int, block_ms: int,
+    group: str, start: str,
+) -> list[Entry]:
+    """The cluster's read: one XREADGROUP per stream (each its own slot), all in one
+    pipeline, none blocking; an empty answer is asked again every CLUSTER_POLL_S for up to
+    ``block_ms`` (a BLOCK in a pipeline would hold the node's later streams behind it)."""
+    deadline = time.monotonic() + max(0, block_ms) / 1000
+    while True:
+        pipe = redis.pipeline(transaction=False)
+        for stream in streams:
+            # The name as str: the cluster client finds the key by the command's key specs.
+            pipe.execute_command("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
+                                 "STREAMS", stream, start)
+        entries: list[Entry] = []
+        for reply in await pipe.execute():
+            entries += _entries(reply)
+        left = deadline - time.monotonic()
+        if entries or start != ">" or left <= 0:
+            return entries
+        await asyncio.sleep(min(CLUSTER_POLL_S, left))
+
+
+async def _dead_letter(redis: Client, keys: Keys, entry: Entry, reason: str) -> None:
     log.error("outbox_dead_letter", stream=entry.stream.decode(), id=entry.id.decode(),
               reason=reason)
     fields: dict[bytes | str, bytes | str] = {
@@ -298,21 +335,26 @@ async def _dead_letter(redis: aioredis.Redis, keys: Keys, entry: Entry, reason: 
     await redis.xadd(keys.outbox_dead(), fields)  # type: ignore[arg-type]
 
 
-async def _ack(redis: aioredis.Redis, group: str, acks: Mapping[bytes, list[bytes]]) -> int:
-    """XACK + XDEL the entries, in ONE atomic script call for every stream of the batch
-    (lua/outbox-ack-n.lua), the ids of a stream joined into one argument (redis-py packs
-    arguments one by one, in Python). Returns how many were still pending: fewer when
-    another consumer acknowledged some first, which changes nothing (no money moves here)."""
+async def _ack(redis: Client, group: str, acks: Mapping[bytes, list[bytes]]) -> int:
+    """XACK + XDEL the entries (lua/outbox-ack-n.lua), the ids of a stream joined into one
+    argument (redis-py packs arguments one by one, in Python): on one Redis ONE atomic call
+    for every stream of the batch, on a cluster one call per stream (its keys must share a
+    slot), all in one pipeline. Returns how many were still pending: fewer when another
+    consumer acknowledged some first, which changes nothing (no money moves here)."""
     streams = sorted(acks)
     if not streams:
         return 0
+    if is_cluster(redis):
+        replies = await scripts.run(redis, [
+            (scripts.OUTBOX_ACK, [s.decode()], [group, b" ".join(acks[s])]) for s in streams])
+        return sum(int(r) for r in replies)
     return int(await scripts.run_one(
         redis, scripts.OUTBOX_ACK, [s.decode() for s in streams],
         [group, *(b" ".join(acks[s]) for s in streams)]))
 
 
 async def handle(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, entries: Sequence[Entry],
+    redis: Client, pool: asyncpg.Pool, keys: Keys, entries: Sequence[Entry],
     group: str = GROUP, consumer: str = "persist",
 ) -> int:
     """Persist ``entries`` (already read into this consumer's pending list), then ack them.
@@ -370,7 +412,7 @@ async def handle(
 
 
 async def drain_once(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, consumer: str, count: int = 1000,
+    redis: Client, pool: asyncpg.Pool, keys: Keys, consumer: str, count: int = 1000,
     block_ms: int = 100, group: str = GROUP, pending: bool = False,
 ) -> int:
     """Read one batch from every bucket stream, persist it in one transaction, ack it.
@@ -386,7 +428,7 @@ async def drain_once(
 
 
 async def reclaim(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, consumer: str, count: int = 1000,
+    redis: Client, pool: asyncpg.Pool, keys: Keys, consumer: str, count: int = 1000,
     min_idle_ms: int = RECLAIM_IDLE_MS, group: str = GROUP,
 ) -> int:
     """Take over entries pending longer than ``min_idle_ms`` on any consumer and persist them.
@@ -416,7 +458,7 @@ async def reclaim(
     return handled
 
 
-async def pending_count(redis: aioredis.Redis, keys: Keys) -> int:
+async def pending_count(redis: Client, keys: Keys) -> int:
     """Entries not yet persisted, over every bucket stream (acknowledged ones are deleted)."""
     pipe = redis.pipeline(transaction=False)
     for stream in keys.all_outboxes():
@@ -424,7 +466,7 @@ async def pending_count(redis: aioredis.Redis, keys: Keys) -> int:
     return sum(int(n) for n in await pipe.execute())
 
 
-async def dead_count(redis: aioredis.Redis, keys: Keys) -> int:
+async def dead_count(redis: Client, keys: Keys) -> int:
     """Entries set aside as unpersistable (each one needs a person)."""
     return int(await redis.xlen(keys.outbox_dead()))
 

@@ -19,10 +19,10 @@ import contextlib
 import time
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 
 from plumbing.keys import Keys
+from plumbing.redisclient import Client
 from workers import commissions, outbox
 
 log = structlog.get_logger(__name__)
@@ -31,7 +31,7 @@ log = structlog.get_logger(__name__)
 class Persister:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Client,
         pool: asyncpg.Pool,
         keys: Keys,
         consumer: str,
