@@ -24,9 +24,7 @@ from workers.persister import Persister
 async def persister(services: Services) -> AsyncIterator[Persister]:
     """The in-process persister of one server process, closed before the server's clients."""
     running = Persister(
-        # The persister declares a plain client; the general client is a cluster client
-        # when REDIS_URL names a cluster node (workers/ types it as plumbing's Client).
-        services.redis,  # type: ignore[arg-type]
+        services.redis,
         services.pool, services.keys, services.instance,
         commission_flush_s=services.settings.commission_flush_s,
     )

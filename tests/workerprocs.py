@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 import asyncpg
 import dramatiq
@@ -30,7 +30,7 @@ from games.bets import validate_bet
 from games.commission import split
 from games.errors import Unavailable
 from games.types import Minor, UserId
-from plumbing import heal, scripts
+from plumbing import heal
 from plumbing.keys import Keys
 from plumbing.redisclient import Client, open_client, scan_keys
 from plumbing.settings import Settings
@@ -283,9 +283,7 @@ class Wallets:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
         try:
             await fast.connect()
-            # Batcher and Wallet are typed for the one-Redis client and connection; the
-            # cluster's have the same methods (docs/cluster.md).
-            batcher = _Batcher(cast(Any, redis), cast(Any, fast))
+            batcher = Batcher(redis, fast)
             await batcher.load_scripts()
             keys = Keys(settings.key_prefix, settings.buckets)
             yield cls(settings, redis, pool, keys, Wallet(
@@ -326,19 +324,6 @@ class Wallets:
                     raise
                 self.resent += 1
                 await asyncio.sleep(0.05)
-
-
-class _Batcher(Batcher):
-    """Loads the scripts through the bet path's connection, whose slot map a MOVED has made
-    current, so a replica promoted by a failover gets them (as the cluster-server branch's
-    Batcher does). main's loads through the general client, whose map may still name the
-    old master: a bet was seen to wait more than 40 s for that reload."""
-
-    async def load_scripts(self) -> None:
-        for reply in await self.fast.execute(
-                [("SCRIPT", "LOAD", script.source) for script in scripts.ALL]):
-            if isinstance(reply, Exception):
-                raise reply
 
 
 async def direct_tree(wallets: Wallets, players: int,
