@@ -44,7 +44,7 @@ from redis.asyncio.cluster import RedisCluster
 from games.codes import HealCode
 from plumbing import events, scripts
 from plumbing.keys import COMMISSION_RECHECK_S, Keys
-from plumbing.redisclient import Client, each_master_info, node_run_id
+from plumbing.redisclient import Client, each_master_info
 from plumbing.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -76,8 +76,11 @@ class Truth:
 
 async def run_id(redis: Client, keys: Keys, user_id: int) -> str:
     """The run id of the Redis that holds ``user_id``'s keys (on a cluster, the master of
-    the user's slot: each shard restarts, and may roll back, on its own)."""
-    return await node_run_id(redis, keys.healed(user_id))
+    the user's slot: each shard restarts, and may roll back, on its own). Asked with a
+    one-key script call (lua/runid-1.lua), which a cluster client routes by the slot and
+    redirects on MOVED: its slot map alone may still name a failed-over master."""
+    reply = await scripts.run_one(redis, scripts.RUN_ID, [keys.healed(user_id)], [])
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
 async def run_ids(redis: Client, keys: Keys, users: Iterable[int]) -> dict[int, str]:

@@ -7,8 +7,6 @@ uses what both answer the same way (single-slot commands, pipelines of them, EVA
 through :mod:`plumbing.scripts`); what is per node on a cluster goes through the
 functions here:
 
-- :func:`node_run_id`: the run id of the node that holds a key (each master has its own,
-  so restart and rollback detection is per shard);
 - :func:`each_master_info`: INFO of every master (eviction policy, persistence);
 - :func:`scan_keys`: SCAN over every master.
 
@@ -51,16 +49,6 @@ async def open_client(url: str, **options: Any) -> Client:
 
 def is_cluster(client: Client) -> bool:
     return isinstance(client, RedisCluster)
-
-
-async def node_run_id(client: Client, key: str) -> str:
-    """The run id of the Redis that holds ``key`` (on a cluster, its slot's master)."""
-    if isinstance(client, RedisCluster):
-        node = client.get_node_from_key(key)
-        info: Any = await client.info("server", target_nodes=node)
-    else:
-        info = await client.info("server")
-    return str(info["run_id"])
 
 
 async def each_master_info(client: Client, section: str) -> dict[str, dict[str, Any]]:

@@ -47,7 +47,8 @@ COMMISSION_CREDIT = Script.load("commission-credit-n.lua")
 LEASE = Script.load("lease-1.lua")
 RATE = Script.load("rate-1.lua")
 HOLD = Script.load("hold-1.lua")
-ALL = (BET, DEPOSIT, ROTATE, HEAL, OUTBOX_ACK, COMMISSION_CREDIT, LEASE, RATE, HOLD)
+RUN_ID = Script.load("runid-1.lua")
+ALL = (BET, DEPOSIT, ROTATE, HEAL, OUTBOX_ACK, COMMISSION_CREDIT, LEASE, RATE, HOLD, RUN_ID)
 
 #: One script call: the script, its KEYS, its ARGV.
 Call = tuple[Script, Sequence[str], Sequence[Any]]

@@ -86,6 +86,13 @@ class ClusterNode:
             line.split(":", 1) for line in text.splitlines() if ":" in line
         )
 
+    def run_id(self) -> str:
+        """This server's run id (``INFO server``)."""
+        for line in command(self.port, "INFO", "server").splitlines():
+            if line.startswith("run_id:"):
+                return line.split(":", 1)[1].strip()
+        raise LookupError(f"{self.port}: no run_id in INFO server")
+
     def stop(self, kill: bool = False) -> None:
         if self.proc is not None:
             if kill:

@@ -6,15 +6,23 @@ A lost heal marker stands for a Redis restart: every money script of the user re
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from typing import TYPE_CHECKING
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from games.codes import BetCode
 from plumbing import heal, scripts
+from plumbing.keys import Keys
+from plumbing.redisclient import open_client
 from plumbing.settings import Settings
 from tests.helpers import Api, eventually, keys_of
+from tests.rediscluster import command
+
+if TYPE_CHECKING:
+    from tests.rediscluster import RedisCluster
 
 
 async def ledger_usdt(pool: asyncpg.Pool, uid: int) -> int:
@@ -164,3 +172,30 @@ async def test_a_pair_only_the_lost_history_knew_is_revealed_at_the_rotation(
     assert rows[old_pid]["revealed_at"] is not None  # the rotation itself
     assert rows[young]["revealed_at"] is None
     assert rows[new_pid]["revealed_at"] is None
+
+
+async def test_the_run_id_is_the_one_of_the_users_master_even_after_a_failover(
+    redis_cluster: RedisCluster,
+) -> None:
+    """On a cluster a user's run id is its own master's, and right after a failover the
+    promoted replica's, although the client's slot map still names the old master."""
+    client = await open_client(redis_cluster.url)
+    keys = Keys(f"r{uuid.uuid4().hex[:6]}", 16)
+    by_port = {node.port: node for node in redis_cluster.nodes}
+    try:
+        users = range(1, 40)
+        owners = {u: client.get_node_from_key(keys.healed(u)) for u in users}  # type: ignore[union-attr]
+        assert len({node.port for node in owners.values()}) == 3  # users on every master
+        for user, node in owners.items():
+            assert await heal.run_id(client, keys, user) == by_port[node.port].run_id()
+        user = 1
+        old = by_port[owners[user].port]
+        replica = redis_cluster.replica_of(old)
+        await asyncio.to_thread(command, replica.port, "CLUSTER", "FAILOVER")
+        await eventually(lambda: asyncio.to_thread(redis_cluster.is_master, replica), within=30)
+        # The client has not met a MOVED yet: its map still names the old master.
+        assert client.get_node_from_key(keys.healed(user)).port == old.port  # type: ignore[union-attr]
+        assert await heal.run_id(client, keys, user) == replica.run_id()
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(redis_cluster.wait_ok, time.monotonic() + 60)
