@@ -11,6 +11,7 @@ persisted and paid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,14 +76,20 @@ class Proc:
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            self.kill()
             raise AssertionError(f"{self.name} did not stop on SIGTERM:\n{self.tail()}") from None
+        finally:
+            self._kill_group()
 
     def kill(self) -> None:
-        if self.alive():
-            self.popen.kill()
+        """SIGKILL the process and every process it started (its own process group): a
+        Dramatiq worker's child outlives its killed parent, and would go on draining."""
+        self._kill_group()
         self.popen.wait(10)
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
 
     async def exited(self, within: float = 30.0) -> int:
         async def done() -> bool:
@@ -179,7 +186,8 @@ class Stack:
         log = self.tmp / f"{name}-{len(self.procs)}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=self.env(**extra),
-                                     stdout=out, stderr=subprocess.STDOUT)
+                                     stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
