@@ -12,8 +12,8 @@ functions here:
 
 SCRIPT LOAD through a cluster client goes to every master already (redis-py's routing).
 
-The bet path's own connection (server/resp.py, server/redisrouter.py) decides the same way
-with :func:`cluster_enabled`.
+The game server picks its bet path's connection (server/resp.py or server/redisrouter.py)
+from the client :func:`open_client` made (:func:`is_cluster`): one question to the node.
 """
 
 from __future__ import annotations

@@ -91,16 +91,6 @@ def redirect_of(reply: Any) -> tuple[str, Address] | None:
     return words[0], (host, int(port))
 
 
-async def cluster_enabled(url: str, connect_timeout: float = 5.0) -> bool:
-    """Whether the Redis at ``url`` is a node of a cluster (``INFO cluster``)."""
-    probe = FastConnection(url, RunId(), connect_timeout=connect_timeout)
-    try:
-        (info,) = await probe.execute([("INFO", "cluster")])
-    finally:
-        await probe.close()
-    return "cluster_enabled:1" in _text(info)
-
-
 def _fill(command: Command, run_id: str) -> Command:
     return tuple(run_id if a is RUN_ID else a for a in command)
 

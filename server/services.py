@@ -16,7 +16,7 @@ from redis.exceptions import BusyLoadingError
 from games.bets import BetChecker
 from plumbing import durability
 from plumbing.keys import Keys
-from plumbing.redisclient import Client, each_master_info, open_client
+from plumbing.redisclient import Client, each_master_info, is_cluster, open_client
 from plumbing.settings import Settings
 from server.feed import Feed
 from server.limits import Limits, Rate, UserMeter
@@ -25,7 +25,7 @@ from server.pubsub import Hub
 from server.pushes import Pushes
 from server.redisbatch import Batcher, BetConnection
 from server.redisconn import RunId
-from server.redisrouter import ClusterConnection, cluster_enabled
+from server.redisrouter import ClusterConnection
 from server.resp import FastConnection
 from server.tokens import Tokens
 from server.wallet import Wallet
@@ -71,11 +71,11 @@ class Services:
         fast: BetConnection = FastConnection(
             settings.redis_url, RunId(), read_timeout=settings.redis_read_timeout_s
         )
-        if await _when_loaded_value(lambda: cluster_enabled(settings.redis_url)):
+        client = await _when_loaded_value(lambda: open_client(settings.redis_url))
+        if is_cluster(client):
             fast = ClusterConnection(
                 settings.redis_url, read_timeout=settings.redis_read_timeout_s
             )
-        client = await _when_loaded_value(lambda: open_client(settings.redis_url))
         try:
             await _when_loaded(lambda: check_eviction_policy(client))
         except BaseException:

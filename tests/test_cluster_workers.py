@@ -38,6 +38,7 @@ from tests.workerprocs import (
     direct_tree,
     eventually,
     ledger_equals_redis,
+    ledger_matches,
     paid_exactly,
     persisted_once,
     play,
@@ -110,25 +111,7 @@ async def test_the_drain_reads_and_acks_every_bucket_on_every_master(
         finally:
             await persister.close()
         assert await outbox.pending_count(w.redis, w.keys) == 0
-        assert await ledger_equals_redis_of(w, players), DIFF
-
-
-async def ledger_equals_redis_of(w: Wallets, users: list[int]) -> bool:
-    """tests.workerprocs.ledger_equals_redis for a :class:`Wallets`."""
-    rows = await w.pool.fetch(
-        "SELECT user_id, currency, sum(delta)::bigint AS total FROM ledger"
-        " WHERE user_id = ANY($1::bigint[]) GROUP BY user_id, currency", users)
-    ledger: dict[int, dict[str, int]] = {u: {} for u in users}
-    for r in rows:
-        ledger[int(r["user_id"])][r["currency"]] = int(r["total"])
-    DIFF.clear()
-    for u in users:
-        raw = await w.redis.hgetall(w.keys.balances(u))
-        have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
-        want = {c: v for c, v in ledger[u].items() if v}
-        if have != want:
-            DIFF.append((u, have, want))
-    return not DIFF
+        assert await ledger_matches(w.redis, w.keys, w.pool, players), DIFF
 
 
 # -- worker processes on the cluster -----------------------------------------------------------
@@ -165,26 +148,41 @@ def clean_logs(stack: Stack) -> None:
         assert bad not in text, stack.logs()
 
 
-async def test_two_workers_persist_and_pay_a_storm_exactly_once(
-    stack: Stack, wallets: Wallets, pool: asyncpg.Pool,
-) -> None:
-    tree = await direct_tree(wallets, players=30)
-    players = [uid for uid, _ in tree.players]
-    assert len(masters_of(wallets, players)) == 3
+@contextlib.asynccontextmanager
+async def two_workers(stack: Stack) -> AsyncIterator[None]:
+    """Two worker processes and a scheduler for the block; after it, each was alive and
+    stops cleanly, no log shows CROSSSLOT, a redirect or a failed job, the audit passes."""
     procs = [stack.worker(), stack.worker(), stack.scheduler()]
     try:
-        ids, stakes = await direct_play(wallets, tree, bets=12)
-        assert len(ids) == len(set(ids)) == 360
-        await persisted_once(stack, pool, ids, drained=True, within=60)
-        await paid_exactly(pool, stack, tree, stakes)
-        ancestors = [int(uid) for uid, _ in tree.chain]
-        assert await ledger_equals_redis(stack, pool, players + ancestors), DIFF
+        yield
         assert all(proc.alive() for proc in procs), stack.logs()
     finally:
         for proc in reversed(procs):
             assert proc.stop() == 0, stack.logs()
     clean_logs(stack)
     stack.assert_audit_passes()
+
+
+async def stored_and_paid_once(stack: Stack, pool: asyncpg.Pool, tree: Tree, ids: list[str],
+                               stakes: list[int]) -> None:
+    """Every bet stored once, every commission of ``stakes`` paid once, and the players' and
+    ancestors' Redis balances equal to the ledger."""
+    await persisted_once(stack, pool, ids, drained=True, within=60)
+    await paid_exactly(pool, stack, tree, stakes)
+    users = [uid for uid, _ in tree.players] + [int(uid) for uid, _ in tree.chain]
+    assert await ledger_equals_redis(stack, pool, users), DIFF
+
+
+async def test_two_workers_persist_and_pay_a_storm_exactly_once(
+    stack: Stack, wallets: Wallets, pool: asyncpg.Pool,
+) -> None:
+    tree = await direct_tree(wallets, players=30)
+    players = [uid for uid, _ in tree.players]
+    assert len(masters_of(wallets, players)) == 3
+    async with two_workers(stack):
+        ids, stakes = await direct_play(wallets, tree, bets=12)
+        assert len(ids) == len(set(ids)) == 360
+        await stored_and_paid_once(stack, pool, tree, ids, stakes)
 
 
 async def test_the_storm_over_the_wire_through_a_game_server_on_the_cluster(
@@ -194,24 +192,14 @@ async def test_the_storm_over_the_wire_through_a_game_server_on_the_cluster(
     cluster (its in-process persister off), two worker processes and a scheduler behind:
     every bet stored once, every commission paid once, the ledger equals Redis, the audit
     passes, no CROSSSLOT or MOVED in any log."""
-    procs = [stack.worker(), stack.worker(), stack.scheduler()]
-    try:
+    async with two_workers(stack):
         async with serve(stack.settings) as served, Api(served.address, ADMIN_TOKEN) as api:
             tree = await Tree.create(api, players=24)
             players = [uid for uid, _ in tree.players]
             assert len(masters_of(wallets, players)) == 3
             ids, stakes = await play(api, tree, bets=15)
         assert len(ids) == len(set(ids)) == 24 * 15
-        await persisted_once(stack, pool, ids, drained=True, within=60)
-        await paid_exactly(pool, stack, tree, stakes)
-        ancestors = [int(uid) for uid, _ in tree.chain]
-        assert await ledger_equals_redis(stack, pool, players + ancestors), DIFF
-        assert all(proc.alive() for proc in procs), stack.logs()
-    finally:
-        for proc in reversed(procs):
-            assert proc.stop() == 0, stack.logs()
-    clean_logs(stack)
-    stack.assert_audit_passes()
+        await stored_and_paid_once(stack, pool, tree, ids, stakes)
 
 
 async def test_workers_ride_a_manual_failover_under_load(
@@ -267,10 +255,7 @@ async def test_workers_ride_a_manual_failover_under_load(
         stop.set()
         await load
         assert len(ids) > after >= before, (before, after, len(ids))
-        await persisted_once(stack, pool, ids, drained=True, within=60)
-        await paid_exactly(pool, stack, tree, stakes)
-        ancestors = [int(uid) for uid, _ in tree.chain]
-        assert await ledger_equals_redis(stack, pool, players + ancestors), DIFF
+        await stored_and_paid_once(stack, pool, tree, ids, stakes)
         assert all(proc.alive() for proc in procs), stack.logs()
     finally:
         stop.set()

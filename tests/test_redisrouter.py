@@ -23,8 +23,9 @@ from redis.exceptions import NoScriptError, RedisError
 from games.codes import BetCode
 from plumbing import scripts
 from plumbing.keys import Keys
+from plumbing.redisclient import cluster_enabled
 from server.redisconn import RUN_ID
-from server.redisrouter import ClusterConnection, cluster_enabled, slot_of
+from server.redisrouter import ClusterConnection, slot_of
 from server.resp import Command
 from tests.conftest import RedisServer
 from tests.helpers import eventually

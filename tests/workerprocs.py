@@ -496,6 +496,13 @@ DIFF: list[Any] = []
 
 
 async def ledger_equals_redis(stack: Stack, pool: asyncpg.Pool, users: list[int]) -> bool:
+    async with stack.client() as client:
+        return await ledger_matches(client, stack.keys, pool, users)
+
+
+async def ledger_matches(client: Client, keys: Keys, pool: asyncpg.Pool,
+                         users: list[int]) -> bool:
+    """Whether each user's Redis balances equal the ledger's sums (differences in DIFF)."""
     rows = await pool.fetch(
         "SELECT user_id, currency, sum(delta)::bigint AS total FROM ledger"
         " WHERE user_id = ANY($1::bigint[]) GROUP BY user_id, currency", users)
@@ -503,11 +510,10 @@ async def ledger_equals_redis(stack: Stack, pool: asyncpg.Pool, users: list[int]
     for r in rows:
         ledger[int(r["user_id"])][r["currency"]] = int(r["total"])
     DIFF.clear()
-    async with stack.client() as client:
-        for u in users:
-            raw: Any = await client.hgetall(stack.keys.balances(u))
-            have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
-            want = {c: v for c, v in ledger[u].items() if v}
-            if have != want:
-                DIFF.append((u, have, want))
-        return not DIFF
+    for u in users:
+        raw: Any = await client.hgetall(keys.balances(u))
+        have = {k.decode(): int(v) for k, v in raw.items() if int(v)}
+        want = {c: v for c, v in ledger[u].items() if v}
+        if have != want:
+            DIFF.append((u, have, want))
+    return not DIFF
